@@ -1,0 +1,1 @@
+"""The reading side: tail, subscribe, consumer groups."""

@@ -1,0 +1,229 @@
+"""Consumer groups: share a tag stream's entries among consumers, each entry processed and acked.
+
+``XREADGROUP`` hands new entries out; an entry is ``XACK``ed only after the handler returns.
+Entries a crashed (or slow) consumer left pending longer than ``claim_idle_ms`` are claimed by
+another (``XPENDING ... IDLE`` + ``XCLAIM``, which works on Redis 7.0); an entry delivered
+``max_deliveries`` times without success, or that is not a tokenbus entry at all, is moved to
+the dead-letter stream (``<prefix>:dead``) and acked, so one poison entry cannot block a group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from consumer.attempts import AttemptFilter
+from consumer.output import Printer
+from consumer.reader import LATEST
+from schemas.entries import Entry
+from schemas.errors import MalformedEntry
+from schemas.keys import StreamKeys
+from tokenbus.redis_client import redis_from_settings
+from tokenbus.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Entry], Awaitable[None]]
+_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    stream: str
+    group: str
+    consumers: int
+    pending: int
+    lag: int | None
+    last_delivered: str
+
+
+class GroupConsumer:
+    def __init__(
+        self,
+        redis: Redis,
+        streams: Sequence[str],
+        group: str,
+        consumer: str,
+        *,
+        keys: StreamKeys,
+        start: str = LATEST,
+        block_ms: int = 2000,
+        count: int = 256,
+        claim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
+    ) -> None:
+        if not streams:
+            raise ValueError("a group consumer needs at least one stream")
+        if not group or not consumer:
+            raise ValueError("a group consumer needs both a group and a consumer name")
+        self._redis = redis
+        self.streams = list(streams)
+        self.group = group
+        self.consumer = consumer
+        self._keys = keys
+        self._start = start
+        self._block_ms = block_ms
+        self._count = count
+        self._claim_idle_ms = claim_idle_ms
+        self._max_deliveries = max_deliveries
+        self._attempts = AttemptFilter()
+        self.acked = 0
+        self.dead = 0
+        self.claimed = 0
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream (and the stream itself); an existing group is kept."""
+        for stream in self.streams:
+            try:
+                await self._redis.xgroup_create(stream, self.group, id=self._start, mkstream=True)
+            except redis_errors.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    async def run(self, handler: Handler, *, stop: asyncio.Event | None = None) -> None:
+        """Process entries until ``stop`` is set: first this consumer's own pending ones (after a
+        restart), then new ones, claiming others' stale ones every ``claim_idle_ms / 2``."""
+        await self.ensure_groups()
+        stop = stop or asyncio.Event()
+        await self._read(handler, "0")
+        next_claim = 0.0
+        failures = 0
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_claim:
+                    await self.claim_stale(handler)
+                    next_claim = time.monotonic() + self._claim_idle_ms / 2000
+                await self._read(handler, ">")
+                failures = 0
+            except redis_errors.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                logger.warning("group %s vanished from %s; creating it again", self.group, self.streams)
+                await self.ensure_groups()
+            except _RETRYABLE as e:
+                failures += 1
+                delay = min(2.0, 0.1 * 2**failures)
+                logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)
+                await asyncio.sleep(delay)
+
+    async def _read(self, handler: Handler, position: str) -> None:
+        reply = await self._redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {s: position for s in self.streams},
+            count=self._count,
+            block=None if position != ">" else self._block_ms,
+        )
+        for stream_name, entries in reply or ():
+            stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            for entry_id, fields in entries:
+                if fields:  # a pending entry trimmed away comes back with no fields
+                    await self._process(handler, stream, entry_id.decode(), fields)
+
+    async def claim_stale(self, handler: Handler) -> int:
+        """Take over entries pending longer than ``claim_idle_ms``; dead-letter the hopeless ones."""
+        claimed = 0
+        for stream in self.streams:
+            pending = await self._redis.xpending_range(
+                stream, self.group, min="-", max="+", count=self._count, idle=self._claim_idle_ms
+            )
+            for item in pending:
+                entry_id = item["message_id"].decode()
+                if item["times_delivered"] >= self._max_deliveries:
+                    entries = await self._redis.xrange(stream, entry_id, entry_id)
+                    reason = f"delivered {item['times_delivered']} times without success"
+                    await self._dead_letter(stream, entry_id, entries[0][1] if entries else {}, reason)
+                    continue
+                for claimed_id, fields in await self._redis.xclaim(
+                    stream, self.group, self.consumer, self._claim_idle_ms, [entry_id]
+                ):
+                    if fields:
+                        claimed += 1
+                        await self._process(handler, stream, claimed_id.decode(), fields)
+        self.claimed += claimed
+        return claimed
+
+    async def _process(self, handler: Handler, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        try:
+            entry = Entry.decode(fields, id=entry_id, stream=stream)
+        except MalformedEntry as e:
+            await self._dead_letter(stream, entry_id, fields, str(e))
+            return
+        if self._attempts.accept(entry):
+            try:
+                await handler(entry)
+            except Exception:
+                logger.exception(
+                    "group %s: handler failed on %s %s (job %s); it will be delivered again",
+                    self.group, stream, entry_id, entry.job,
+                )  # fmt: skip
+                return
+        await self._redis.xack(stream, self.group, entry_id)
+        self.acked += 1
+
+    async def _dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
+        record = {**fields, "dead_stream": stream, "dead_id": entry_id, "dead_group": self.group, "dead_reason": reason}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
+            pipe.xack(stream, self.group, entry_id)
+            await pipe.execute()
+        self.dead += 1
+        logger.warning("group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason)
+
+
+async def group_stats(redis: Redis, streams: Sequence[str]) -> list[GroupStats]:
+    """Pending and lag of every group on ``streams`` (``lag`` is None where Redis cannot tell)."""
+    stats = []
+    for stream in streams:
+        try:
+            groups = await redis.xinfo_groups(stream)
+        except redis_errors.ResponseError:
+            continue
+        for g in groups:
+            stats.append(
+                GroupStats(
+                    stream=stream,
+                    group=_text(g["name"]),
+                    consumers=int(g["consumers"]),
+                    pending=int(g["pending"]),
+                    lag=None if g.get("lag") is None else int(g["lag"]),
+                    last_delivered=_text(g["last-delivered-id"]),
+                )
+            )
+    return stats
+
+
+async def tail_group(settings: Settings, args: argparse.Namespace) -> int:
+    """``tokenbus tail --group G --consumer C``: print entries, acking each once printed."""
+    if not args.consumer:
+        raise SystemExit("tokenbus tail: --group needs --consumer")
+    keys = settings.keys
+    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
+    redis = redis_from_settings(settings, socket_timeout=30)
+
+    async def show(entry: Entry) -> None:
+        if (not args.jobs or entry.job in args.jobs) and (not args.nodes or entry.node in args.nodes):
+            printer.show(entry)
+
+    try:
+        consumer = GroupConsumer(
+            redis, [keys.tag(t) for t in args.tags], args.group, args.consumer, keys=keys,
+            start="0" if args.from_start else LATEST,
+        )  # fmt: skip
+        await consumer.run(show)
+    finally:
+        await redis.aclose()
+    return 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,152 @@
+"""The low-level tail loop: XREAD BLOCK over a set of streams, resuming from the last id seen.
+
+Positions are always concrete ids: ``$`` ("from now") is resolved to each stream's last id
+before the first read, so no entry added between two reads is skipped, and a reconnect resumes
+exactly where reading stopped. A resume id older than what a stream still holds (trimmed by
+``MAXLEN``) is reported as a :class:`Gap`, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+LATEST = "$"
+BEGINNING = "0-0"
+_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Entries between ``after`` and ``first_available`` were trimmed before they were read."""
+
+    stream: str
+    after: str
+    first_available: str | None
+    type: Literal["gap"] = "gap"
+
+    def __str__(self) -> str:
+        return f"gap in {self.stream}: entries after {self.after} were trimmed (oldest left: {self.first_available})"
+
+
+RawEntry = tuple[str, str, dict[bytes, bytes]]
+"""``(stream, id, fields)``"""
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class StreamReader:
+    """Reads new entries from several streams at once, in order per stream."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        positions: Mapping[str, str],
+        *,
+        block_ms: int = 5000,
+        count: int = 1024,
+        backoff_s: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0),
+    ) -> None:
+        if not positions:
+            raise ValueError("nothing to read: give at least one stream")
+        self._redis = redis
+        self.positions = dict(positions)
+        self._block_ms = block_ms
+        self._count = count
+        self._backoff_s = tuple(backoff_s)
+        self._resolved = False
+
+    async def _resolve(self) -> list[Gap]:
+        """Turn ``$`` into concrete ids and check explicit resume ids for trimmed history."""
+        latest = [s for s, p in self.positions.items() if p == LATEST]
+        self.positions.update(await latest_positions(self._redis, latest))
+        gaps = [await self.check_gap(stream) for stream in self.positions if stream not in latest]
+        self._resolved = True
+        return [g for g in gaps if g is not None]
+
+    async def check_gap(self, stream: str) -> Gap | None:
+        position = self.positions[stream]
+        if position == BEGINNING:
+            return None
+        try:
+            info = await self._redis.xinfo_stream(stream)
+        except redis_errors.ResponseError:
+            return None  # no such stream (yet)
+        deleted = info.get("max-deleted-entry-id")
+        first = info.get("first-entry")
+        first_id = _decode(first[0]) if first else None
+        if deleted is not None:  # Redis >= 7.0 tracks trimming exactly
+            trimmed = parse_id(_decode(deleted)) > parse_id(position)
+        else:
+            trimmed = first_id is not None and parse_id(first_id) > parse_id(position)
+        return Gap(stream, position, first_id) if trimmed else None
+
+    async def batches(self) -> AsyncIterator[list[RawEntry] | Gap]:
+        """Yield lists of new entries (and :class:`Gap` notices) forever; retries through reconnects."""
+        failures = 0
+        while True:
+            try:
+                if not self._resolved:
+                    for gap in await self._resolve():
+                        yield gap
+                reply = await self._redis.xread(self.positions, count=self._count, block=self._block_ms)
+            except _RETRYABLE as e:
+                delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
+                failures += 1
+                logger.warning("reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay)
+                await asyncio.sleep(delay)
+                if failures == 1:  # after a reconnect, check that history was not trimmed meanwhile
+                    for stream in self.positions:
+                        if (gap := await self._safe_check_gap(stream)) is not None:
+                            yield gap
+                continue
+            failures = 0
+            if not reply:
+                continue
+            batch: list[RawEntry] = []
+            for stream_name, entries in _items(reply):
+                stream = _decode(stream_name)
+                for entry_id, fields in entries:
+                    batch.append((stream, _decode(entry_id), fields))
+                if entries:
+                    self.positions[stream] = batch[-1][1]
+            yield batch
+
+    async def _safe_check_gap(self, stream: str) -> Gap | None:
+        try:
+            return await self.check_gap(stream)
+        except _RETRYABLE:
+            return None
+
+
+async def latest_positions(redis: Redis, streams: Sequence[str]) -> dict[str, str]:
+    """The id of each stream's newest entry (``0-0`` for an empty or missing stream): a concrete
+    "from now on" position to resume from, unlike ``$``."""
+    if not streams:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xrevrange(stream, count=1)
+        results = await pipe.execute()
+    return {s: _decode(r[0][0]) if r else BEGINNING for s, r in zip(streams, results, strict=True)}
+
+
+def _items(reply: Any) -> Iterable[tuple[Any, list[tuple[Any, dict[bytes, bytes]]]]]:
+    if isinstance(reply, dict):  # RESP3
+        return ((k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items())
+    return reply  # type: ignore[no-any-return]
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,87 @@
+"""The consumer API: ``async for entry in subscribe(redis, tags=["poem"]): ...``.
+
+Yields typed :class:`schemas.Entry` objects (and :class:`Gap` notices), newest attempt of each
+job only, each entry once, filtered by job, node and type. Entries that are not tokenbus v1
+entries are logged and skipped (``on_malformed="raise"`` raises instead); nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Collection, Iterable
+from typing import Literal
+
+from redis.asyncio import Redis
+
+from consumer.attempts import AttemptFilter
+from consumer.reader import BEGINNING, LATEST, Gap, StreamReader
+from schemas.entries import Entry, EntryType
+from schemas.errors import MalformedEntry
+from schemas.keys import DEFAULT_PREFIX, StreamKeys
+
+logger = logging.getLogger(__name__)
+
+
+async def subscribe(
+    redis: Redis,
+    *,
+    tags: Iterable[str] = (),
+    jobs: Iterable[str] = (),
+    nodes: Collection[str] = (),
+    types: Collection[EntryType | str] = (),
+    prefix: str = DEFAULT_PREFIX,
+    start: str = LATEST,
+    resume: dict[str, str] | None = None,
+    until_final: bool | None = None,
+    block_ms: int = 5000,
+    on_malformed: Literal["skip", "raise"] = "skip",
+) -> AsyncIterator[Entry | Gap]:
+    """Follow tag streams (``tags``) or job streams (``jobs``).
+
+    With both, the tag streams are read and only the given jobs' entries are passed on.
+    ``start`` is ``"$"`` (new entries only), ``"0"`` (everything the streams hold) or an entry
+    id; ``resume`` maps stream keys to the last id processed and wins over ``start``.
+    ``until_final`` (default: on when following jobs) stops once every followed job has written
+    its final terminal entry. The client's ``socket_timeout`` must exceed ``block_ms`` (or be None).
+    """
+    keys = StreamKeys(prefix)
+    tag_list, job_list = list(dict.fromkeys(tags)), list(dict.fromkeys(jobs))
+    if not tag_list and not job_list:
+        raise ValueError("subscribe to at least one tag or job")
+    tag_streams = {keys.tag(t): t for t in tag_list}
+    streams = list(tag_streams) if tag_streams else [keys.job(j) for j in job_list]
+    initial = BEGINNING if start in ("0", "0-0") else start
+    positions = {s: (resume or {}).get(s, initial) for s in streams}
+    reader = StreamReader(redis, positions, block_ms=block_ms)
+    attempts = AttemptFilter(tag_streams)
+    wanted_jobs = set(job_list)
+    wanted_types = {EntryType(t) for t in types}
+    wanted_nodes = set(nodes)
+    if until_final and not job_list:
+        raise ValueError("until_final needs jobs to follow; tag streams never end")
+    open_jobs = set(job_list) if job_list and until_final is not False else None
+
+    async for batch in reader.batches():
+        if isinstance(batch, Gap):
+            yield batch
+            continue
+        for stream, entry_id, fields in batch:
+            try:
+                entry = Entry.decode(fields, id=entry_id, stream=stream)
+            except MalformedEntry as e:
+                if on_malformed == "raise":
+                    raise
+                logger.warning("skipping entry %s of %s: %s", entry_id, stream, e)
+                continue
+            if wanted_jobs and entry.job not in wanted_jobs:
+                continue
+            if not attempts.accept(entry):
+                continue
+            if open_jobs is not None and entry.is_final:
+                open_jobs.discard(entry.job)
+            if (not wanted_types or entry.type in wanted_types) and (
+                not wanted_nodes or entry.node in wanted_nodes or entry.is_terminal
+            ):
+                yield entry
+        if open_jobs is not None and not open_jobs:
+            return

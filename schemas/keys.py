@@ -1,0 +1,65 @@
+"""Stream key names (contract v1) and the validation that keeps them inside the prefix."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from schemas.errors import InvalidJobId, InvalidTag
+
+_TAG_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Job ids become part of a key too; the same alphabet keeps them out of other keys' namespaces.
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+DEFAULT_PREFIX = "tokenbus"
+
+
+def validate_tag(tag: object) -> str:
+    """Return ``tag`` if the contract allows it, else raise :class:`InvalidTag` saying why."""
+    if not isinstance(tag, str):
+        raise InvalidTag(tag, f"tags are strings, not {type(tag).__name__}")
+    if not _TAG_RE.fullmatch(tag):
+        if not tag:
+            reason = "tags are 1 to 128 characters"
+        elif len(tag) > 128:
+            reason = f"tags are at most 128 characters, this one has {len(tag)}"
+        else:
+            bad = sorted({c for c in tag if not re.fullmatch(r"[A-Za-z0-9._:-]", c)})
+            reason = f"characters {''.join(bad)!r} are not allowed; use letters, digits and . _ : -"
+        raise InvalidTag(tag, reason)
+    return tag
+
+
+def validate_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+        raise InvalidJobId(job_id, "job ids are 1 to 128 characters of letters, digits and . _ : -")
+    return job_id
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKeys:
+    """Builds the stream keys of one deployment (one prefix)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.fullmatch(self.prefix):
+            raise ValueError(
+                f"invalid prefix {self.prefix!r}: 1 to 64 characters of letters, digits and . _ -"
+            )
+
+    def tag(self, tag: str) -> str:
+        return f"{self.prefix}:tag:{{{validate_tag(tag)}}}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{{{validate_job_id(job_id)}}}"
+
+    @property
+    def tag_pattern(self) -> str:
+        """A SCAN/ACL pattern matching every tag stream."""
+        return f"{self.prefix}:tag:*"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}:dead"

@@ -1,0 +1,1 @@
+"""tokenbus: the application shell (settings, CLI, demo, offline model, private Redis)."""

@@ -1,0 +1,118 @@
+"""``tokenbus``: run workers, enqueue jobs, tail streams, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging.config
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.errors import TokenbusError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenbus", description=__doc__)
+    parser.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING (logs go to stderr; default INFO, WARNING for demo and tail)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("worker", help="run an arq worker that runs graph jobs")
+    p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+
+    p = sub.add_parser("enqueue", help="enqueue a graph job and print its id")
+    p.add_argument("graph", help="registered graph name, e.g. joke_poem")
+    p.add_argument("--input", default="{}", help="graph input as a JSON object")
+    p.add_argument("--mode", action="append", choices=["messages", "custom"], help="stream mode (repeatable)")
+    p.add_argument("--tag", action="append", dest="tags", help="only fan out chunks with these tags (repeatable)")
+    p.add_argument("--job-id", help="idempotency key: the same id is never run twice")
+    p.add_argument("--timeout", type=float, help="job timeout in seconds")
+    p.add_argument("--config", default="{}", help="JSON passed to the graph as config['configurable']")
+    p.add_argument("--follow", action="store_true", help="print the job's tokens until it ends")
+    _add_output_args(p)
+
+    p = sub.add_parser("tail", help="print entries of tag or job streams as they arrive")
+    p.add_argument("--tag", action="append", dest="tags", default=[], help="tag stream to follow (repeatable)")
+    p.add_argument("--job", action="append", dest="jobs", default=[], help="only this job (repeatable)")
+    p.add_argument("--node", action="append", dest="nodes", default=[], help="only entries from this node")
+    p.add_argument("--type", action="append", dest="types", default=[], help="only entries of this type")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--from-start", action="store_true", help="read what the streams hold, then follow")
+    start.add_argument("--from", dest="from_id", help="resume after this entry id")
+    p.add_argument("--group", help="read through this consumer group (XREADGROUP + XACK)")
+    p.add_argument("--consumer", help="consumer name within --group")
+    p.add_argument("--until-final", action="store_true", help="exit after the followed jobs end")
+    _add_output_args(p)
+
+    p = sub.add_parser("demo", help="the LangGraph how-to end to end: joke and poem tokens by tag")
+    p.add_argument("--topic", default="cats")
+
+    p = sub.add_parser("model-server", help="serve the offline OpenAI-compatible model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8400)
+    p.add_argument("--tokens-per-s", type=float, default=0.0, help="pace tokens (0: as fast as possible)")
+    p.add_argument("--fault", action="append", default=[], help="MATCH:status|error|disconnect|stall[:AFTER]")
+    return parser
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    p.add_argument("--sep", default="", help="text printed after each token (the how-to uses '|')")
+
+
+def configure_logging(level: str) -> None:
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+            "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "plain"}},
+            "root": {"handlers": ["stderr"], "level": level.upper()},
+            "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+        }
+    )
+
+
+def run(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level or ("INFO" if args.command in ("worker", "model-server") else "WARNING"))
+    from tokenbus import commands
+    from tokenbus.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"tokenbus: bad configuration: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    handler: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = getattr(
+        commands, args.command.replace("-", "_")
+    )
+    try:
+        return run(handler(settings, args))
+    except TokenbusError as e:
+        print(f"tokenbus: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

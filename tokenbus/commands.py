@@ -1,0 +1,119 @@
+"""The ``tokenbus`` subcommands; each takes the settings and the parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+import orjson
+
+from consumer.output import Printer
+from consumer.reader import BEGINNING, LATEST
+from consumer.subscribe import subscribe
+from schemas.entries import EntryType
+from schemas.errors import InvalidJobRequest
+from tokenbus.offline_model import Fault, OfflineModelServer
+from tokenbus.redis_client import redis_from_settings
+from tokenbus.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_JOB_FAILED = 0, 1
+READ_BLOCK_MS = 5000
+
+
+async def worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.app import build_worker
+
+    arq_worker = build_worker(settings, burst=args.burst)
+    try:
+        await arq_worker.async_run()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # arq cancels its main task on SIGINT/SIGTERM once running jobs are done or re-queued
+    finally:
+        await arq_worker.close()
+    return EXIT_OK
+
+
+async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.client import TokenbusClient
+
+    try:
+        config = orjson.loads(args.config)
+    except orjson.JSONDecodeError as e:
+        raise InvalidJobRequest(f"--config is not valid JSON: {e}") from e
+    async with await TokenbusClient.connect(settings) as client:
+        job_id = await client.enqueue(
+            args.graph,
+            args.input,
+            modes=args.mode or ("messages", "custom"),
+            tags=args.tags,
+            job_id=args.job_id,
+            timeout_s=args.timeout,
+            config=config,
+        )
+    print(job_id, flush=True)
+    if not args.follow:
+        return EXIT_OK
+    return await _follow(settings, args, jobs=[job_id], tags=[], start=BEGINNING)
+
+
+async def tail(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.tags and not args.jobs:
+        raise SystemExit("tokenbus tail: give --tag (repeatable) or --job")
+    if args.group:
+        from consumer.groups import tail_group
+
+        return await tail_group(settings, args)
+    start = BEGINNING if args.from_start else (args.from_id or LATEST)
+    return await _follow(settings, args, jobs=args.jobs, tags=args.tags, start=start)
+
+
+async def _follow(
+    settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str
+) -> int:
+    """Print entries until interrupted, or until the followed jobs end; non-zero if one failed."""
+    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
+    redis = redis_from_settings(settings, socket_timeout=READ_BLOCK_MS / 1000 + 10)
+    failed = False
+    until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
+    try:
+        async for item in subscribe(
+            redis,
+            tags=tags,
+            jobs=jobs,
+            nodes=getattr(args, "nodes", ()),
+            types=getattr(args, "types", ()),
+            prefix=settings.prefix,
+            start=start,
+            until_final=until_final,
+            block_ms=READ_BLOCK_MS,
+        ):
+            printer.show(item)
+            if item.type in (EntryType.ERROR, EntryType.CANCELLED) and not getattr(item, "retry", False):
+                failed = True
+    finally:
+        await redis.aclose()
+    return EXIT_JOB_FAILED if failed else EXIT_OK
+
+
+async def demo(settings: Settings, args: argparse.Namespace) -> int:
+    from tokenbus.demo import run_demo
+
+    return await run_demo(settings, topic=args.topic, out=sys.stdout)
+
+
+async def model_server(settings: Settings, args: argparse.Namespace) -> int:
+    faults = [Fault.parse(spec) for spec in args.fault]
+    server = OfflineModelServer(args.host, args.port, tokens_per_s=args.tokens_per_s, faults=faults)
+    async with server:
+        print(server.base_url, flush=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await server.serve_forever()
+    return EXIT_OK

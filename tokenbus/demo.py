@@ -1,0 +1,115 @@
+"""``tokenbus demo``: the LangGraph how-to, end to end through Redis streams.
+
+Starts what is not configured (a private Redis, the offline model), runs a worker in this
+process, and for each of the two forms of the ``joke_poem`` graph (``messages`` mode through
+``ChatOpenAI``, ``custom`` mode through ``AsyncOpenAI`` and a stream writer) enqueues the job and
+shows two consumers, one subscribed to the ``joke`` tag and one to ``poem``, printing tokens live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import TextIO
+
+from arq.worker import Worker
+from redis.asyncio import Redis
+
+from consumer.reader import latest_positions
+from consumer.subscribe import subscribe
+from schemas.entries import Entry, EntryType
+from tokenbus.redis_client import redis_from_settings
+from tokenbus.redis_server import start_private_redis
+from tokenbus.settings import Settings
+from worker.app import build_worker
+from worker.client import TokenbusClient
+
+TAGS = ("joke", "poem")
+MODES = {
+    "messages": "messages mode: ChatOpenAI models tagged 'joke' and 'poem'",
+    "custom": "custom mode: openai.AsyncOpenAI + writer((chunk, {..., 'tags': [...]}))",
+}
+
+
+async def run_demo(settings: Settings, *, topic: str, out: TextIO) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.redis_url is None:
+            server = await asyncio.to_thread(start_private_redis)
+            stack.push_async_callback(asyncio.to_thread, server.close)
+            settings = settings.model_copy(update={"redis_url": server.url})
+            out.write(f"Redis: a private {server.kind} at {server.url} (set REDIS_URL to use yours)\n")
+        else:
+            out.write(f"Redis: {settings.redis_url}\n")
+        model = "the built-in offline model" if settings.offline else settings.openai_base_url or "OpenAI"
+        out.write(f"Model: {settings.model} via {model}\n")
+
+        worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
+        worker_task = asyncio.create_task(worker.async_run())
+        stack.push_async_callback(_stop_worker, worker, worker_task)
+        redis = redis_from_settings(settings, socket_timeout=15)
+        stack.push_async_callback(redis.aclose)
+        client = await TokenbusClient.connect(settings)
+        stack.push_async_callback(client.close)
+
+        ok = True
+        for mode, title in MODES.items():
+            out.write(f"\n=== {title} ===\n")
+            job_id = f"demo-{mode}-{uuid.uuid4().hex[:8]}"
+            ok &= await _show_job(settings, redis, client, job_id, mode, topic, out)
+
+        keys = settings.keys
+        out.write("\nWhat the streams hold now:\n")
+        for tag in TAGS:
+            out.write(f"  XLEN {keys.tag(tag)} = {await redis.xlen(keys.tag(tag))}\n")
+        out.write(f"Read them from any client, e.g.: redis-cli -u {settings.redis_url} XRANGE '{keys.tag('poem')}' - + COUNT 2\n")
+        return 0 if ok else 1
+
+
+async def _show_job(
+    settings: Settings, redis: Redis, client: TokenbusClient, job_id: str, mode: str, topic: str, out: TextIO
+) -> bool:
+    """Enqueue one job while a consumer per tag follows it; print each consumer's tokens as they come."""
+    keys = settings.keys
+    streams = [keys.tag(t) for t in TAGS]
+    resume = await latest_positions(redis, streams)  # subscribe from "now", before the job starts
+    queue: asyncio.Queue[tuple[str, Entry] | None] = asyncio.Queue()
+
+    async def consume(tag: str) -> None:
+        try:
+            async for item in subscribe(
+                redis, tags=[tag], jobs=[job_id], prefix=settings.prefix, resume=resume, until_final=True
+            ):
+                if isinstance(item, Entry):
+                    await queue.put((tag, item))
+        finally:
+            await queue.put(None)
+
+    consumers = [asyncio.create_task(consume(tag)) for tag in TAGS]
+    await client.enqueue("joke_poem", {"topic": topic}, modes=[mode], job_id=job_id)
+    out.write(f"job {job_id} enqueued; consumers subscribed to tags: {', '.join(TAGS)}\n")
+    current, finished, ok = None, 0, True
+    while finished < len(consumers):
+        item = await queue.get()
+        if item is None:
+            finished += 1
+            continue
+        tag, entry = item
+        if entry.is_chunk and entry.content:
+            if tag != current:
+                out.write(f"\n[{tag} consumer] " if current else f"[{tag} consumer] ")
+                current = tag
+            out.write(entry.content + "|")
+            out.flush()
+        elif entry.is_final and entry.type is not EntryType.END:
+            ok = False
+            out.write(f"\n[{tag} consumer] job {entry.type.value}: {entry.error}\n")
+    await asyncio.gather(*consumers)
+    out.write("\n")
+    return ok
+
+
+async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
+    await worker.close()  # cancels the worker's main task (handle_signals=False)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

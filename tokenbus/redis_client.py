@@ -1,0 +1,23 @@
+"""Redis clients built from settings (one place for URL defaults and socket options)."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from tokenbus.settings import Settings
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def redis_url(settings: Settings) -> str:
+    return settings.redis_url or DEFAULT_REDIS_URL
+
+
+def redis_from_settings(settings: Settings, *, socket_timeout: float | None = 30.0) -> Redis:
+    """A client for ``REDIS_URL`` (``rediss://`` and ``user:password@`` work as usual)."""
+    return Redis.from_url(
+        redis_url(settings),
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=10.0,
+        health_check_interval=30,
+    )

@@ -1,0 +1,1 @@
+"""The producing side: the arq worker, graph registry, emitter and publisher."""

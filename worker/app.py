@@ -1,0 +1,67 @@
+"""The arq worker of tokenbus: settings in, a ready :class:`arq.worker.Worker` out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from tokenbus.redis_client import redis_url
+from tokenbus.settings import Settings
+from worker.job import RESOURCES, run_graph
+from worker.resources import WorkerResources
+from worker.serializer import job_deserializer, job_serializer
+
+JOB_FUNCTION = "run_graph"
+HARD_TIMEOUT_MARGIN_S = 30.0
+"""arq's own timeout is this much above the longest per-job timeout, so the job's timeout fires
+first and writes its ``error`` entry."""
+
+
+def hard_timeout_s(settings: Settings) -> float:
+    return settings.max_job_timeout_s + HARD_TIMEOUT_MARGIN_S
+
+
+def build_worker(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    handle_signals: bool = True,
+    poll_delay_s: float = 0.2,
+) -> Worker:
+    """An arq worker running ``run_graph`` jobs from ``settings.queue_name``.
+
+    Jobs are JSON (never pickle), every job has a finite timeout, and a job interrupted by a
+    shutdown (SIGTERM, after ``shutdown_grace_s``) is re-queued and runs again as a new attempt.
+    """
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        ctx[RESOURCES] = await WorkerResources.open(settings)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        resources: WorkerResources | None = ctx.pop(RESOURCES, None)
+        if resources is not None:
+            await resources.close()
+
+    ctx: dict[str, Any] = {"settings": settings}
+    worker = Worker(
+        functions=[func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)],
+        queue_name=settings.queue_name,
+        redis_settings=RedisSettings.from_dsn(redis_url(settings)),
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx=ctx,
+        burst=burst,
+        handle_signals=handle_signals,
+        poll_delay=poll_delay_s,
+        max_jobs=settings.max_jobs,
+        job_timeout=hard_timeout_s(settings),
+        job_completion_wait=settings.shutdown_grace_s,
+        allow_abort_jobs=True,
+        keep_result=3600,
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+    )
+    ctx["worker"] = worker  # the job asks it whether a cancellation was an abort
+    return worker

@@ -1,0 +1,85 @@
+"""The producer's API: enqueue graph jobs for tokenbus workers (and abort them)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.jobs import Job
+
+from schemas.job import ALL_MODES, JobRequest, StreamMode
+from tokenbus.redis_client import redis_url
+from tokenbus.settings import Settings
+from worker.app import JOB_FUNCTION
+from worker.serializer import job_deserializer, job_serializer
+
+
+class TokenbusClient:
+    """Enqueues ``run_graph`` jobs. Uses the arq pool it is given, or opens (and closes) its own."""
+
+    def __init__(self, pool: ArqRedis, *, queue_name: str, owns_pool: bool = False) -> None:
+        self._pool = pool
+        self._queue_name = queue_name
+        self._owns_pool = owns_pool
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> TokenbusClient:
+        pool = await create_pool(
+            RedisSettings.from_dsn(redis_url(settings)),
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+            default_queue_name=settings.queue_name,
+        )
+        return cls(pool, queue_name=settings.queue_name, owns_pool=True)
+
+    async def close(self) -> None:
+        if self._owns_pool:
+            await self._pool.aclose()
+
+    async def __aenter__(self) -> TokenbusClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def enqueue(
+        self,
+        graph: str,
+        input: Mapping[str, Any] | str | None = None,
+        *,
+        modes: Iterable[StreamMode] = ALL_MODES,
+        tags: Iterable[str] | None = None,
+        job_id: str | None = None,
+        timeout_s: float | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Validate and enqueue a job; return its id.
+
+        With ``job_id``, enqueueing is idempotent: while that job is queued, running or its result
+        is kept, enqueueing it again does nothing and returns the same id.
+        Raises :class:`schemas.errors.InvalidJobRequest` for a request the worker would reject.
+        """
+        request = JobRequest.parse(
+            {
+                "graph": graph,
+                "input": {} if input is None else input,
+                "modes": tuple(modes),
+                "tags": None if tags is None else tuple(tags),
+                "job_id": job_id,
+                "timeout_s": timeout_s,
+                "config": dict(config or {}),
+            }
+        )
+        return await self.enqueue_request(request)
+
+    async def enqueue_request(self, request: JobRequest) -> str:
+        job_id = request.job_id or uuid.uuid4().hex
+        await self._pool.enqueue_job(JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name)
+        return job_id
+
+    async def abort(self, job_id: str, *, timeout_s: float | None = None) -> bool:
+        """Ask the worker running ``job_id`` to cancel it; it ends with a ``cancelled`` entry."""
+        job = Job(job_id, self._pool, _queue_name=self._queue_name, _deserializer=job_deserializer)
+        return bool(await job.abort(timeout=timeout_s))

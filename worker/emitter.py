@@ -1,0 +1,174 @@
+"""Turns one job attempt's lifecycle and LangGraph chunks into contract v1 entries.
+
+One :class:`JobEmitter` per attempt: it numbers entries (``seq``), writes every entry to the job
+stream and a copy of each chunk to the stream of each of its tags, and ends the attempt with one
+terminal entry on every stream it wrote to. LangGraph hands the same metadata dict to every
+chunk of one model call, so the metadata is encoded once per call, not once per token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from langchain_core.messages import BaseMessageChunk
+
+from schemas.entries import EntryType, chunk_fields, terminal_fields
+from schemas.errors import PayloadError
+from schemas.keys import StreamKeys, validate_tag
+from worker.publisher import Publisher, Sink
+
+_EMPTY_JSON_LIST = b"[]"
+_EMPTY_JSON_OBJECT = b"{}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    tag_maxlen: int = 100_000
+    job_maxlen: int = 100_000
+    job_ttl_s: int = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended: its terminal entry."""
+
+    type: EntryType = EntryType.END
+    error: str = ""
+    error_type: str = ""
+    retry: bool = False
+
+
+class _Meta:
+    """The encoded form of one metadata dict (one model call)."""
+
+    __slots__ = ("json", "node", "source", "tag_keys", "tags_json")
+
+    def __init__(self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, tag_keys: list[str]):
+        self.source = source
+        self.tags_json = orjson.dumps(tags) if tags else _EMPTY_JSON_LIST
+        self.node = node
+        self.tag_keys = tag_keys
+        self.json = orjson.dumps(source, default=repr) if source else _EMPTY_JSON_OBJECT
+
+
+class JobEmitter:
+    def __init__(
+        self,
+        publisher: Publisher,
+        keys: StreamKeys,
+        limits: StreamLimits,
+        job_id: str,
+        attempt: int,
+    ) -> None:
+        self._publisher = publisher
+        self._keys = keys
+        self._limits = limits
+        self.job_id = job_id
+        self.attempt = attempt
+        self.job_key = keys.job(job_id)
+        self.sink: Sink = publisher.sink(job_id)
+        self.seq = 0
+        self.chunks = 0
+        self.tag_filter: frozenset[str] | None = None
+        self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
+        self._meta: _Meta = _Meta(None, (), "", [])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, data: Mapping[str, Any]) -> None:
+        self._emit(EntryType.START, _EMPTY_JSON_LIST, "", "", orjson.dumps(data), _EMPTY_JSON_OBJECT, [])
+
+    def finish(self, outcome: Outcome, data: Mapping[str, Any] | None = None) -> None:
+        """Queue the attempt's terminal entry on every stream it wrote to, and the job stream's expiry."""
+        fields = chunk_fields(
+            outcome.type, self.job_id, self.attempt, self.seq, _now_ms(), _EMPTY_JSON_LIST, "", "",
+            orjson.dumps({"chunks": self.chunks, **(data or {})}), _EMPTY_JSON_OBJECT,
+        )  # fmt: skip
+        fields += terminal_fields(outcome.error, outcome.error_type, outcome.retry)
+        self.seq += 1
+        self._publisher.xadd(self.sink, self.job_key, self._limits.job_maxlen, fields)
+        for key in self.tag_streams:
+            self._publisher.xadd(self.sink, key, self._limits.tag_maxlen, fields)
+        self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
+
+    # -- chunks (the hot path) -------------------------------------------------------------------
+    def message(self, message: BaseMessageChunk, metadata: Mapping[str, Any]) -> None:
+        """A ``messages``-mode chunk: an LLM token and the metadata of its model call."""
+        meta = self._meta if metadata is self._meta.source else self._encode_meta(metadata)
+        content = message.content if isinstance(message.content, str) else message.text
+        self.chunks += 1
+        self._emit(EntryType.TOKEN, meta.tags_json, meta.node, content, _message_data(message), meta.json, meta.tag_keys)
+
+    def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
+        """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
+        their own metadata (and tags); a dict payload may carry ``tags`` itself."""
+        if isinstance(chunk, tuple) and len(chunk) == 2 and isinstance(chunk[1], Mapping):
+            payload, metadata = chunk
+        else:
+            payload = chunk
+            tags = payload.get("tags", ()) if isinstance(payload, Mapping) else ()
+            metadata = {"tags": list(tags)} if tags else {}
+            if namespace:
+                metadata["langgraph_checkpoint_ns"] = "|".join(namespace)
+        meta = self._meta if metadata is self._meta.source else self._encode_meta(metadata)
+        try:
+            data = orjson.dumps(payload)
+        except TypeError as e:
+            raise PayloadError(
+                f"a custom chunk from node {meta.node or '?'} is not JSON-serialisable ({e}); "
+                "write dicts, lists, strings and numbers with writer(...)"
+            ) from e
+        content = payload.get("content") if isinstance(payload, Mapping) else None
+        self.chunks += 1
+        self._emit(
+            EntryType.CUSTOM, meta.tags_json, meta.node, content if isinstance(content, str) else "",
+            data, meta.json, meta.tag_keys,
+        )  # fmt: skip
+
+    def _emit(
+        self, kind: str, tags_json: bytes, node: str, content: str, data: bytes, meta: bytes, tag_keys: list[str]
+    ) -> None:
+        fields = chunk_fields(kind, self.job_id, self.attempt, self.seq, _now_ms(), tags_json, node, content, data, meta)
+        self.seq += 1
+        publisher, sink = self._publisher, self.sink
+        publisher.xadd(sink, self.job_key, self._limits.job_maxlen, fields)
+        for key in tag_keys:
+            publisher.xadd(sink, key, self._limits.tag_maxlen, fields)
+
+    def _encode_meta(self, metadata: Mapping[str, Any]) -> _Meta:
+        tags = tuple(_tags_of(metadata.get("tags")))
+        fanout = [t for t in tags if self.tag_filter is None or t in self.tag_filter]
+        tag_keys = [self._keys.tag(t) for t in fanout]
+        for key in tag_keys:
+            self.tag_streams.setdefault(key)
+        self._meta = _Meta(metadata, tags, str(metadata.get("langgraph_node", "")), tag_keys)
+        return self._meta
+
+
+def _tags_of(value: Any) -> Iterable[str]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise PayloadError(f"chunk tags must be a list of strings, got {value!r}")
+    return [validate_tag(t) for t in value]
+
+
+def _message_data(message: BaseMessageChunk) -> bytes:
+    """The chunk's parts other than its text: id, tool-call chunks, usage, finish reason."""
+    data: dict[str, Any] = {"id": message.id}
+    tool_call_chunks = getattr(message, "tool_call_chunks", None)
+    if tool_call_chunks:
+        data["tool_call_chunks"] = tool_call_chunks
+    usage = getattr(message, "usage_metadata", None)
+    if usage:
+        data["usage"] = usage
+    if message.response_metadata:
+        data["response_metadata"] = message.response_metadata
+    return orjson.dumps(data, default=repr)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,202 @@
+"""The publisher: one adaptive, pipelined writer per worker, shared by all of its jobs.
+
+Jobs append commands without awaiting (:meth:`Publisher.xadd`); one writer task sends everything
+buffered as one pipeline as soon as the previous pipeline has returned, so at low load a token
+waits one round trip and at high load batches grow (up to ``batch_max``) instead of the queue.
+When Redis is unreachable the writer retries the batch with backoff for ``give_up_s``; past that
+the batch is counted as lost on each job's :class:`Sink`, which the job turns into an ``error``
+entry. Memory is bounded: past ``buffer_max`` queued commands, :meth:`Publisher.wait_writable`
+makes producers wait. A retried batch may be applied twice; consumers drop the copies by
+``(job, attempt, seq)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from schemas.errors import ClientStateError, PublishError
+
+logger = logging.getLogger(__name__)
+
+_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+_Command = tuple["Sink", tuple[Any, ...]]
+
+
+class Sink:
+    """What one job has queued, written and lost; the job waits on it with :meth:`flushed`."""
+
+    __slots__ = ("_publisher", "errors", "job_id", "last_index", "lost")
+
+    def __init__(self, publisher: Publisher, job_id: str) -> None:
+        self._publisher = publisher
+        self.job_id = job_id
+        self.last_index = 0
+        self.lost = 0
+        self.errors: list[str] = []
+
+    async def flushed(self) -> None:
+        """Wait until every command queued so far for this job has been written (or counted lost)."""
+        await self._publisher.wait_done(self.last_index)
+
+    def check(self) -> None:
+        """Raise :class:`PublishError` if anything this job queued was lost or refused."""
+        if self.lost or self.errors:
+            detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
+            raise PublishError(
+                f"{self.lost + len(self.errors)} stream entries of job {self.job_id} could not be "
+                f"written to Redis{detail}",
+                lost=self.lost + len(self.errors),
+            )
+
+
+class Publisher:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        batch_max: int = 512,
+        buffer_max: int = 100_000,
+        give_up_s: float = 30.0,
+        backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+    ) -> None:
+        self._redis = redis
+        self._batch_max = batch_max
+        self._buffer_max = buffer_max
+        self._give_up_s = give_up_s
+        self._backoff_s = tuple(backoff_s)
+        self._queue: list[_Command] = []
+        self._queued = 0  # commands ever queued
+        self._done = 0  # commands ever written or counted lost
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.batches = 0
+        self.retries = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Publisher:
+        if self._task is not None:
+            raise ClientStateError("publisher already started")
+        self._task = asyncio.create_task(self._run(), name="tokenbus-publisher")
+        return self
+
+    async def close(self) -> None:
+        """Write everything queued (retrying as usual), then stop. Does not close the Redis client."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        await self._task
+        self._task = None
+
+    # -- producing -------------------------------------------------------------------------------
+    def sink(self, job_id: str) -> Sink:
+        return Sink(self, job_id)
+
+    def xadd(self, sink: Sink, key: str, maxlen: int, fields: list[Any]) -> None:
+        """Queue ``XADD key MAXLEN ~ maxlen * fields...`` for ``sink``'s job. Never blocks."""
+        self.command(sink, ("XADD", key, "MAXLEN", "~", maxlen, "*", *fields))
+
+    def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
+        if self._task is None or self._closing:
+            raise ClientStateError("publisher is not running")
+        self._queue.append((sink, args))
+        self._queued += 1
+        sink.last_index = self._queued
+        if not self._wake.is_set():
+            self._wake.set()
+        if len(self._queue) >= self._buffer_max and self._writable.is_set():
+            self._writable.clear()
+
+    @property
+    def congested(self) -> bool:
+        return not self._writable.is_set()
+
+    async def wait_writable(self) -> None:
+        """Wait while the buffer is over ``buffer_max`` (Redis slow or away)."""
+        await self._writable.wait()
+
+    async def wait_done(self, index: int) -> None:
+        if index <= self._done:
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (index, id(future), future))
+        await future
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # -- the writer ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._queue) <= self._batch_max:
+                batch, self._queue = self._queue, []
+            else:
+                batch = self._queue[: self._batch_max]
+                del self._queue[: self._batch_max]
+            if not self._writable.is_set() and len(self._queue) < self._buffer_max // 2:
+                self._writable.set()
+            await self._write(batch)
+            self._done += len(batch)
+            self._release_waiters()
+
+    async def _write(self, batch: list[_Command]) -> None:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for _, args in batch:
+                    pipe.execute_command(*args)
+                results = await pipe.execute(raise_on_error=False)
+            except _RETRYABLE as e:
+                waited = time.monotonic() - started
+                if waited >= self._give_up_s:
+                    self._lose(batch, e, waited)
+                    return
+                delay = self._backoff_s[min(attempt, len(self._backoff_s) - 1)]
+                attempt += 1
+                self.retries += 1
+                logger.warning(
+                    "publishing %d entries failed (%s); retry %d in %.2fs", len(batch), e, attempt, delay
+                )
+                await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
+                continue
+            self.batches += 1
+            for (sink, args), result in zip(batch, results, strict=True):
+                if isinstance(result, Exception):
+                    sink.errors.append(f"{args[0]} {args[1]}: {result}")
+                    logger.error("job %s: Redis refused %s %s: %s", sink.job_id, args[0], args[1], result)
+            return
+
+    def _lose(self, batch: list[_Command], error: BaseException, waited: float) -> None:
+        for sink, _ in batch:
+            sink.lost += 1
+        jobs = sorted({sink.job_id for sink, _ in batch})
+        logger.error(
+            "gave up publishing %d entries of jobs %s after %.1fs: %s", len(batch), ", ".join(jobs), waited, error
+        )
+
+    def _release_waiters(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self._done:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
