@@ -69,12 +69,15 @@ class JobRequest(BaseModel):
         """Validate a request from the queue; raise :class:`InvalidJobRequest` naming every problem."""
         if isinstance(raw, JobRequest):
             return raw
-        size = len(raw) if isinstance(raw, str | bytes) else len(orjson.dumps(raw, default=repr))
+        if not isinstance(raw, dict):
+            raise InvalidJobRequest(
+                "invalid job request: expected a JSON object such as "
+                f'{{"graph": "joke_poem", "input": {{"topic": "cats"}}}}, got {type(raw).__name__} {raw!r:.80}'
+            )
+        size = len(orjson.dumps(raw, default=repr))
         if size > max_bytes:
             raise InvalidJobRequest(f"job request is {size} bytes; this worker accepts at most {max_bytes}")
         try:
-            if isinstance(raw, str | bytes):
-                return cls.model_validate_json(raw)
             return cls.model_validate(raw)
         except ValidationError as e:
             raise InvalidJobRequest(describe_validation_error("invalid job request", e)) from e

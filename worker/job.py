@@ -105,5 +105,17 @@ def _error_outcome(emitter: JobEmitter, error: BaseException) -> Outcome:
         message = str(error)
     else:
         message = f"{type(error).__name__}: {error}"
+        root = _root_cause(error)
+        if root is not error and str(root) not in message:
+            message += f" (caused by {type(root).__name__}: {root})"
         logger.warning("job %s attempt %d failed: %s", emitter.job_id, emitter.attempt, message, exc_info=error)
     return Outcome(EntryType.ERROR, message, type(error).__name__)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (an HTTP client's wrapped transport error, say)."""
+    seen = {id(error)}
+    while (cause := error.__cause__ or error.__context__) is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        error = cause
+    return error

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import httpx
+import httpx2
 from redis.asyncio import Redis
 
 from schemas.keys import StreamKeys
@@ -51,7 +51,7 @@ class WorkerResources:
                 stack.push_async_callback(model.close)
                 base_url = model.base_url
                 logger.info("no OPENAI_API_KEY or OPENAI_BASE_URL: using the offline model at %s", base_url)
-            http = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0), limits=httpx.Limits(max_connections=200))
+            http = httpx2.AsyncClient(timeout=httpx2.Timeout(60.0, connect=10.0), limits=httpx2.Limits(max_connections=200))
             stack.push_async_callback(http.aclose)
             api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "offline"
             endpoint = joke_poem.ModelEndpoint(settings.model, base_url, api_key, http)

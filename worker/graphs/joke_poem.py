@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-import httpx
+import httpx2
 from langchain_core.runnables import RunnableConfig
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, StateGraph
@@ -38,7 +38,7 @@ class ModelEndpoint:
     model: str
     base_url: str | None
     api_key: str
-    http_client: httpx.AsyncClient
+    http_client: httpx2.AsyncClient
 
 
 def build(endpoint: ModelEndpoint) -> CompiledStateGraph[Any, Any, Any, Any]:

@@ -1,0 +1,128 @@
+"""Fixtures: a private redis-server per session, the offline model over real HTTP, and a fresh
+key prefix and queue per test (no test shares keys; nothing is ever flushed)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis
+
+from tests.support import FAULTS, ThreadedModelServer
+from tokenbus.redis_server import RedisServerProcess
+from tokenbus.settings import Settings
+from worker.app import build_worker
+from worker.client import TokenbusClient
+from worker.serializer import job_deserializer, job_serializer
+
+_ENV_PREFIXES = ("TOKENBUS_", "OPENAI_", "REDIS_URL")
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from the test, never from the machine's environment."""
+    for name in list(os.environ):
+        if name.startswith(_ENV_PREFIXES):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServerProcess]:
+    server = RedisServerProcess()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[ThreadedModelServer]:
+    server = ThreadedModelServer(faults=FAULTS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(redis_server: RedisServerProcess, model_server: ThreadedModelServer, prefix: str) -> Settings:
+    return make_settings(redis_server.url, model_server.base_url, prefix)
+
+
+def make_settings(redis_url: str, model_url: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "REDIS_URL": redis_url,
+        "TOKENBUS_PREFIX": prefix,
+        "TOKENBUS_QUEUE": f"{prefix}:queue",
+        "OPENAI_BASE_URL": model_url,
+        "OPENAI_API_KEY": "test-key",
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a ``tokenbus`` subprocess use ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
+    env.update(
+        {
+            "REDIS_URL": settings.redis_url or "",
+            "TOKENBUS_PREFIX": settings.prefix,
+            "TOKENBUS_QUEUE": settings.queue_name,
+            "OPENAI_BASE_URL": settings.openai_base_url or "",
+            "OPENAI_API_KEY": settings.openai_api_key.get_secret_value() if settings.openai_api_key else "",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServerProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, socket_timeout=30)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def arq_pool(settings: Settings) -> AsyncIterator[ArqRedis]:
+    """A raw arq pool, to enqueue what the typed client would refuse (as another language might)."""
+    pool = await create_pool(
+        RedisSettings.from_dsn(settings.redis_url or ""),
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+        default_queue_name=settings.queue_name,
+    )
+    yield pool
+    await pool.aclose()
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[TokenbusClient]:
+    async with await TokenbusClient.connect(settings) as c:
+        yield c
+
+
+RunWorker = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+def run_burst_worker(settings: Settings) -> RunWorker:
+    """Run an in-process worker until the queue is empty (arq's burst mode), then close it."""
+
+    async def run(**overrides: Any) -> Any:
+        worker_settings = settings.model_copy(update=overrides) if overrides else settings
+        worker = build_worker(worker_settings, burst=True, handle_signals=False, poll_delay_s=0)
+        try:
+            await worker.async_run()
+        finally:
+            await worker.close()
+        return worker
+
+    return run

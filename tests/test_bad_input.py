@@ -1,0 +1,105 @@
+"""Bad input fails its own job with an error a person can act on; the worker keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+
+from schemas.entries import EntryType
+from schemas.errors import InvalidJobRequest, InvalidTag
+from tests.support import read_stream, text_of
+from tokenbus.offline_model import script_for
+from tokenbus.settings import Settings
+from worker.app import JOB_FUNCTION
+from worker.client import TokenbusClient
+
+POEM = script_for("Write a short poem about cats")
+
+
+async def _enqueue_raw(pool: ArqRedis, job_id: str, request: object) -> None:
+    """Enqueue as a producer in another language would: no client-side validation."""
+    assert await pool.enqueue_job(JOB_FUNCTION, request, _job_id=job_id) is not None
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"graph": "no_such_graph", "input": {}}, "unknown graph 'no_such_graph'; this worker serves: joke_poem"),
+        ({"graph": "joke_poem", "input": '{"topic": "cats"'}, "input is not valid JSON"),
+        ({"graph": "joke_poem", "input": "[1, 2]"}, "input must be a JSON object, got list"),
+        ({"graph": "joke_poem", "tags": ["bad tag"]}, "invalid tag 'bad tag': characters ' ' are not allowed"),
+        ({"graph": "joke_poem", "modes": ["values"]}, "modes.0: Input should be 'messages' or 'custom'"),
+        ({"graph": "joke_poem", "bogus": 1}, "bogus: Extra inputs are not permitted"),
+        ("not a request", "expected a JSON object such as"),
+        ({"graph": "joke_poem", "input": {"topic": "explode-error"}}, "scripted failure mid-stream"),
+        ({"graph": "joke_poem", "input": {"topic": "explode-status"}}, "Error code: 500"),
+        ({"graph": "joke_poem", "input": {"topic": "explode-drop"}}, "peer closed connection without sending complete message body"),
+    ],
+    ids=["unknown-graph", "malformed-json", "json-not-object", "invalid-tag", "bad-mode", "extra-field",
+         "not-an-object", "http-error-mid-stream", "http-500", "connection-dropped"],
+)
+async def test_bad_job_ends_with_error_and_next_job_succeeds(
+    request_: object, message: str, settings: Settings, arq_pool: ArqRedis, client: TokenbusClient,
+    redis: Redis, run_burst_worker,
+) -> None:
+    bad_id = f"{settings.prefix}-bad"
+    await _enqueue_raw(arq_pool, bad_id, request_)
+    good = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"])
+    worker = await run_burst_worker(max_jobs=1)  # one at a time: the good job runs after the bad one
+
+    bad = await read_stream(redis, settings.keys.job(bad_id))
+    assert [e.type for e in bad][0] is EntryType.START
+    assert bad[-1].type is EntryType.ERROR and not bad[-1].retry
+    assert message in bad[-1].error, bad[-1].error
+    assert [e.type for e in bad].count(EntryType.ERROR) == 1
+    ok = await read_stream(redis, settings.keys.job(good))
+    assert ok[-1].type is EntryType.END
+    assert text_of(await read_stream(redis, settings.keys.tag("poem"))).endswith(POEM)
+    assert worker.jobs_failed == 1 and worker.jobs_complete == 1
+
+
+async def test_error_reaches_the_tag_streams_the_job_wrote_to(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    job_id = await client.enqueue("joke_poem", {"topic": "explode-error"}, modes=["custom"])
+    await run_burst_worker()
+    joke = await read_stream(redis, settings.keys.tag("joke"))
+    assert [e.type for e in joke if e.job == job_id][-1] is EntryType.ERROR
+    assert len([e for e in joke if e.is_chunk]) == 3  # what the model sent before failing
+
+
+async def test_job_timeout_is_an_error(settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker) -> None:
+    job_id = await client.enqueue("joke_poem", {"topic": "stall-forever"}, timeout_s=0.5)
+    await run_burst_worker()
+    job = await read_stream(redis, settings.keys.job(job_id))
+    assert job[-1].type is EntryType.ERROR
+    assert job[-1].error == "the job ran longer than its timeout of 0.5s"
+    assert job[-1].error_type == "JobTimeout"
+
+
+async def test_oversized_request_is_refused(
+    settings: Settings, arq_pool: ArqRedis, redis: Redis, run_burst_worker
+) -> None:
+    big_id = f"{settings.prefix}-big"
+    await _enqueue_raw(arq_pool, big_id, {"graph": "joke_poem", "input": {"topic": "x" * 5000}})
+    await run_burst_worker(max_request_bytes=4096)
+    job = await read_stream(redis, settings.keys.job(big_id))
+    assert "this worker accepts at most 4096" in job[-1].error
+
+
+async def test_client_refuses_what_the_worker_would(client: TokenbusClient) -> None:
+    with pytest.raises(InvalidJobRequest, match="invalid tag 'a b'"):
+        await client.enqueue("joke_poem", {}, tags=["a b"])
+    with pytest.raises(InvalidJobRequest, match="input is not valid JSON"):
+        await client.enqueue("joke_poem", "{nope")
+    with pytest.raises(InvalidJobRequest, match="job_id"):
+        await client.enqueue("joke_poem", {}, job_id="../../etc")
+
+
+async def test_tags_can_never_leave_the_prefix(settings: Settings) -> None:
+    keys = settings.keys
+    for tag in ["a}b", "a b", "", "x" * 129, "é", "a*", "{poem}"]:
+        with pytest.raises(InvalidTag):
+            keys.tag(tag)
+    assert keys.tag("poem") == f"{settings.prefix}:tag:{{poem}}"
