@@ -9,10 +9,8 @@ the dead-letter stream (``<prefix>:dead``) and acked, so one poison entry cannot
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,13 +20,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from consumer.attempts import AttemptFilter
-from consumer.output import Printer
 from consumer.reader import LATEST
 from schemas.entries import Entry
 from schemas.errors import MalformedEntry
 from schemas.keys import StreamKeys
-from tokenbus.redis_client import redis_from_settings
-from tokenbus.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +107,9 @@ class GroupConsumer:
             except _RETRYABLE as e:
                 failures += 1
                 delay = min(2.0, 0.1 * 2**failures)
-                logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)
+                logger.warning(
+                    "group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay
+                )
                 await asyncio.sleep(delay)
 
     async def _read(self, handler: Handler, position: str) -> None:
@@ -152,7 +149,9 @@ class GroupConsumer:
         self.claimed += claimed
         return claimed
 
-    async def _process(self, handler: Handler, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    async def _process(
+        self, handler: Handler, stream: str, entry_id: str, fields: dict[bytes, bytes]
+    ) -> None:
         try:
             entry = Entry.decode(fields, id=entry_id, stream=stream)
         except MalformedEntry as e:
@@ -171,13 +170,21 @@ class GroupConsumer:
         self.acked += 1
 
     async def _dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
-        record = {**fields, "dead_stream": stream, "dead_id": entry_id, "dead_group": self.group, "dead_reason": reason}
+        record = {
+            **fields,
+            "dead_stream": stream,
+            "dead_id": entry_id,
+            "dead_group": self.group,
+            "dead_reason": reason,
+        }
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
             pipe.xack(stream, self.group, entry_id)
             await pipe.execute()
         self.dead += 1
-        logger.warning("group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason)
+        logger.warning(
+            "group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason
+        )
 
 
 async def group_stats(redis: Redis, streams: Sequence[str]) -> list[GroupStats]:
@@ -200,29 +207,6 @@ async def group_stats(redis: Redis, streams: Sequence[str]) -> list[GroupStats]:
                 )
             )
     return stats
-
-
-async def tail_group(settings: Settings, args: argparse.Namespace) -> int:
-    """``tokenbus tail --group G --consumer C``: print entries, acking each once printed."""
-    if not args.consumer:
-        raise SystemExit("tokenbus tail: --group needs --consumer")
-    keys = settings.keys
-    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
-    redis = redis_from_settings(settings, socket_timeout=30)
-
-    async def show(entry: Entry) -> None:
-        if (not args.jobs or entry.job in args.jobs) and (not args.nodes or entry.node in args.nodes):
-            printer.show(entry)
-
-    try:
-        consumer = GroupConsumer(
-            redis, [keys.tag(t) for t in args.tags], args.group, args.consumer, keys=keys,
-            start="0" if args.from_start else LATEST,
-        )  # fmt: skip
-        await consumer.run(show)
-    finally:
-        await redis.aclose()
-    return 0
 
 
 def _text(value: bytes | str) -> str:

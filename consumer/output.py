@@ -29,7 +29,7 @@ class Printer:
 
     def show(self, item: Entry | Gap) -> None:
         if isinstance(item, Gap):
-            self._notice(str(item))
+            self.notice(str(item))
             return
         if self._format == "jsonl":
             self._out.write(orjson.dumps(entry_json(item)).decode() + "\n")
@@ -37,20 +37,20 @@ class Printer:
             return
         previous = self._attempts.get(item.job)
         if previous is not None and item.attempt > previous:
-            self._notice(f"job {item.job}: attempt {previous} was interrupted; attempt {item.attempt} follows")
+            self.notice(f"job {item.job}: attempt {previous} was interrupted; attempt {item.attempt} follows")
         self._attempts[item.job] = item.attempt
         if item.is_chunk:
             if item.content:
                 self._out.write(item.content + self._sep)
                 self._out.flush()
         elif item.type is EntryType.START:
-            self._notice(f"job {item.job}: attempt {item.attempt} started")
+            self.notice(f"job {item.job}: attempt {item.attempt} started")
         elif item.is_terminal:
             self._out.write("\n")
             self._out.flush()
             detail = f": {item.error}" if item.error else ""
-            self._notice(f"job {item.job}: attempt {item.attempt} {item.type.value}{detail}")
+            self.notice(f"job {item.job}: attempt {item.attempt} {item.type.value}{detail}")
 
-    def _notice(self, text: str) -> None:
+    def notice(self, text: str) -> None:
         self._err.write(f"[tokenbus] {text}\n")
         self._err.flush()

@@ -34,7 +34,8 @@ class Gap:
     type: Literal["gap"] = "gap"
 
     def __str__(self) -> str:
-        return f"gap in {self.stream}: entries after {self.after} were trimmed (oldest left: {self.first_available})"
+        oldest = self.first_available
+        return f"gap in {self.stream}: entries after {self.after} were trimmed (oldest left: {oldest})"
 
 
 RawEntry = tuple[str, str, dict[bytes, bytes]]
@@ -100,16 +101,19 @@ class StreamReader:
                 if not self._resolved:
                     for gap in await self._resolve():
                         yield gap
-                reply = await self._redis.xread(self.positions, count=self._count, block=self._block_ms)
+                reply = await self._redis.xread(dict(self.positions), count=self._count, block=self._block_ms)  # type: ignore[arg-type]
             except _RETRYABLE as e:
                 delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
                 failures += 1
-                logger.warning("reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay)
+                logger.warning(
+                    "reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay
+                )
                 await asyncio.sleep(delay)
                 if failures == 1:  # after a reconnect, check that history was not trimmed meanwhile
                     for stream in self.positions:
-                        if (gap := await self._safe_check_gap(stream)) is not None:
-                            yield gap
+                        trimmed = await self._safe_check_gap(stream)
+                        if trimmed is not None:
+                            yield trimmed
                 continue
             failures = 0
             if not reply:

@@ -46,10 +46,8 @@ async def subscribe(
     """
     keys = StreamKeys(prefix)
     tag_list, job_list = list(dict.fromkeys(tags)), list(dict.fromkeys(jobs))
-    if not tag_list and not job_list:
-        raise ValueError("subscribe to at least one tag or job")
+    streams = streams_for(keys, tag_list, job_list)
     tag_streams = {keys.tag(t): t for t in tag_list}
-    streams = list(tag_streams) if tag_streams else [keys.job(j) for j in job_list]
     initial = BEGINNING if start in ("0", "0-0") else start
     positions = {s: (resume or {}).get(s, initial) for s in streams}
     reader = StreamReader(redis, positions, block_ms=block_ms)
@@ -85,3 +83,11 @@ async def subscribe(
                 yield entry
         if open_jobs is not None and not open_jobs:
             return
+
+
+def streams_for(keys: StreamKeys, tags: Iterable[str], jobs: Iterable[str]) -> list[str]:
+    """The stream keys :func:`subscribe` reads: the tags' streams if any, else the jobs' streams."""
+    tag_list, job_list = list(dict.fromkeys(tags)), list(dict.fromkeys(jobs))
+    if not tag_list and not job_list:
+        raise ValueError("subscribe to at least one tag or job")
+    return [keys.tag(t) for t in tag_list] if tag_list else [keys.job(j) for j in job_list]

@@ -90,7 +90,11 @@ class Entry(BaseModel):
 
     @classmethod
     def decode(
-        cls, fields: Mapping[bytes, bytes] | Mapping[str, str], *, id: str | None = None, stream: str | None = None
+        cls,
+        fields: Mapping[bytes, bytes] | Mapping[str, str],
+        *,
+        id: str | None = None,
+        stream: str | None = None,
     ) -> Entry:
         """Parse stream fields into the entry model of their ``type``.
 

@@ -72,7 +72,8 @@ class JobRequest(BaseModel):
         if not isinstance(raw, dict):
             raise InvalidJobRequest(
                 "invalid job request: expected a JSON object such as "
-                f'{{"graph": "joke_poem", "input": {{"topic": "cats"}}}}, got {type(raw).__name__} {raw!r:.80}'
+                '{"graph": "joke_poem", "input": {"topic": "cats"}}, '
+                f"got {type(raw).__name__} {raw!r:.80}"
             )
         size = len(orjson.dumps(raw, default=repr))
         if size > max_bytes:

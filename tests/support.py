@@ -47,16 +47,18 @@ class ThreadedModelServer:
         self._loop.close()
 
 
-async def wait_for(check: Callable[[], Awaitable[T | None]], *, timeout: float = 20.0, what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_for(
+    check: Callable[[], Awaitable[T | None]], *, within: float = 20.0, what: str = "condition"
+) -> T:
+    """Poll ``check`` until it returns something truthy, or fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
     delay = 0.005
     while True:
         result = await check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
 

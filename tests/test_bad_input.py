@@ -25,23 +25,47 @@ async def _enqueue_raw(pool: ArqRedis, job_id: str, request: object) -> None:
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        ({"graph": "no_such_graph", "input": {}}, "unknown graph 'no_such_graph'; this worker serves: joke_poem"),
+        (
+            {"graph": "no_such_graph", "input": {}},
+            "unknown graph 'no_such_graph'; this worker serves: joke_poem",
+        ),
         ({"graph": "joke_poem", "input": '{"topic": "cats"'}, "input is not valid JSON"),
         ({"graph": "joke_poem", "input": "[1, 2]"}, "input must be a JSON object, got list"),
-        ({"graph": "joke_poem", "tags": ["bad tag"]}, "invalid tag 'bad tag': characters ' ' are not allowed"),
+        (
+            {"graph": "joke_poem", "tags": ["bad tag"]},
+            "invalid tag 'bad tag': characters ' ' are not allowed",
+        ),
         ({"graph": "joke_poem", "modes": ["values"]}, "modes.0: Input should be 'messages' or 'custom'"),
         ({"graph": "joke_poem", "bogus": 1}, "bogus: Extra inputs are not permitted"),
         ("not a request", "expected a JSON object such as"),
         ({"graph": "joke_poem", "input": {"topic": "explode-error"}}, "scripted failure mid-stream"),
         ({"graph": "joke_poem", "input": {"topic": "explode-status"}}, "Error code: 500"),
-        ({"graph": "joke_poem", "input": {"topic": "explode-drop"}}, "peer closed connection without sending complete message body"),
+        (
+            {"graph": "joke_poem", "input": {"topic": "explode-drop"}},
+            "peer closed connection without sending complete message body",
+        ),
     ],
-    ids=["unknown-graph", "malformed-json", "json-not-object", "invalid-tag", "bad-mode", "extra-field",
-         "not-an-object", "http-error-mid-stream", "http-500", "connection-dropped"],
+    ids=[
+        "unknown-graph",
+        "malformed-json",
+        "json-not-object",
+        "invalid-tag",
+        "bad-mode",
+        "extra-field",
+        "not-an-object",
+        "http-error-mid-stream",
+        "http-500",
+        "connection-dropped",
+    ],
 )
 async def test_bad_job_ends_with_error_and_next_job_succeeds(
-    request_: object, message: str, settings: Settings, arq_pool: ArqRedis, client: TokenbusClient,
-    redis: Redis, run_burst_worker,
+    request_: object,
+    message: str,
+    settings: Settings,
+    arq_pool: ArqRedis,
+    client: TokenbusClient,
+    redis: Redis,
+    run_burst_worker,
 ) -> None:
     bad_id = f"{settings.prefix}-bad"
     await _enqueue_raw(arq_pool, bad_id, request_)
@@ -49,7 +73,7 @@ async def test_bad_job_ends_with_error_and_next_job_succeeds(
     worker = await run_burst_worker(max_jobs=1)  # one at a time: the good job runs after the bad one
 
     bad = await read_stream(redis, settings.keys.job(bad_id))
-    assert [e.type for e in bad][0] is EntryType.START
+    assert bad[0].type is EntryType.START
     assert bad[-1].type is EntryType.ERROR and not bad[-1].retry
     assert message in bad[-1].error, bad[-1].error
     assert [e.type for e in bad].count(EntryType.ERROR) == 1
@@ -69,7 +93,9 @@ async def test_error_reaches_the_tag_streams_the_job_wrote_to(
     assert len([e for e in joke if e.is_chunk]) == 3  # what the model sent before failing
 
 
-async def test_job_timeout_is_an_error(settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker) -> None:
+async def test_job_timeout_is_an_error(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
     job_id = await client.enqueue("joke_poem", {"topic": "stall-forever"}, timeout_s=0.5)
     await run_burst_worker()
     job = await read_stream(redis, settings.keys.job(job_id))

@@ -10,10 +10,11 @@ import sys
 
 import orjson
 
+from consumer.groups import GroupConsumer
 from consumer.output import Printer
-from consumer.reader import BEGINNING, LATEST
-from consumer.subscribe import subscribe
-from schemas.entries import EntryType
+from consumer.reader import BEGINNING, LATEST, latest_positions
+from consumer.subscribe import streams_for, subscribe
+from schemas.entries import Entry, EntryType
 from schemas.errors import InvalidJobRequest
 from tokenbus.offline_model import Fault, OfflineModelServer
 from tokenbus.redis_client import redis_from_settings
@@ -68,9 +69,7 @@ async def tail(settings: Settings, args: argparse.Namespace) -> int:
     if not args.tags and not args.jobs:
         raise SystemExit("tokenbus tail: give --tag (repeatable) or --job")
     if args.group:
-        from consumer.groups import tail_group
-
-        return await tail_group(settings, args)
+        return await _tail_group(settings, args)
     start = BEGINNING if args.from_start else (args.from_id or LATEST)
     return await _follow(settings, args, jobs=args.jobs, tags=args.tags, start=start)
 
@@ -83,7 +82,11 @@ async def _follow(
     redis = redis_from_settings(settings, socket_timeout=READ_BLOCK_MS / 1000 + 10)
     failed = False
     until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
+    streams = streams_for(settings.keys, tags, jobs)
     try:
+        # Resolve the start now, so the notice below tells exactly where reading begins.
+        resume = await latest_positions(redis, streams) if start == LATEST else dict.fromkeys(streams, start)
+        printer.notice("following " + ", ".join(f"{s} after {i}" for s, i in resume.items()))
         async for item in subscribe(
             redis,
             tags=tags,
@@ -91,7 +94,7 @@ async def _follow(
             nodes=getattr(args, "nodes", ()),
             types=getattr(args, "types", ()),
             prefix=settings.prefix,
-            start=start,
+            resume=resume,
             until_final=until_final,
             block_ms=READ_BLOCK_MS,
         ):
@@ -101,6 +104,29 @@ async def _follow(
     finally:
         await redis.aclose()
     return EXIT_JOB_FAILED if failed else EXIT_OK
+
+
+async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
+    """``tokenbus tail --group G --consumer C``: print entries, acking each once printed."""
+    if not args.consumer:
+        raise SystemExit("tokenbus tail: --group needs --consumer")
+    keys = settings.keys
+    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
+    redis = redis_from_settings(settings, socket_timeout=30)
+
+    async def show(entry: Entry) -> None:
+        if (not args.jobs or entry.job in args.jobs) and (not args.nodes or entry.node in args.nodes):
+            printer.show(entry)
+
+    try:
+        consumer = GroupConsumer(
+            redis, [keys.tag(t) for t in args.tags], args.group, args.consumer, keys=keys,
+            start="0" if args.from_start else LATEST,
+        )  # fmt: skip
+        await consumer.run(show)
+    finally:
+        await redis.aclose()
+    return EXIT_OK
 
 
 async def demo(settings: Settings, args: argparse.Namespace) -> int:

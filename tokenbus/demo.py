@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from consumer.reader import latest_positions
 from consumer.subscribe import subscribe
 from schemas.entries import Entry, EntryType
+from schemas.job import StreamMode
 from tokenbus.redis_client import redis_from_settings
 from tokenbus.redis_server import start_private_redis
 from tokenbus.settings import Settings
@@ -26,7 +27,7 @@ from worker.app import build_worker
 from worker.client import TokenbusClient
 
 TAGS = ("joke", "poem")
-MODES = {
+MODES: dict[StreamMode, str] = {
     "messages": "messages mode: ChatOpenAI models tagged 'joke' and 'poem'",
     "custom": "custom mode: openai.AsyncOpenAI + writer((chunk, {..., 'tags': [...]}))",
 }
@@ -62,12 +63,21 @@ async def run_demo(settings: Settings, *, topic: str, out: TextIO) -> int:
         out.write("\nWhat the streams hold now:\n")
         for tag in TAGS:
             out.write(f"  XLEN {keys.tag(tag)} = {await redis.xlen(keys.tag(tag))}\n")
-        out.write(f"Read them from any client, e.g.: redis-cli -u {settings.redis_url} XRANGE '{keys.tag('poem')}' - + COUNT 2\n")
+        poem = keys.tag("poem")
+        out.write(
+            f"Read them from any client: redis-cli -u {settings.redis_url} XRANGE '{poem}' - + COUNT 2\n"
+        )
         return 0 if ok else 1
 
 
 async def _show_job(
-    settings: Settings, redis: Redis, client: TokenbusClient, job_id: str, mode: str, topic: str, out: TextIO
+    settings: Settings,
+    redis: Redis,
+    client: TokenbusClient,
+    job_id: str,
+    mode: StreamMode,
+    topic: str,
+    out: TextIO,
 ) -> bool:
     """Enqueue one job while a consumer per tag follows it; print each consumer's tokens as they come."""
     keys = settings.keys

@@ -24,10 +24,7 @@ import orjson
 
 logger = logging.getLogger(__name__)
 
-JOKE = (
-    "Why was the {topic} sitting on the computer?\n\n"
-    "Because it wanted to keep an eye on the mouse!"
-)
+JOKE = "Why was the {topic} sitting on the computer?\n\nBecause it wanted to keep an eye on the mouse!"
 POEM = (
     "In sunlit patches, sleek and sly,\n"
     "Whiskers twitch as shadows fly.\n"
@@ -180,20 +177,22 @@ class OfflineModelServer:
                 raise _BadRequest(f"body is not JSON: {e}") from e
             return await self._completion(request, writer)
         else:
-            self._respond(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
+            self._respond(
+                writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}
+            )
         await writer.drain()
         return headers.get("connection", "").lower() != "close"
 
     async def _completion(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
         messages = request.get("messages") or []
-        prompt = next(
-            (str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), ""
-        )
+        prompt = next((str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), "")
         tokens = tokenize(script_for(prompt))
         model = str(request.get("model", "offline"))
         fault = next((f for f in self._faults if f.match in prompt), None)
         if fault is not None and fault.kind == "status":
-            self._respond(writer, 500, {"error": {"message": "offline model: scripted failure", "type": "server_error"}})
+            self._respond(
+                writer, 500, {"error": {"message": "offline model: scripted failure", "type": "server_error"}}
+            )
             await writer.drain()
             return True
         usage = {"prompt_tokens": len(tokenize(prompt)), "completion_tokens": len(tokens)}
@@ -215,7 +214,12 @@ class OfflineModelServer:
         )
 
         def event(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> None:
-            body: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+            body: dict[str, Any] = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+            }
             body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
             body.update(extra)
             _write_chunk(writer, b"data: " + orjson.dumps(body) + b"\n\n")
@@ -240,7 +244,9 @@ class OfflineModelServer:
 
     async def _fail_stream(self, fault: Fault, writer: asyncio.StreamWriter) -> bool:
         if fault.kind == "error":
-            error = {"error": {"message": "offline model: scripted failure mid-stream", "type": "server_error"}}
+            error = {
+                "error": {"message": "offline model: scripted failure mid-stream", "type": "server_error"}
+            }
             _write_chunk(writer, b"data: " + orjson.dumps(error) + b"\n\n")
             writer.write(b"0\r\n\r\n")
             await writer.drain()

@@ -15,9 +15,10 @@ def redis_url(settings: Settings) -> str:
 
 def redis_from_settings(settings: Settings, *, socket_timeout: float | None = 30.0) -> Redis:
     """A client for ``REDIS_URL`` (``rediss://`` and ``user:password@`` work as usual)."""
-    return Redis.from_url(
+    client: Redis = Redis.from_url(
         redis_url(settings),
         socket_timeout=socket_timeout,
         socket_connect_timeout=10.0,
         health_check_interval=30,
     )
+    return client

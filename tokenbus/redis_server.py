@@ -95,7 +95,9 @@ class RedisServerProcess:
                 raise RuntimeError(f"redis-server exited with {self._process.returncode}: {detail}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"redis-server did not answer on port {self.port} within {START_TIMEOUT_S}s")
+                raise TimeoutError(
+                    f"redis-server did not answer on port {self.port} within {START_TIMEOUT_S}s"
+                )
             time.sleep(0.01)
 
     def stop(self, *, kill: bool = False) -> None:
@@ -140,7 +142,9 @@ class FakeRedisServer:
         import fakeredis
 
         _tolerate_missing_info()
-        self._server = fakeredis.TcpFakeServer(("127.0.0.1", self.port), server_type="redis", server_version=(7, 0))
+        self._server = fakeredis.TcpFakeServer(
+            ("127.0.0.1", self.port), server_type="redis", server_version=(7, 0)
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakeredis", daemon=True)
         self._thread.start()
 
@@ -180,10 +184,10 @@ def _tolerate_missing_info() -> None:
     import arq.worker
     from redis.exceptions import ResponseError
 
-    original = arq.worker.log_redis_info
+    original = arq.worker.log_redis_info  # type: ignore[attr-defined]
 
     async def log_redis_info(redis: Any, log_func: Any) -> None:
         with contextlib.suppress(ResponseError):
             await original(redis, log_func)
 
-    arq.worker.log_redis_info = log_redis_info
+    arq.worker.log_redis_info = log_redis_info  # type: ignore[attr-defined]

@@ -46,7 +46,9 @@ def build_worker(
 
     ctx: dict[str, Any] = {"settings": settings}
     worker = Worker(
-        functions=[func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)],
+        functions=[
+            func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)
+        ],
         queue_name=settings.queue_name,
         redis_settings=RedisSettings.from_dsn(redis_url(settings)),
         on_startup=startup,

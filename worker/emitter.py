@@ -47,7 +47,9 @@ class _Meta:
 
     __slots__ = ("json", "node", "source", "tag_keys", "tags_json")
 
-    def __init__(self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, tag_keys: list[str]):
+    def __init__(
+        self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, tag_keys: list[str]
+    ):
         self.source = source
         self.tags_json = orjson.dumps(tags) if tags else _EMPTY_JSON_LIST
         self.node = node
@@ -100,7 +102,15 @@ class JobEmitter:
         meta = self._meta if metadata is self._meta.source else self._encode_meta(metadata)
         content = message.content if isinstance(message.content, str) else message.text
         self.chunks += 1
-        self._emit(EntryType.TOKEN, meta.tags_json, meta.node, content, _message_data(message), meta.json, meta.tag_keys)
+        self._emit(
+            EntryType.TOKEN,
+            meta.tags_json,
+            meta.node,
+            content,
+            _message_data(message),
+            meta.json,
+            meta.tag_keys,
+        )
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
@@ -129,9 +139,18 @@ class JobEmitter:
         )  # fmt: skip
 
     def _emit(
-        self, kind: str, tags_json: bytes, node: str, content: str, data: bytes, meta: bytes, tag_keys: list[str]
+        self,
+        kind: str,
+        tags_json: bytes,
+        node: str,
+        content: str,
+        data: bytes,
+        meta: bytes,
+        tag_keys: list[str],
     ) -> None:
-        fields = chunk_fields(kind, self.job_id, self.attempt, self.seq, _now_ms(), tags_json, node, content, data, meta)
+        fields = chunk_fields(
+            kind, self.job_id, self.attempt, self.seq, _now_ms(), tags_json, node, content, data, meta
+        )
         self.seq += 1
         publisher, sink = self._publisher, self.sink
         publisher.xadd(sink, self.job_key, self._limits.job_maxlen, fields)

@@ -42,13 +42,18 @@ async def run_graph(ctx: dict[str, Any], request: Any) -> dict[str, Any]:
             outcome = Outcome(EntryType.CANCELLED, "the job was aborted", "CancelledError")
         else:
             outcome = Outcome(
-                EntryType.CANCELLED, "the worker shut down; the job will run again", "CancelledError", retry=True
+                EntryType.CANCELLED,
+                "the worker shut down; the job will run again",
+                "CancelledError",
+                retry=True,
             )
         raise
     finally:
         emitter.finish(outcome, {"elapsed_ms": round((time.monotonic() - started) * 1000)})
         await asyncio.shield(emitter.sink.flushed())
-        logger.info("job %s attempt %d: %s after %d chunks", job_id, emitter.attempt, outcome.type, emitter.chunks)
+        logger.info(
+            "job %s attempt %d: %s after %d chunks", job_id, emitter.attempt, outcome.type, emitter.chunks
+        )
     if outcome.type is EntryType.ERROR:
         raise JobFailed(outcome.error)
     return {"status": outcome.type.value, "chunks": emitter.chunks, "attempt": emitter.attempt}
@@ -95,7 +100,7 @@ async def _stream(graph: Graph, request: JobRequest, emitter: JobEmitter, resour
         if mode == "messages":
             message(*chunk)
         else:
-            custom(chunk, namespace)
+            custom(chunk, tuple(namespace))
         if publisher.congested:
             await publisher.wait_writable()
 
@@ -108,7 +113,9 @@ def _error_outcome(emitter: JobEmitter, error: BaseException) -> Outcome:
         root = _root_cause(error)
         if root is not error and str(root) not in message:
             message += f" (caused by {type(root).__name__}: {root})"
-        logger.warning("job %s attempt %d failed: %s", emitter.job_id, emitter.attempt, message, exc_info=error)
+        logger.warning(
+            "job %s attempt %d failed: %s", emitter.job_id, emitter.attempt, message, exc_info=error
+        )
     return Outcome(EntryType.ERROR, message, type(error).__name__)
 
 

@@ -192,7 +192,11 @@ class Publisher:
             sink.lost += 1
         jobs = sorted({sink.job_id for sink, _ in batch})
         logger.error(
-            "gave up publishing %d entries of jobs %s after %.1fs: %s", len(batch), ", ".join(jobs), waited, error
+            "gave up publishing %d entries of jobs %s after %.1fs: %s",
+            len(batch),
+            ", ".join(jobs),
+            waited,
+            error,
         )
 
     def _release_waiters(self) -> None:

@@ -11,12 +11,12 @@ from redis.asyncio import Redis
 
 from schemas.keys import StreamKeys
 from tokenbus.offline_model import OfflineModelServer
+from tokenbus.redis_client import redis_from_settings
 from tokenbus.settings import Settings
 from worker.emitter import JobEmitter, StreamLimits
 from worker.graphs import joke_poem
 from worker.publisher import Publisher
-from tokenbus.redis_client import redis_from_settings
-from worker.registry import GraphRegistry, load_graph
+from worker.registry import Graph, GraphRegistry, load_graph
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,13 @@ class WorkerResources:
                 stack.push_async_callback(model.close)
                 base_url = model.base_url
                 logger.info("no OPENAI_API_KEY or OPENAI_BASE_URL: using the offline model at %s", base_url)
-            http = httpx2.AsyncClient(timeout=httpx2.Timeout(60.0, connect=10.0), limits=httpx2.Limits(max_connections=200))
+            http = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(60.0, connect=10.0), limits=httpx2.Limits(max_connections=200)
+            )
             stack.push_async_callback(http.aclose)
             api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "offline"
             endpoint = joke_poem.ModelEndpoint(settings.model, base_url, api_key, http)
-            graphs = {joke_poem.NAME: joke_poem.build(endpoint)}
+            graphs: dict[str, Graph] = {joke_poem.NAME: joke_poem.build(endpoint)}
             graphs.update({name: load_graph(path) for name, path in settings.graphs.items()})
 
             resources = cls(

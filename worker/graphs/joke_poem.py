@@ -21,6 +21,7 @@ from langgraph.graph import START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import StreamWriter
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionUserMessageParam
 
 NAME = "joke_poem"
 
@@ -59,9 +60,10 @@ def build(endpoint: ModelEndpoint) -> CompiledStateGraph[Any, Any, Any, Any]:
         base_url=endpoint.base_url, api_key=endpoint.api_key, http_client=endpoint.http_client, max_retries=0
     )
 
-    async def stream_tokens(messages: list[dict[str, str]]) -> AsyncIterator[dict[str, Any]]:
+    async def stream_tokens(prompt: str) -> AsyncIterator[dict[str, Any]]:
+        messages: list[ChatCompletionUserMessageParam] = [{"role": "user", "content": prompt}]
         response = await client.chat.completions.create(
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             model=endpoint.model,
             stream=True,
             stream_options={"include_usage": True},
@@ -77,18 +79,13 @@ def build(endpoint: ModelEndpoint) -> CompiledStateGraph[Any, Any, Any, Any]:
                 if delta.content:
                     yield {"role": role, "content": delta.content}
 
-    def prompts(topic: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-        return (
-            [{"role": "user", "content": f"Write a joke about {topic}"}],
-            [{"role": "user", "content": f"Write a short poem about {topic}"}],
-        )
-
     async def call_model(state: State, config: RunnableConfig, writer: StreamWriter) -> State:
-        joke_prompt, poem_prompt = prompts(state.get("topic", "cats"))
+        topic = state.get("topic", "cats")
+        joke_prompt, poem_prompt = f"Write a joke about {topic}", f"Write a short poem about {topic}"
         modes = (config.get("configurable") or {}).get("tokenbus_modes", ("messages",))
         if "messages" in modes:
-            joke = await joke_model.ainvoke(joke_prompt, config)
-            poem = await poem_model.ainvoke(poem_prompt, config)
+            joke = await joke_model.ainvoke([{"role": "user", "content": joke_prompt}], config)
+            poem = await poem_model.ainvoke([{"role": "user", "content": poem_prompt}], config)
             return {"joke": joke.text, "poem": poem.text}
         texts = {}
         for tag, prompt in (("joke", joke_prompt), ("poem", poem_prompt)):
@@ -99,4 +96,6 @@ def build(endpoint: ModelEndpoint) -> CompiledStateGraph[Any, Any, Any, Any]:
             texts[tag] = text
         return {"joke": texts["joke"], "poem": texts["poem"]}
 
-    return StateGraph(State).add_node("call_model", call_model).add_edge(START, "call_model").compile(name=NAME)
+    return (
+        StateGraph(State).add_node("call_model", call_model).add_edge(START, "call_model").compile(name=NAME)
+    )
