@@ -26,7 +26,7 @@ _RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Entries between ``after`` and ``first_available`` were trimmed before they were read."""
+    """Entries between ``after`` and ``first_available`` were (or may have been) trimmed unread."""
 
     stream: str
     after: str
@@ -77,6 +77,12 @@ class StreamReader:
         return [g for g in gaps if g is not None]
 
     async def check_gap(self, stream: str) -> Gap | None:
+        """A :class:`Gap` if entries after our position may have been trimmed unread.
+
+        Redis 7.0 records ``max-deleted-entry-id`` only for XDEL, not for MAXLEN trimming, so a
+        position whose own entry is gone while the stream now starts later also counts: entries
+        may have stood between the two.
+        """
         position = self.positions[stream]
         if position == BEGINNING:
             return None
@@ -84,14 +90,16 @@ class StreamReader:
             info = await self._redis.xinfo_stream(stream)
         except redis_errors.ResponseError:
             return None  # no such stream (yet)
-        deleted = info.get("max-deleted-entry-id")
         first = info.get("first-entry")
         first_id = _decode(first[0]) if first else None
-        if deleted is not None:  # Redis >= 7.0 tracks trimming exactly
-            trimmed = parse_id(_decode(deleted)) > parse_id(position)
-        else:
-            trimmed = first_id is not None and parse_id(first_id) > parse_id(position)
-        return Gap(stream, position, first_id) if trimmed else None
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is not None and parse_id(_decode(deleted)) > parse_id(position):
+            return Gap(stream, position, first_id)
+        if first_id is None or parse_id(first_id) <= parse_id(position):
+            return None
+        if await self._redis.xrange(stream, position, position):
+            return None  # our last entry is still there: nothing after it was trimmed
+        return Gap(stream, position, first_id)
 
     async def batches(self) -> AsyncIterator[list[RawEntry] | Gap]:
         """Yield lists of new entries (and :class:`Gap` notices) forever; retries through reconnects."""

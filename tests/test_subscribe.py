@@ -1,0 +1,193 @@
+"""The consumer API: filtering, attempts, duplicates, resuming, gaps, reconnects.
+
+Runs against fakeredis (fast) and the private redis-server: one suite, two backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from consumer.reader import Gap, latest_positions
+from consumer.subscribe import subscribe
+from schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from schemas.errors import MalformedEntry
+from schemas.keys import StreamKeys
+from tests.support import wait_for
+from tokenbus.redis_server import RedisServerProcess
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    if request.param == "fakeredis":
+        client: Redis = fakeredis.FakeAsyncRedis()
+    else:
+        server: RedisServerProcess = request.getfixturevalue("redis_server")
+        client = Redis.from_url(server.url, socket_timeout=30)
+    yield client
+    await client.aclose()
+
+
+def entry(kind: EntryType, job: str, seq: int, attempt: int = 1, **values: Any) -> Entry:
+    return ENTRY_CLASSES[kind](job=job, attempt=attempt, seq=seq, ts=seq, **values)
+
+
+async def write(redis: Redis, key: str, *entries: Entry) -> list[str]:
+    return [(await redis.xadd(key, e.encode())).decode() for e in entries]  # type: ignore[arg-type]
+
+
+async def collect(
+    stream: AsyncIterator[Entry | Gap], n: int | None = None, within: float = 10.0
+) -> list[Any]:
+    items: list[Any] = []
+    async with asyncio.timeout(within):
+        async for item in stream:
+            items.append(item)
+            if n is not None and len(items) == n:
+                break
+    return items
+
+
+def token(
+    job: str, seq: int, text: str, tag: str = "poem", attempt: int = 1, node: str = "call_model"
+) -> Entry:
+    return entry(EntryType.TOKEN, job, seq, attempt, content=text, tags=(tag,), node=node)
+
+
+@pytest.fixture
+def keys(prefix: str) -> StreamKeys:
+    return StreamKeys(prefix)
+
+
+async def test_follow_job_until_final(any_redis: Redis, keys: StreamKeys) -> None:
+    await write(
+        any_redis, keys.job("j"),
+        entry(EntryType.START, "j", 0), token("j", 1, "In"), token("j", 2, " sun"), entry(EntryType.END, "j", 3),
+    )  # fmt: skip
+    items = await collect(subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0"))
+    assert [i.type for i in items] == ["start", "token", "token", "end"]
+    assert [i.stream for i in items] == [keys.job("j")] * 4
+
+
+async def test_tag_stream_with_filters(any_redis: Redis, keys: StreamKeys) -> None:
+    poem = keys.tag("poem")
+    await write(
+        any_redis, poem,
+        token("a", 1, "x", node="n1"), token("b", 1, "y", node="n2"), token("a", 2, "z", node="n2"),
+        entry(EntryType.END, "a", 3), entry(EntryType.END, "b", 2),
+    )  # fmt: skip
+    got = await collect(subscribe(any_redis, tags=["poem"], jobs=["a"], prefix=keys.prefix, start="0"))
+    assert [(i.job, i.type) for i in got] == [("a", "token"), ("a", "token"), ("a", "end")]
+    got = await collect(
+        subscribe(any_redis, tags=["poem"], nodes=["n2"], types=["token"], prefix=keys.prefix, start="0"), n=2
+    )
+    assert [i.content for i in got] == ["y", "z"]
+
+
+async def test_superseded_attempts_and_duplicates_are_hidden(any_redis: Redis, keys: StreamKeys) -> None:
+    job = keys.job("j")
+    await write(
+        any_redis, job,
+        entry(EntryType.START, "j", 0), token("j", 1, "A"), token("j", 1, "A"),  # a retried batch wrote it twice
+        entry(EntryType.START, "j", 0, attempt=2), token("j", 1, "B", attempt=2),
+        token("j", 2, "stale", attempt=1),  # the killed attempt's last pipeline landing late
+        token("j", 2, "C", attempt=2), entry(EntryType.END, "j", 3, attempt=2),
+    )  # fmt: skip
+    items = await collect(subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0"))
+    assert [(i.attempt, i.type, i.content) for i in items] == [
+        (1, "start", ""), (1, "token", "A"),
+        (2, "start", ""), (2, "token", "B"), (2, "token", "C"), (2, "end", ""),
+    ]  # fmt: skip
+
+
+async def test_a_retry_terminal_does_not_end_the_follow(any_redis: Redis, keys: StreamKeys) -> None:
+    await write(
+        any_redis, keys.job("j"),
+        entry(EntryType.START, "j", 0), entry(EntryType.CANCELLED, "j", 1, retry=True),
+        entry(EntryType.START, "j", 0, attempt=2), entry(EntryType.END, "j", 1, attempt=2),
+    )  # fmt: skip
+    items = await collect(subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0"))
+    assert [(i.attempt, i.type) for i in items] == [(1, "start"), (1, "cancelled"), (2, "start"), (2, "end")]
+
+
+async def test_chunk_with_two_followed_tags_is_seen_once(any_redis: Redis, keys: StreamKeys) -> None:
+    both = entry(EntryType.TOKEN, "j", 1, content="both", tags=("joke", "poem"))
+    end = entry(EntryType.END, "j", 2)
+    await write(any_redis, keys.tag("joke"), both, end)
+    await write(any_redis, keys.tag("poem"), both, end)
+    items = await collect(
+        subscribe(any_redis, tags=["poem", "joke"], jobs=["j"], prefix=keys.prefix, start="0")
+    )
+    assert [(i.type, i.content) for i in items] == [("token", "both"), ("end", "")]
+
+
+async def test_live_entries_after_subscribing(any_redis: Redis, keys: StreamKeys) -> None:
+    await write(any_redis, keys.tag("poem"), token("old", 1, "before"))
+    positions = await latest_positions(any_redis, [keys.tag("poem")])
+    stream = subscribe(any_redis, tags=["poem"], prefix=keys.prefix, resume=positions, block_ms=100)
+    await write(any_redis, keys.tag("poem"), token("new", 1, "after"))
+    items = await collect(stream, n=1)
+    assert items[0].content == "after"
+
+
+async def test_non_tokenbus_entries_are_skipped_or_raised(any_redis: Redis, keys: StreamKeys) -> None:
+    key = keys.tag("poem")
+    await any_redis.xadd(key, {"hello": "world"})
+    await any_redis.xadd(key, {"v": "9", "type": "token"})
+    await write(any_redis, key, token("j", 1, "ok"))
+    items = await collect(subscribe(any_redis, tags=["poem"], prefix=keys.prefix, start="0"), n=1)
+    assert items[0].content == "ok"
+    with pytest.raises(MalformedEntry, match="no 'v' field"):
+        await collect(
+            subscribe(any_redis, tags=["poem"], prefix=keys.prefix, start="0", on_malformed="raise")
+        )
+
+
+async def test_resume_point_that_was_trimmed_is_a_gap(redis: Redis, keys: StreamKeys) -> None:
+    """Real Redis only: fakeredis does not track ``max-deleted-entry-id``."""
+    any_redis = redis
+    key = keys.tag("poem")
+    ids = await write(any_redis, key, *[token("j", i, str(i)) for i in range(10)])
+    await any_redis.xtrim(key, maxlen=3, approximate=False)
+    items = await collect(subscribe(any_redis, tags=["poem"], prefix=keys.prefix, resume={key: ids[2]}), n=4)
+    assert isinstance(items[0], Gap) and items[0].after == ids[2] and items[0].first_available == ids[7]
+    assert [i.content for i in items[1:]] == ["7", "8", "9"]
+    # resuming from an id that is still held is no gap
+    items = await collect(subscribe(any_redis, tags=["poem"], prefix=keys.prefix, resume={key: ids[8]}), n=1)
+    assert items[0].content == "9"
+
+
+async def test_reader_resumes_after_its_connection_is_killed(
+    redis_server: RedisServerProcess, keys: StreamKeys
+) -> None:
+    admin = Redis.from_url(redis_server.url)
+    reader = Redis.from_url(redis_server.url, client_name=f"{keys.prefix}-reader", socket_timeout=5)
+    try:
+        key = keys.tag("poem")
+        received: list[str] = []
+
+        async def consume() -> None:
+            async for item in subscribe(reader, tags=["poem"], prefix=keys.prefix, start="0", block_ms=200):
+                assert isinstance(item, Entry)
+                received.append(item.content)
+                if len(received) == 20:
+                    return
+
+        task = asyncio.create_task(consume())
+        await write(admin, key, *[token("j", i, str(i)) for i in range(10)])
+        await wait_for(lambda: asyncio.sleep(0, len(received) == 10), what="first ten entries")
+        clients = await admin.client_list()
+        victim = next(c for c in clients if c.get("name") == f"{keys.prefix}-reader")
+        assert await admin.client_kill_filter(_id=victim["id"]) == 1
+        await write(admin, key, *[token("j", i, str(i)) for i in range(10, 20)])
+        async with asyncio.timeout(15):
+            await task
+        assert received == [str(i) for i in range(20)]
+    finally:
+        await reader.aclose()
+        await admin.aclose()
