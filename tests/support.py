@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -14,6 +17,9 @@ from schemas.entries import Entry
 from tokenbus.offline_model import Fault, OfflineModelServer
 
 T = TypeVar("T")
+
+TOKENBUS = str(Path(sys.executable).with_name("tokenbus"))
+"""The installed console script, so the tests run the real entry point."""
 
 FAULTS = (
     Fault("explode-status", "status"),
@@ -69,3 +75,65 @@ async def read_stream(redis: Redis, key: str) -> list[Entry]:
 
 def text_of(entries: list[Entry]) -> str:
     return "".join(e.content for e in entries if e.is_chunk)
+
+
+class Process:
+    """A ``tokenbus`` subprocess whose output lines are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._changed = asyncio.Event()
+        assert proc.stdout is not None and proc.stderr is not None
+        self._readers = [
+            asyncio.create_task(self._pump(proc.stdout, self.stdout)),
+            asyncio.create_task(self._pump(proc.stderr, self.stderr)),
+        ]
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str], name: str = "tokenbus") -> Process:
+        proc = await asyncio.create_subprocess_exec(
+            TOKENBUS, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return cls(proc, name)
+
+    async def _pump(self, stream: asyncio.StreamReader, into: list[str]) -> None:
+        async for line in stream:
+            into.append(line.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_line(self, needle: str, *, stream: str = "stderr", within: float = 30.0) -> str:
+        lines = self.stderr if stream == "stderr" else self.stdout
+        async with asyncio.timeout(within):
+            while True:
+                for line in lines:
+                    if needle in line:
+                        return line
+                if self.proc.returncode is not None and all(r.done() for r in self._readers):
+                    break
+                self._changed.clear()
+                await self._changed.wait()
+        raise AssertionError(f"{self.name} exited ({self.proc.returncode}) without printing {needle!r}:\n{self.output}")
+
+    async def wait(self, within: float = 60.0) -> int:
+        async with asyncio.timeout(within):
+            code = await self.proc.wait()
+            await asyncio.gather(*self._readers)
+        return code
+
+    async def stop(self, sig: int = signal.SIGTERM, within: float = 30.0) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            return await self.wait(within)
+        except TimeoutError:
+            self.proc.kill()
+            return await self.wait(within)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(["--- stdout", *self.stdout, "--- stderr", *self.stderr[-60:]])
