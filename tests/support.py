@@ -117,7 +117,9 @@ class Process:
                     break
                 self._changed.clear()
                 await self._changed.wait()
-        raise AssertionError(f"{self.name} exited ({self.proc.returncode}) without printing {needle!r}:\n{self.output}")
+        raise AssertionError(
+            f"{self.name} exited ({self.proc.returncode}) without printing {needle!r}:\n{self.output}"
+        )
 
     async def wait(self, within: float = 60.0) -> int:
         async with asyncio.timeout(within):

@@ -132,6 +132,5 @@ def test_job_request_lists_every_problem() -> None:
     with pytest.raises(InvalidJobRequest) as info:
         JobRequest.parse({"graph": "", "modes": [], "timeout_s": -1, "tags": ["ok", "not ok"]})
     message = str(info.value)
-    for part in ["graph:", "modes: Value error, at least one stream mode".replace("Value error, ", ""), "timeout_s:",
-                 "invalid tag 'not ok'"]:  # fmt: skip
+    for part in ["graph:", "modes: at least one stream mode", "timeout_s:", "invalid tag 'not ok'"]:
         assert part in message, message

@@ -67,7 +67,8 @@ def keys(prefix: str) -> StreamKeys:
 async def test_follow_job_until_final(any_redis: Redis, keys: StreamKeys) -> None:
     await write(
         any_redis, keys.job("j"),
-        entry(EntryType.START, "j", 0), token("j", 1, "In"), token("j", 2, " sun"), entry(EntryType.END, "j", 3),
+        entry(EntryType.START, "j", 0), token("j", 1, "In"), token("j", 2, " sun"),
+        entry(EntryType.END, "j", 3),
     )  # fmt: skip
     items = await collect(subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0"))
     assert [i.type for i in items] == ["start", "token", "token", "end"]
@@ -93,7 +94,8 @@ async def test_superseded_attempts_and_duplicates_are_hidden(any_redis: Redis, k
     job = keys.job("j")
     await write(
         any_redis, job,
-        entry(EntryType.START, "j", 0), token("j", 1, "A"), token("j", 1, "A"),  # a retried batch wrote it twice
+        entry(EntryType.START, "j", 0), token("j", 1, "A"),
+        token("j", 1, "A"),  # a retried batch wrote it twice
         entry(EntryType.START, "j", 0, attempt=2), token("j", 1, "B", attempt=2),
         token("j", 2, "stale", attempt=1),  # the killed attempt's last pipeline landing late
         token("j", 2, "C", attempt=2), entry(EntryType.END, "j", 3, attempt=2),

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the LangGraph how-to end to end: joke and poem tokens by tag")
     p.add_argument("--topic", default="cats")
+    p.add_argument(
+        "--redis", choices=["auto", "server", "fake"], default="auto",
+        help="without REDIS_URL: a private redis-server (auto: when installed) or embedded fakeredis",
+    )  # fmt: skip
 
     p = sub.add_parser("model-server", help="serve the offline OpenAI-compatible model")
     p.add_argument("--host", default="127.0.0.1")

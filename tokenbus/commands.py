@@ -132,7 +132,7 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
 async def demo(settings: Settings, args: argparse.Namespace) -> int:
     from tokenbus.demo import run_demo
 
-    return await run_demo(settings, topic=args.topic, out=sys.stdout)
+    return await run_demo(settings, topic=args.topic, redis=args.redis, out=sys.stdout)
 
 
 async def model_server(settings: Settings, args: argparse.Namespace) -> int:

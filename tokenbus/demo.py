@@ -33,10 +33,10 @@ MODES: dict[StreamMode, str] = {
 }
 
 
-async def run_demo(settings: Settings, *, topic: str, out: TextIO) -> int:
+async def run_demo(settings: Settings, *, topic: str, out: TextIO, redis: str = "auto") -> int:
     async with contextlib.AsyncExitStack() as stack:
         if settings.redis_url is None:
-            server = await asyncio.to_thread(start_private_redis)
+            server = await asyncio.to_thread(start_private_redis, prefer_fake=redis == "fake")
             stack.push_async_callback(asyncio.to_thread, server.close)
             settings = settings.model_copy(update={"redis_url": server.url})
             out.write(f"Redis: a private {server.kind} at {server.url} (set REDIS_URL to use yours)\n")
@@ -48,21 +48,32 @@ async def run_demo(settings: Settings, *, topic: str, out: TextIO) -> int:
         worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
         worker_task = asyncio.create_task(worker.async_run())
         stack.push_async_callback(_stop_worker, worker, worker_task)
-        redis = redis_from_settings(settings, socket_timeout=15)
-        stack.push_async_callback(redis.aclose)
+        client_redis = redis_from_settings(settings, socket_timeout=15)
+        stack.push_async_callback(client_redis.aclose)
         client = await TokenbusClient.connect(settings)
         stack.push_async_callback(client.close)
 
-        ok = True
-        for mode, title in MODES.items():
-            out.write(f"\n=== {title} ===\n")
-            job_id = f"demo-{mode}-{uuid.uuid4().hex[:8]}"
-            ok &= await _show_job(settings, redis, client, job_id, mode, topic, out)
+        async def show_jobs() -> bool:
+            ok = True
+            for mode, title in MODES.items():
+                out.write(f"\n=== {title} ===\n")
+                job_id = f"demo-{mode}-{uuid.uuid4().hex[:8]}"
+                ok &= await _show_job(settings, client_redis, client, job_id, mode, topic, out)
+            return ok
+
+        jobs = asyncio.create_task(show_jobs())
+        await asyncio.wait([jobs, worker_task], return_when=asyncio.FIRST_COMPLETED)
+        if not jobs.done():  # the demo cannot go on without its worker
+            jobs.cancel()
+            error = worker_task.exception() if not worker_task.cancelled() else "cancelled"
+            out.write(f"\nthe worker stopped: {error}\n")
+            return 1
+        ok = jobs.result()
 
         keys = settings.keys
         out.write("\nWhat the streams hold now:\n")
         for tag in TAGS:
-            out.write(f"  XLEN {keys.tag(tag)} = {await redis.xlen(keys.tag(tag))}\n")
+            out.write(f"  XLEN {keys.tag(tag)} = {await client_redis.xlen(keys.tag(tag))}\n")
         poem = keys.tag("poem")
         out.write(
             f"Read them from any client: redis-cli -u {settings.redis_url} XRANGE '{poem}' - + COUNT 2\n"

@@ -6,7 +6,6 @@ whoever starts one stops it. Nothing here ever touches a server it did not start
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import shutil
 import socket
@@ -159,7 +158,7 @@ class FakeRedisServer:
 
 
 def start_private_redis(*, prefer_fake: bool = False) -> RedisServerProcess | FakeRedisServer:
-    """A started private Redis: ``redis-server`` when installed, else embedded fakeredis."""
+    """A started private Redis: ``redis-server`` when installed (unless ``prefer_fake``), else fakeredis."""
     server: RedisServerProcess | FakeRedisServer
     server = FakeRedisServer() if prefer_fake or redis_server_binary() is None else RedisServerProcess()
     server.start()
@@ -177,17 +176,13 @@ def _pings(port: int) -> bool:
 
 @functools.cache
 def _tolerate_missing_info() -> None:
-    """arq logs the server's INFO when a worker starts; fakeredis has no INFO command.
-
-    Only the embedded fallback needs this: the log line degrades, nothing else changes.
+    """arq logs the server's INFO when a worker starts; fakeredis has no INFO command (and its TCP
+    server drops the connection on an unknown command). Only the embedded fallback needs this:
+    the worker's start-up log line changes, nothing else.
     """
     import arq.worker
-    from redis.exceptions import ResponseError
-
-    original = arq.worker.log_redis_info  # type: ignore[attr-defined]
 
     async def log_redis_info(redis: Any, log_func: Any) -> None:
-        with contextlib.suppress(ResponseError):
-            await original(redis, log_func)
+        log_func(f"redis: embedded fakeredis, db_keys={await redis.dbsize()}")
 
     arq.worker.log_redis_info = log_redis_info  # type: ignore[attr-defined]

@@ -11,7 +11,9 @@ from schemas.keys import StreamKeys
 class Settings(BaseSettings):
     """Every environment variable tokenbus reads. The README's configuration table mirrors this."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, frozen=True, env_ignore_empty=True
+    )
 
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     prefix: str = Field(default="tokenbus", validation_alias="TOKENBUS_PREFIX")

@@ -163,10 +163,10 @@ class Publisher:
         attempt = 0
         while True:
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                for _, args in batch:
-                    pipe.execute_command(*args)
-                results = await pipe.execute(raise_on_error=False)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for _, args in batch:
+                        pipe.execute_command(*args)
+                    results = await pipe.execute(raise_on_error=False)
             except _RETRYABLE as e:
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
