@@ -107,9 +107,7 @@ class GroupConsumer:
             except _RETRYABLE as e:
                 failures += 1
                 delay = min(2.0, 0.1 * 2**failures)
-                logger.warning(
-                    "group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay
-                )
+                logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)
                 await asyncio.sleep(delay)
 
     async def _read(self, handler: Handler, position: str) -> None:
@@ -149,9 +147,7 @@ class GroupConsumer:
         self.claimed += claimed
         return claimed
 
-    async def _process(
-        self, handler: Handler, stream: str, entry_id: str, fields: dict[bytes, bytes]
-    ) -> None:
+    async def _process(self, handler: Handler, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
         try:
             entry = Entry.decode(fields, id=entry_id, stream=stream)
         except MalformedEntry as e:
@@ -182,9 +178,7 @@ class GroupConsumer:
             pipe.xack(stream, self.group, entry_id)
             await pipe.execute()
         self.dead += 1
-        logger.warning(
-            "group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason
-        )
+        logger.warning("group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason)
 
 
 async def group_stats(redis: Redis, streams: Sequence[str]) -> list[GroupStats]:

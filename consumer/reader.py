@@ -113,9 +113,7 @@ class StreamReader:
             except _RETRYABLE as e:
                 delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
                 failures += 1
-                logger.warning(
-                    "reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay
-                )
+                logger.warning("reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay)
                 await asyncio.sleep(delay)
                 if failures == 1:  # after a reconnect, check that history was not trimmed meanwhile
                     for stream in self.positions:

@@ -45,9 +45,7 @@ class StreamKeys:
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.fullmatch(self.prefix):
-            raise ValueError(
-                f"invalid prefix {self.prefix!r}: 1 to 64 characters of letters, digits and . _ -"
-            )
+            raise ValueError(f"invalid prefix {self.prefix!r}: 1 to 64 characters of letters, digits and . _ -")
 
     def tag(self, tag: str) -> str:
         return f"{self.prefix}:tag:{{{validate_tag(tag)}}}"

@@ -53,9 +53,7 @@ class ThreadedModelServer:
         self._loop.close()
 
 
-async def wait_for(
-    check: Callable[[], Awaitable[T | None]], *, within: float = 20.0, what: str = "condition"
-) -> T:
+async def wait_for(check: Callable[[], Awaitable[T | None]], *, within: float = 20.0, what: str = "condition") -> T:
     """Poll ``check`` until it returns something truthy, or fail after ``within`` seconds."""
     deadline = time.monotonic() + within
     delay = 0.005
@@ -117,9 +115,7 @@ class Process:
                     break
                 self._changed.clear()
                 await self._changed.wait()
-        raise AssertionError(
-            f"{self.name} exited ({self.proc.returncode}) without printing {needle!r}:\n{self.output}"
-        )
+        raise AssertionError(f"{self.name} exited ({self.proc.returncode}) without printing {needle!r}:\n{self.output}")
 
     async def wait(self, within: float = 60.0) -> int:
         async with asyncio.timeout(within):

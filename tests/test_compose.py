@@ -36,10 +36,7 @@ def resolve(value: str, overrides: dict[str, str]) -> str:
 
 def test_redis_persists_and_reports_health(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
-    assert (
-        "--appendonly" in redis["command"]
-        and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
-    )
+    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert redis["healthcheck"]["test"][-1] == "ping"
     assert any(v.endswith(":/data") for v in redis["volumes"])
 

@@ -108,9 +108,7 @@ def test_terminal_entries_carry_error_and_retry() -> None:
         ),
     ],
 )
-def test_malformed_entries_are_rejected(
-    fields: dict[bytes, bytes], error: type[Exception], match: str
-) -> None:
+def test_malformed_entries_are_rejected(fields: dict[bytes, bytes], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         Entry.decode(fields, id="5-0", stream="tokenbus:tag:{x}")
 

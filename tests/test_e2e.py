@@ -68,9 +68,7 @@ async def test_follow_exits_non_zero_on_error(env: dict[str, str], worker: Proce
         "enqueue", "joke_poem", "--input", '{"topic": "explode-error"}', "--follow", env=env, name="enqueue"
     )
     assert await enqueue.wait() == 1, enqueue.output
-    assert any("error: " in line and "scripted failure mid-stream" in line for line in enqueue.stderr), (
-        enqueue.output
-    )
+    assert any("error: " in line and "scripted failure mid-stream" in line for line in enqueue.stderr), enqueue.output
 
 
 async def test_enqueue_refuses_malformed_input_before_queueing(env: dict[str, str]) -> None:
@@ -81,9 +79,7 @@ async def test_enqueue_refuses_malformed_input_before_queueing(env: dict[str, st
 
 
 async def test_tail_by_job_exits_when_the_job_ends(env: dict[str, str], worker: Process) -> None:
-    enqueue = await Process.start(
-        "enqueue", "joke_poem", "--input", '{"topic": "cats"}', env=env, name="enqueue"
-    )
+    enqueue = await Process.start("enqueue", "joke_poem", "--input", '{"topic": "cats"}', env=env, name="enqueue")
     assert await enqueue.wait() == 0
     job_id = enqueue.stdout[0]
     tail = await Process.start("tail", "--job", job_id, "--from-start", "--sep", "|", env=env, name="tail")

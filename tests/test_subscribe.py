@@ -41,9 +41,7 @@ async def write(redis: Redis, key: str, *entries: Entry) -> list[str]:
     return [(await redis.xadd(key, e.encode())).decode() for e in entries]  # type: ignore[arg-type]
 
 
-async def collect(
-    stream: AsyncIterator[Entry | Gap], n: int | None = None, within: float = 10.0
-) -> list[Any]:
+async def collect(stream: AsyncIterator[Entry | Gap], n: int | None = None, within: float = 10.0) -> list[Any]:
     items: list[Any] = []
     async with asyncio.timeout(within):
         async for item in stream:
@@ -53,9 +51,7 @@ async def collect(
     return items
 
 
-def token(
-    job: str, seq: int, text: str, tag: str = "poem", attempt: int = 1, node: str = "call_model"
-) -> Entry:
+def token(job: str, seq: int, text: str, tag: str = "poem", attempt: int = 1, node: str = "call_model") -> Entry:
     return entry(EntryType.TOKEN, job, seq, attempt, content=text, tags=(tag,), node=node)
 
 
@@ -122,9 +118,7 @@ async def test_chunk_with_two_followed_tags_is_seen_once(any_redis: Redis, keys:
     end = entry(EntryType.END, "j", 2)
     await write(any_redis, keys.tag("joke"), both, end)
     await write(any_redis, keys.tag("poem"), both, end)
-    items = await collect(
-        subscribe(any_redis, tags=["poem", "joke"], jobs=["j"], prefix=keys.prefix, start="0")
-    )
+    items = await collect(subscribe(any_redis, tags=["poem", "joke"], jobs=["j"], prefix=keys.prefix, start="0"))
     assert [(i.type, i.content) for i in items] == [("token", "both"), ("end", "")]
 
 
@@ -145,9 +139,7 @@ async def test_non_tokenbus_entries_are_skipped_or_raised(any_redis: Redis, keys
     items = await collect(subscribe(any_redis, tags=["poem"], prefix=keys.prefix, start="0"), n=1)
     assert items[0].content == "ok"
     with pytest.raises(MalformedEntry, match="no 'v' field"):
-        await collect(
-            subscribe(any_redis, tags=["poem"], prefix=keys.prefix, start="0", on_malformed="raise")
-        )
+        await collect(subscribe(any_redis, tags=["poem"], prefix=keys.prefix, start="0", on_malformed="raise"))
 
 
 async def test_resume_point_that_was_trimmed_is_a_gap(redis: Redis, keys: StreamKeys) -> None:

@@ -33,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graph", help="registered graph name, e.g. joke_poem")
     p.add_argument("--input", default="{}", help="graph input as a JSON object")
     p.add_argument("--mode", action="append", choices=["messages", "custom"], help="stream mode (repeatable)")
-    p.add_argument(
-        "--tag", action="append", dest="tags", help="only fan out chunks with these tags (repeatable)"
-    )
+    p.add_argument("--tag", action="append", dest="tags", help="only fan out chunks with these tags (repeatable)")
     p.add_argument("--job-id", help="idempotency key: the same id is never run twice")
     p.add_argument("--timeout", type=float, help="job timeout in seconds")
     p.add_argument("--config", default="{}", help="JSON passed to the graph as config['configurable']")
@@ -43,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
 
     p = sub.add_parser("tail", help="print entries of tag or job streams as they arrive")
-    p.add_argument(
-        "--tag", action="append", dest="tags", default=[], help="tag stream to follow (repeatable)"
-    )
+    p.add_argument("--tag", action="append", dest="tags", default=[], help="tag stream to follow (repeatable)")
     p.add_argument("--job", action="append", dest="jobs", default=[], help="only this job (repeatable)")
     p.add_argument("--node", action="append", dest="nodes", default=[], help="only entries from this node")
     p.add_argument("--type", action="append", dest="types", default=[], help="only entries of this type")

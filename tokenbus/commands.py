@@ -74,9 +74,7 @@ async def tail(settings: Settings, args: argparse.Namespace) -> int:
     return await _follow(settings, args, jobs=args.jobs, tags=args.tags, start=start)
 
 
-async def _follow(
-    settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str
-) -> int:
+async def _follow(settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str) -> int:
     """Print entries until interrupted, or until the followed jobs end; non-zero if one failed."""
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
     redis = redis_from_settings(settings, socket_timeout=READ_BLOCK_MS / 1000 + 10)

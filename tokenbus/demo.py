@@ -75,9 +75,7 @@ async def run_demo(settings: Settings, *, topic: str, out: TextIO, redis: str = 
         for tag in TAGS:
             out.write(f"  XLEN {keys.tag(tag)} = {await client_redis.xlen(keys.tag(tag))}\n")
         poem = keys.tag("poem")
-        out.write(
-            f"Read them from any client: redis-cli -u {settings.redis_url} XRANGE '{poem}' - + COUNT 2\n"
-        )
+        out.write(f"Read them from any client: redis-cli -u {settings.redis_url} XRANGE '{poem}' - + COUNT 2\n")
         return 0 if ok else 1
 
 

@@ -177,9 +177,7 @@ class OfflineModelServer:
                 raise _BadRequest(f"body is not JSON: {e}") from e
             return await self._completion(request, writer)
         else:
-            self._respond(
-                writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}
-            )
+            self._respond(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
         await writer.drain()
         return headers.get("connection", "").lower() != "close"
 
@@ -244,9 +242,7 @@ class OfflineModelServer:
 
     async def _fail_stream(self, fault: Fault, writer: asyncio.StreamWriter) -> bool:
         if fault.kind == "error":
-            error = {
-                "error": {"message": "offline model: scripted failure mid-stream", "type": "server_error"}
-            }
+            error = {"error": {"message": "offline model: scripted failure mid-stream", "type": "server_error"}}
             _write_chunk(writer, b"data: " + orjson.dumps(error) + b"\n\n")
             writer.write(b"0\r\n\r\n")
             await writer.drain()

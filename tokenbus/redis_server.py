@@ -94,9 +94,7 @@ class RedisServerProcess:
                 raise RuntimeError(f"redis-server exited with {self._process.returncode}: {detail}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(
-                    f"redis-server did not answer on port {self.port} within {START_TIMEOUT_S}s"
-                )
+                raise TimeoutError(f"redis-server did not answer on port {self.port} within {START_TIMEOUT_S}s")
             time.sleep(0.01)
 
     def stop(self, *, kill: bool = False) -> None:
@@ -141,9 +139,7 @@ class FakeRedisServer:
         import fakeredis
 
         _tolerate_missing_info()
-        self._server = fakeredis.TcpFakeServer(
-            ("127.0.0.1", self.port), server_type="redis", server_version=(7, 0)
-        )
+        self._server = fakeredis.TcpFakeServer(("127.0.0.1", self.port), server_type="redis", server_version=(7, 0))
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakeredis", daemon=True)
         self._thread.start()
 

@@ -11,9 +11,7 @@ from schemas.keys import StreamKeys
 class Settings(BaseSettings):
     """Every environment variable tokenbus reads. The README's configuration table mirrors this."""
 
-    model_config = SettingsConfigDict(
-        extra="ignore", populate_by_name=True, frozen=True, env_ignore_empty=True
-    )
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True, env_ignore_empty=True)
 
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     prefix: str = Field(default="tokenbus", validation_alias="TOKENBUS_PREFIX")
@@ -34,6 +32,8 @@ class Settings(BaseSettings):
     max_jobs: int = Field(default=50, ge=1, validation_alias="TOKENBUS_MAX_JOBS")
     max_tries: int = Field(default=5, ge=1, validation_alias="TOKENBUS_MAX_TRIES")
     shutdown_grace_s: int = Field(default=30, ge=0, validation_alias="TOKENBUS_SHUTDOWN_GRACE")
+    in_progress_margin_s: float = Field(default=10.0, gt=0, validation_alias="TOKENBUS_IN_PROGRESS_MARGIN")
+    heartbeat_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEARTBEAT")
     max_request_bytes: int = Field(default=1 << 20, ge=1024, validation_alias="TOKENBUS_MAX_REQUEST_BYTES")
 
     publish_batch_max: int = Field(default=512, ge=1, validation_alias="TOKENBUS_PUBLISH_BATCH")

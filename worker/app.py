@@ -6,6 +6,9 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from tokenbus.redis_client import redis_url
 from tokenbus.settings import Settings
@@ -14,13 +17,25 @@ from worker.resources import WorkerResources
 from worker.serializer import job_deserializer, job_serializer
 
 JOB_FUNCTION = "run_graph"
-HARD_TIMEOUT_MARGIN_S = 30.0
-"""arq's own timeout is this much above the longest per-job timeout, so the job's timeout fires
-first and writes its ``error`` entry."""
 
 
 def hard_timeout_s(settings: Settings) -> float:
-    return settings.max_job_timeout_s + HARD_TIMEOUT_MARGIN_S
+    """arq's own limit: above the longest per-job timeout plus the time a terminal entry may take
+    to write through a Redis outage, so the job's timeout fires first and writes its entry."""
+    return settings.max_job_timeout_s + settings.publish_give_up_s + 2.0
+
+
+def in_progress_timeout_s(settings: Settings) -> float:
+    """How long a killed worker's job stays claimed before another worker runs it again."""
+    return hard_timeout_s(settings) + settings.in_progress_margin_s
+
+
+def arq_redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection, retrying through a Redis restart instead of stopping the worker."""
+    redis_settings = RedisSettings.from_dsn(redis_url(settings))
+    redis_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
+    redis_settings.retry_on_error = [redis_errors.ConnectionError, redis_errors.TimeoutError]
+    return redis_settings
 
 
 def build_worker(
@@ -46,11 +61,9 @@ def build_worker(
 
     ctx: dict[str, Any] = {"settings": settings}
     worker = Worker(
-        functions=[
-            func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)
-        ],
+        functions=[func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)],
         queue_name=settings.queue_name,
-        redis_settings=RedisSettings.from_dsn(redis_url(settings)),
+        redis_settings=arq_redis_settings(settings),
         on_startup=startup,
         on_shutdown=shutdown,
         ctx=ctx,
@@ -66,4 +79,5 @@ def build_worker(
         job_deserializer=job_deserializer,
     )
     ctx["worker"] = worker  # the job asks it whether a cancellation was an abort
+    worker.in_progress_timeout_s = in_progress_timeout_s(settings)  # arq's default: timeout + 10 s
     return worker

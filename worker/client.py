@@ -76,9 +76,7 @@ class TokenbusClient:
 
     async def enqueue_request(self, request: JobRequest) -> str:
         job_id = request.job_id or uuid.uuid4().hex
-        await self._pool.enqueue_job(
-            JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name
-        )
+        await self._pool.enqueue_job(JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name)
         return job_id
 
     async def abort(self, job_id: str, *, timeout_s: float | None = None) -> bool:

@@ -47,9 +47,7 @@ class _Meta:
 
     __slots__ = ("json", "node", "source", "tag_keys", "tags_json")
 
-    def __init__(
-        self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, tag_keys: list[str]
-    ):
+    def __init__(self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, tag_keys: list[str]):
         self.source = source
         self.tags_json = orjson.dumps(tags) if tags else _EMPTY_JSON_LIST
         self.node = node

@@ -13,6 +13,7 @@ from schemas.entries import EntryType
 from schemas.errors import TokenbusError
 from schemas.job import JobRequest
 from worker.emitter import JobEmitter, Outcome
+from worker.orphans import close_attempt, running_key
 from worker.registry import Graph
 from worker.resources import WorkerResources
 
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 RESOURCES = "tokenbus"
 """Key of the :class:`WorkerResources` in arq's ``ctx``."""
+TERMINAL_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class JobFailed(TokenbusError):
@@ -29,9 +31,16 @@ class JobFailed(TokenbusError):
 async def run_graph(ctx: dict[str, Any], request: Any) -> dict[str, Any]:
     resources: WorkerResources = ctx[RESOURCES]
     job_id: str = ctx["job_id"]
-    emitter = resources.emitter(job_id, int(ctx["job_try"]))
-    graph_name = request.get("graph") if isinstance(request, dict) else None
-    emitter.start({"graph": graph_name})
+    attempt = int(ctx["job_try"])
+    if attempt > 1:  # a killed worker left the previous attempt open: close it first
+        await close_attempt(
+            resources.redis, resources.keys, resources.limits, job_id, retry=True,
+            reason=f"attempt {{attempt}} was interrupted (its worker stopped); attempt {attempt} follows",
+        )  # fmt: skip
+    emitter = resources.emitter(job_id, attempt)
+    resources.sweeper.running.add(job_id)
+    resources.publisher.command(emitter.sink, ("ZADD", running_key(resources.keys), time.time() * 1000, job_id))
+    emitter.start({"graph": request.get("graph") if isinstance(request, dict) else None})
     started = time.monotonic()
     outcome = Outcome(EntryType.CANCELLED, "the job was interrupted", "CancelledError", retry=True)
     try:
@@ -42,21 +51,47 @@ async def run_graph(ctx: dict[str, Any], request: Any) -> dict[str, Any]:
             outcome = Outcome(EntryType.CANCELLED, "the job was aborted", "CancelledError")
         else:
             outcome = Outcome(
-                EntryType.CANCELLED,
-                "the worker shut down; the job will run again",
-                "CancelledError",
-                retry=True,
+                EntryType.CANCELLED, "the worker shut down; the job will run again", "CancelledError", retry=True
             )
         raise
     finally:
-        emitter.finish(outcome, {"elapsed_ms": round((time.monotonic() - started) * 1000)})
-        await asyncio.shield(emitter.sink.flushed())
-        logger.info(
-            "job %s attempt %d: %s after %d chunks", job_id, emitter.attempt, outcome.type, emitter.chunks
-        )
+        elapsed_ms = round((time.monotonic() - started) * 1000)
+        outcome = await asyncio.shield(_write_terminal(resources, emitter, outcome, elapsed_ms))
+        logger.info("job %s attempt %d: %s after %d chunks", job_id, attempt, outcome.type, emitter.chunks)
     if outcome.type is EntryType.ERROR:
         raise JobFailed(outcome.error)
-    return {"status": outcome.type.value, "chunks": emitter.chunks, "attempt": emitter.attempt}
+    return {"status": outcome.type.value, "chunks": emitter.chunks, "attempt": attempt}
+
+
+async def _write_terminal(
+    resources: WorkerResources, emitter: JobEmitter, outcome: Outcome, elapsed_ms: int
+) -> Outcome:
+    """Write the terminal entry, retrying past the publisher's give-up until Redis takes it.
+
+    If entries of the job were lost on the way, an ``end`` becomes an ``error`` that says how many.
+    The sweeper closes the attempt if even this fails (the worker dies, or Redis never returns).
+    """
+    sink = emitter.sink
+    backoff = iter(TERMINAL_BACKOFF_S)
+    while True:
+        if sink.lost and outcome.type is EntryType.END:
+            outcome = Outcome(EntryType.ERROR, _lost_message(emitter), "PublishError")
+        lost_before = sink.lost
+        emitter.finish(outcome, {"elapsed_ms": elapsed_ms, "lost": sink.lost})
+        resources.publisher.command(sink, ("ZREM", running_key(resources.keys), emitter.job_id))
+        await sink.flushed()
+        if sink.lost == lost_before or (delay := next(backoff, None)) is None:
+            break
+        await asyncio.sleep(delay)  # the terminal entry itself was lost: Redis is still away
+    resources.sweeper.running.discard(emitter.job_id)
+    return outcome
+
+
+def _lost_message(emitter: JobEmitter) -> str:
+    return (
+        f"lost {emitter.sink.lost} of {emitter.seq} stream entries of job {emitter.job_id} attempt "
+        f"{emitter.attempt}: Redis was unreachable for longer than the publisher waits"
+    )
 
 
 async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Outcome:
@@ -73,6 +108,7 @@ async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Out
         deadline = asyncio.timeout(timeout)
         async with deadline:
             await _stream(graph, request, emitter, resources)
+        await emitter.sink.flushed()
         emitter.sink.check()
     except TimeoutError as e:
         if deadline is None or not deadline.expired():
@@ -92,7 +128,7 @@ async def _stream(graph: Graph, request: JobRequest, emitter: JobEmitter, resour
             "tokenbus_modes": request.modes,
         }
     }
-    publisher = resources.publisher
+    publisher, sink = resources.publisher, emitter.sink
     message, custom = emitter.message, emitter.custom
     async for namespace, mode, chunk in graph.astream(
         request.input, config, stream_mode=list(request.modes), subgraphs=True
@@ -103,6 +139,8 @@ async def _stream(graph: Graph, request: JobRequest, emitter: JobEmitter, resour
             custom(chunk, tuple(namespace))
         if publisher.congested:
             await publisher.wait_writable()
+        if sink.lost or sink.errors:
+            sink.check()  # stop streaming what cannot be delivered
 
 
 def _error_outcome(emitter: JobEmitter, error: BaseException) -> Outcome:
@@ -113,9 +151,7 @@ def _error_outcome(emitter: JobEmitter, error: BaseException) -> Outcome:
         root = _root_cause(error)
         if root is not error and str(root) not in message:
             message += f" (caused by {type(root).__name__}: {root})"
-        logger.warning(
-            "job %s attempt %d failed: %s", emitter.job_id, emitter.attempt, message, exc_info=error
-        )
+        logger.warning("job %s attempt %d failed: %s", emitter.job_id, emitter.attempt, message, exc_info=error)
     return Outcome(EntryType.ERROR, message, type(error).__name__)
 
 

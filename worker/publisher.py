@@ -175,9 +175,7 @@ class Publisher:
                 delay = self._backoff_s[min(attempt, len(self._backoff_s) - 1)]
                 attempt += 1
                 self.retries += 1
-                logger.warning(
-                    "publishing %d entries failed (%s); retry %d in %.2fs", len(batch), e, attempt, delay
-                )
+                logger.warning("publishing %d entries failed (%s); retry %d in %.2fs", len(batch), e, attempt, delay)
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
             self.batches += 1

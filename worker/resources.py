@@ -15,6 +15,7 @@ from tokenbus.redis_client import redis_from_settings
 from tokenbus.settings import Settings
 from worker.emitter import JobEmitter, StreamLimits
 from worker.graphs import joke_poem
+from worker.orphans import Sweeper
 from worker.publisher import Publisher
 from worker.registry import Graph, GraphRegistry, load_graph
 
@@ -26,7 +27,9 @@ class WorkerResources:
     settings: Settings
     keys: StreamKeys
     limits: StreamLimits
+    redis: Redis
     publisher: Publisher
+    sweeper: Sweeper
     registry: GraphRegistry
     _stack: contextlib.AsyncExitStack
 
@@ -44,6 +47,9 @@ class WorkerResources:
                 give_up_s=settings.publish_give_up_s,
             ).start()
             stack.push_async_callback(publisher.close)
+            limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
+            sweeper = Sweeper(redis, settings.keys, limits, heartbeat_s=settings.heartbeat_s).start()
+            stack.push_async_callback(sweeper.close)
 
             base_url = settings.openai_base_url
             if settings.offline:
@@ -63,8 +69,10 @@ class WorkerResources:
             resources = cls(
                 settings=settings,
                 keys=settings.keys,
-                limits=StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s),
+                limits=limits,
+                redis=redis,
                 publisher=publisher,
+                sweeper=sweeper,
                 registry=GraphRegistry(graphs),
                 _stack=stack.pop_all(),
             )

@@ -96,6 +96,4 @@ def build(endpoint: ModelEndpoint) -> CompiledStateGraph[Any, Any, Any, Any]:
             texts[tag] = text
         return {"joke": texts["joke"], "poem": texts["poem"]}
 
-    return (
-        StateGraph(State).add_node("call_model", call_model).add_edge(START, "call_model").compile(name=NAME)
-    )
+    return StateGraph(State).add_node("call_model", call_model).add_edge(START, "call_model").compile(name=NAME)
