@@ -8,8 +8,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import orjson
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from tests.support import FAULTS, ThreadedModelServer
@@ -70,16 +72,14 @@ def make_settings(redis_url: str, model_url: str, prefix: str, **overrides: Any)
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a ``tokenbus`` subprocess use ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
-    env.update(
-        {
-            "REDIS_URL": settings.redis_url or "",
-            "TOKENBUS_PREFIX": settings.prefix,
-            "TOKENBUS_QUEUE": settings.queue_name,
-            "OPENAI_BASE_URL": settings.openai_base_url or "",
-            "OPENAI_API_KEY": settings.openai_api_key.get_secret_value() if settings.openai_api_key else "",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if value is None or value == field.get_default(call_default_factory=True):
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[str(field.validation_alias)] = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

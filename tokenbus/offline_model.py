@@ -101,6 +101,9 @@ class OfflineModelServer:
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = asyncio.Event()
         self.requests = 0
+        self.streams_completed = 0
+        self.streams_abandoned = 0
+        """Streams the client closed before their end (an aborted job closes its HTTP stream)."""
 
     @property
     def base_url(self) -> str:
@@ -175,13 +178,15 @@ class OfflineModelServer:
                 request = orjson.loads(body)
             except orjson.JSONDecodeError as e:
                 raise _BadRequest(f"body is not JSON: {e}") from e
-            return await self._completion(request, writer)
+            return await self._completion(request, reader, writer)
         else:
             self._respond(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
         await writer.drain()
         return headers.get("connection", "").lower() != "close"
 
-    async def _completion(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+    async def _completion(
+        self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         messages = request.get("messages") or []
         prompt = next((str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), "")
         tokens = tokenize(script_for(prompt))
@@ -222,16 +227,23 @@ class OfflineModelServer:
             body.update(extra)
             _write_chunk(writer, b"data: " + orjson.dumps(body) + b"\n\n")
 
-        event({"role": "assistant", "content": ""})
-        deadline = time.monotonic()
-        for i, token in enumerate(tokens):
-            if fault is not None and i == fault.after:
-                return await self._fail_stream(fault, writer)
-            if self._interval:
-                deadline += self._interval
-                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-            event({"content": token})
-            await writer.drain()
+        try:
+            event({"role": "assistant", "content": ""})
+            deadline = time.monotonic()
+            for i, token in enumerate(tokens):
+                if fault is not None and i == fault.after:
+                    return await self._fail_stream(fault, reader, writer)
+                if self._interval:
+                    deadline += self._interval
+                    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                    if reader.at_eof():
+                        raise ConnectionResetError("client closed the stream")
+                event({"content": token})
+                await writer.drain()
+        except ConnectionError:
+            self.streams_abandoned += 1
+            raise
+        self.streams_completed += 1
         event({}, "stop")
         if (request.get("stream_options") or {}).get("include_usage"):
             event(None, usage=usage)
@@ -240,16 +252,22 @@ class OfflineModelServer:
         await writer.drain()
         return True
 
-    async def _fail_stream(self, fault: Fault, writer: asyncio.StreamWriter) -> bool:
+    async def _fail_stream(self, fault: Fault, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         if fault.kind == "error":
             error = {"error": {"message": "offline model: scripted failure mid-stream", "type": "server_error"}}
             _write_chunk(writer, b"data: " + orjson.dumps(error) + b"\n\n")
             writer.write(b"0\r\n\r\n")
             await writer.drain()
             return True
-        if fault.kind == "stall":
+        if fault.kind == "stall":  # until the client goes away, or the server closes
             await writer.drain()
-            await self._closing.wait()  # until the server closes (or the client goes away)
+            closing = asyncio.ensure_future(self._closing.wait())
+            client_gone = asyncio.ensure_future(reader.read())
+            await asyncio.wait([closing, client_gone], return_when=asyncio.FIRST_COMPLETED)
+            closing.cancel()
+            client_gone.cancel()
+            if reader.at_eof():
+                raise ConnectionResetError("client closed the stream")
         return False  # disconnect: drop the connection mid-body
 
     @staticmethod

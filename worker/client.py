@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.jobs import Job
+from arq.constants import abort_jobs_ss
+from arq.utils import timestamp_ms
 
+from consumer.jobs import job_result
+from schemas.entries import EntryType
 from schemas.job import ALL_MODES, JobRequest, StreamMode
+from schemas.keys import DEFAULT_PREFIX
 from tokenbus.redis_client import redis_url
 from tokenbus.settings import Settings
 from worker.app import JOB_FUNCTION
@@ -19,9 +24,12 @@ from worker.serializer import job_deserializer, job_serializer
 class TokenbusClient:
     """Enqueues ``run_graph`` jobs. Uses the arq pool it is given, or opens (and closes) its own."""
 
-    def __init__(self, pool: ArqRedis, *, queue_name: str, owns_pool: bool = False) -> None:
+    def __init__(
+        self, pool: ArqRedis, *, queue_name: str, prefix: str = DEFAULT_PREFIX, owns_pool: bool = False
+    ) -> None:
         self._pool = pool
         self._queue_name = queue_name
+        self._prefix = prefix
         self._owns_pool = owns_pool
 
     @classmethod
@@ -32,7 +40,7 @@ class TokenbusClient:
             job_deserializer=job_deserializer,
             default_queue_name=settings.queue_name,
         )
-        return cls(pool, queue_name=settings.queue_name, owns_pool=True)
+        return cls(pool, queue_name=settings.queue_name, prefix=settings.prefix, owns_pool=True)
 
     async def close(self) -> None:
         if self._owns_pool:
@@ -80,6 +88,15 @@ class TokenbusClient:
         return job_id
 
     async def abort(self, job_id: str, *, timeout_s: float | None = None) -> bool:
-        """Ask the worker running ``job_id`` to cancel it; it ends with a ``cancelled`` entry."""
-        job = Job(job_id, self._pool, _queue_name=self._queue_name, _deserializer=job_deserializer)
-        return bool(await job.abort(timeout=timeout_s))
+        """Ask the worker running (or about to run) ``job_id`` to cancel it.
+
+        With ``timeout_s``, wait that long for the job's final entry and return whether it was
+        ``cancelled``; without, return True once the request is recorded. The job's model calls are
+        cancelled and their HTTP streams closed.
+        """
+        await self._pool.zadd(abort_jobs_ss, {job_id: timestamp_ms()})
+        if timeout_s is None:
+            return True
+        async with asyncio.timeout(timeout_s):
+            view = await job_result(self._pool, job_id, prefix=self._prefix, wait=True)
+        return view.status is EntryType.CANCELLED

@@ -1,0 +1,202 @@
+"""Fault injection for real: workers SIGKILLed and SIGTERMed mid-stream, jobs aborted, tries used up.
+
+Each test checks what consumers end up with against the text the model produced. The kill points
+are random; the seed is printed and can be fixed with TOKENBUS_FAULT_SEED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from consumer.jobs import JobView
+from consumer.subscribe import subscribe
+from schemas.entries import Entry, EntryType
+from tests.conftest import settings_env
+from tests.support import FAULTS, Process, ThreadedModelServer, read_stream, wait_for
+from tokenbus.offline_model import script_for
+from tokenbus.settings import Settings
+from worker.client import TokenbusClient
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+JOKE = script_for("Write a joke about cats")
+POEM = script_for("Write a short poem about cats")
+RUNS = int(os.environ.get("TOKENBUS_FAULT_RUNS", "4"))
+
+
+@pytest.fixture(scope="module")
+def rng() -> random.Random:
+    seed = int(os.environ.get("TOKENBUS_FAULT_SEED") or random.SystemRandom().randrange(1 << 30))
+    print(f"fault seed: TOKENBUS_FAULT_SEED={seed}")
+    return random.Random(seed)
+
+
+@pytest.fixture(scope="module")
+def paced_model() -> Iterator[ThreadedModelServer]:
+    """About 0.5 s per joke_poem job: slow enough to be killed mid-stream."""
+    server = ThreadedModelServer(tokens_per_s=250, faults=FAULTS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fast_recovery(settings: Settings, paced_model: ThreadedModelServer) -> Settings:
+    """Short timeouts, so that a killed worker's job runs again within seconds."""
+    return settings.model_copy(
+        update={
+            "openai_base_url": paced_model.base_url,
+            "job_timeout_s": 4.0,
+            "max_job_timeout_s": 4.0,
+            "publish_give_up_s": 0.5,
+            "in_progress_margin_s": 0.5,
+            "heartbeat_s": 0.3,
+            "shutdown_grace_s": 0,
+        }
+    )
+
+
+@pytest.fixture
+async def fault_client(fast_recovery: Settings) -> AsyncIterator[TokenbusClient]:
+    async with await TokenbusClient.connect(fast_recovery) as c:
+        yield c
+
+
+async def start_worker(settings: Settings) -> Process:
+    worker = await Process.start("worker", env=settings_env(settings), name="worker")
+    await worker.wait_line("worker serves graphs")
+    return worker
+
+
+async def follow(redis: Redis, settings: Settings, job_id: str, on_chunk: object = None) -> tuple[JobView, list[Entry]]:
+    """Follow one job through the consumer API until its final entry; return the view and entries."""
+    view, entries = JobView(job_id), []
+    async with asyncio.timeout(60):
+        async for item in subscribe(redis, jobs=[job_id], prefix=settings.prefix, start="0", block_ms=500):
+            assert isinstance(item, Entry)
+            entries.append(item)
+            view.apply(item)
+            if item.is_chunk and callable(on_chunk):
+                await on_chunk(item)
+    return view, entries
+
+
+@pytest.mark.parametrize("mode", ["messages", "custom"])
+async def test_sigkill_at_a_random_token_leaves_one_clean_copy(
+    mode: str, fast_recovery: Settings, fault_client: TokenbusClient, redis: Redis, rng: random.Random
+) -> None:
+    worker = await start_worker(fast_recovery)
+    try:
+        for _ in range(RUNS // 2 or 1):
+            job_id = await fault_client.enqueue("joke_poem", {"topic": "cats"}, modes=[mode])
+            kill_at, seen = rng.randint(2, 60), 0
+
+            async def on_chunk(entry: Entry, kill_at: int = kill_at) -> None:
+                nonlocal seen, worker
+                seen += 1
+                if seen == kill_at and entry.attempt == 1:
+                    worker.proc.kill()
+                    assert await worker.wait() == -signal.SIGKILL
+                    worker = await start_worker(fast_recovery)  # takes the job over once arq's claim expires
+
+            view, entries = await follow(redis, fast_recovery, job_id, on_chunk)
+            assert (view.status, view.attempt) == (EntryType.END, 2), f"killed at chunk {kill_at}: {view}"
+            assert view.text == JOKE + POEM and view.texts == {"joke": JOKE, "poem": POEM}
+            newest = [(e.attempt, e.seq) for e in entries if e.attempt == 2]
+            assert newest == [(2, s) for s in range(len(newest))], "duplicates or holes in what the consumer saw"
+            stream = await read_stream(redis, fast_recovery.keys.job(job_id))
+            first = [e for e in stream if e.attempt == 1 and e.is_terminal]
+            assert len(first) == 1 and first[0].type is EntryType.ERROR and first[0].retry
+            assert "attempt 1 was interrupted" in first[0].error
+    finally:
+        await worker.stop()
+
+
+async def test_sigterm_without_grace_requeues_and_the_next_attempt_finishes(
+    fast_recovery: Settings, fault_client: TokenbusClient, redis: Redis
+) -> None:
+    workers = [await start_worker(fast_recovery)]
+    job_id = await fault_client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
+
+    async def on_chunk(entry: Entry) -> None:
+        if entry.attempt == 1 and len(workers) == 1:
+            assert await workers[0].stop(signal.SIGTERM) == 0, workers[0].output
+            workers.append(await start_worker(fast_recovery))
+
+    try:
+        view, entries = await follow(redis, fast_recovery, job_id, on_chunk)
+    finally:
+        await workers[-1].stop()
+    cancelled = [e for e in entries if e.attempt == 1 and e.is_terminal]
+    assert cancelled[0].type is EntryType.CANCELLED and cancelled[0].retry
+    assert (view.status, view.attempt, view.text) == (EntryType.END, 2, JOKE + POEM)
+
+
+async def test_sigterm_with_grace_lets_the_job_finish(
+    fast_recovery: Settings, fault_client: TokenbusClient, redis: Redis
+) -> None:
+    settings = fast_recovery.model_copy(update={"shutdown_grace_s": 20})
+    worker = await start_worker(settings)
+    job_id = await fault_client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"])
+    stopping: list[asyncio.Task[int]] = []
+
+    async def on_chunk(entry: Entry) -> None:
+        if not stopping:
+            worker.proc.send_signal(signal.SIGTERM)
+            stopping.append(asyncio.create_task(worker.wait()))
+
+    view, _ = await follow(redis, settings, job_id, on_chunk)
+    assert (view.status, view.attempt, view.text) == (EntryType.END, 1, JOKE + POEM)
+    assert await stopping[0] == 0, worker.output
+
+
+async def test_killed_job_out_of_tries_is_closed_by_the_sweeper(
+    fast_recovery: Settings, fault_client: TokenbusClient, redis: Redis
+) -> None:
+    settings = fast_recovery.model_copy(update={"max_tries": 1})
+    worker = await start_worker(settings)
+    job_id = await fault_client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
+
+    async def on_chunk(entry: Entry) -> None:
+        nonlocal worker
+        if worker.proc.returncode is None:
+            worker.proc.kill()
+            await worker.wait()
+            worker = await start_worker(settings)
+
+    try:
+        view, entries = await follow(redis, settings, job_id, on_chunk)
+    finally:
+        await worker.stop()
+    assert view.status is EntryType.ERROR and view.attempt == 1
+    assert "will not run again" in view.error
+    assert entries[-1].is_final and not entries[-1].retry
+
+
+async def test_abort_cancels_the_job_and_closes_the_model_stream(
+    settings: Settings, client: TokenbusClient, redis: Redis, model_server: ThreadedModelServer
+) -> None:
+    worker = await start_worker(settings)
+    try:
+        abandoned = model_server.server.streams_abandoned
+        job_id = await client.enqueue("joke_poem", {"topic": "stall-forever"}, modes=["custom"])
+        got_chunks = asyncio.Event()
+
+        async def on_chunk(entry: Entry) -> None:
+            if not got_chunks.is_set():
+                got_chunks.set()
+                assert await client.abort(job_id, timeout_s=10)
+
+        view, _ = await follow(redis, settings, job_id, on_chunk)
+        assert view.status is EntryType.CANCELLED and view.error == "the job was aborted"
+        await wait_for(
+            lambda: asyncio.sleep(0, model_server.server.streams_abandoned > abandoned), what="the HTTP stream to close"
+        )
+    finally:
+        await worker.stop()
