@@ -67,6 +67,15 @@ async def wait_for(check: Callable[[], Awaitable[T | None]], *, within: float = 
         delay = min(delay * 2, 0.1)
 
 
+async def wait_until(predicate: Callable[[], T], *, within: float = 20.0, what: str = "condition") -> T:
+    """:func:`wait_for` for a plain (not awaitable) predicate."""
+
+    async def check() -> T:
+        return predicate()
+
+    return await wait_for(check, within=within, what=what)
+
+
 async def read_stream(redis: Redis, key: str) -> list[Entry]:
     return [Entry.decode(f, id=i.decode(), stream=key) for i, f in await redis.xrange(key, "-", "+")]
 

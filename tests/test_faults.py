@@ -19,7 +19,7 @@ from consumer.jobs import JobView
 from consumer.subscribe import subscribe
 from schemas.entries import Entry, EntryType
 from tests.conftest import settings_env
-from tests.support import FAULTS, Process, ThreadedModelServer, read_stream, wait_for
+from tests.support import FAULTS, Process, ThreadedModelServer, read_stream, wait_until
 from tokenbus.offline_model import script_for
 from tokenbus.settings import Settings
 from worker.client import TokenbusClient
@@ -195,8 +195,6 @@ async def test_abort_cancels_the_job_and_closes_the_model_stream(
 
         view, _ = await follow(redis, settings, job_id, on_chunk)
         assert view.status is EntryType.CANCELLED and view.error == "the job was aborted"
-        await wait_for(
-            lambda: asyncio.sleep(0, model_server.server.streams_abandoned > abandoned), what="the HTTP stream to close"
-        )
+        await wait_until(lambda: model_server.server.streams_abandoned > abandoned, what="the HTTP stream to close")
     finally:
         await worker.stop()

@@ -18,7 +18,7 @@ from consumer.subscribe import subscribe
 from schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from schemas.errors import MalformedEntry
 from schemas.keys import StreamKeys
-from tests.support import wait_for
+from tests.support import wait_until
 from tokenbus.redis_server import RedisServerProcess
 
 
@@ -174,7 +174,7 @@ async def test_reader_resumes_after_its_connection_is_killed(
 
         task = asyncio.create_task(consume())
         await write(admin, key, *[token("j", i, str(i)) for i in range(10)])
-        await wait_for(lambda: asyncio.sleep(0, len(received) == 10), what="first ten entries")
+        await wait_until(lambda: len(received) == 10, what="first ten entries")
         clients = await admin.client_list()
         victim = next(c for c in clients if c.get("name") == f"{keys.prefix}-reader")
         assert await admin.client_kill_filter(_id=victim["id"]) == 1

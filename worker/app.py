@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -16,7 +18,37 @@ from worker.job import RESOURCES, run_graph
 from worker.resources import WorkerResources
 from worker.serializer import job_deserializer, job_serializer
 
+logger = logging.getLogger(__name__)
+
 JOB_FUNCTION = "run_graph"
+POLL_RETRY_DELAY_S = 0.5
+_REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.WatchError, OSError)
+
+
+class TokenbusWorker(Worker):
+    """arq's worker, kept alive through Redis restarts.
+
+    arq 0.28 lets a connection error in its poll loop end the worker, and one between taking a
+    job slot and starting the job leaks the slot; here both are logged and retried.
+    """
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except _REDIS_UNAVAILABLE as e:
+            logger.warning("polling queue %s failed (%s); retrying", self.queue_name, e)
+            await asyncio.sleep(POLL_RETRY_DELAY_S)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        for job_id in job_ids:
+            running = self.job_counter
+            try:
+                await super().start_jobs([job_id])
+            except _REDIS_UNAVAILABLE:
+                if self.job_counter > running and job_id.decode() not in self.tasks:
+                    self.job_counter -= 1  # the slot arq took for a job it could not start
+                    self.sem.release()
+                raise
 
 
 def hard_timeout_s(settings: Settings) -> float:
@@ -60,7 +92,7 @@ def build_worker(
             await resources.close()
 
     ctx: dict[str, Any] = {"settings": settings}
-    worker = Worker(
+    worker = TokenbusWorker(
         functions=[func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)],
         queue_name=settings.queue_name,
         redis_settings=arq_redis_settings(settings),

@@ -83,6 +83,7 @@ class Publisher:
         self._closing = False
         self.batches = 0
         self.retries = 0
+        self.lost_total = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Publisher:
@@ -188,6 +189,7 @@ class Publisher:
     def _lose(self, batch: list[_Command], error: BaseException, waited: float) -> None:
         for sink, _ in batch:
             sink.lost += 1
+        self.lost_total += len(batch)
         jobs = sorted({sink.job_id for sink, _ in batch})
         logger.error(
             "gave up publishing %d entries of jobs %s after %.1fs: %s",
