@@ -24,10 +24,15 @@ class _JobState:
 
 class AttemptFilter:
     """Decides which entries a reader passes on. ``tag_streams`` maps stream key to tag when the
-    reader follows several tag streams, so a chunk copied to two of them is passed on once."""
+    reader follows several tag streams, so a chunk copied to two of them is passed on once.
+    ``ordered=False`` (consumer groups, where claimed entries arrive late) only drops superseded
+    attempts: repeated entries are then the at-least-once of groups."""
 
-    def __init__(self, tag_streams: dict[str, str] | None = None, *, max_jobs: int = 100_000) -> None:
+    def __init__(
+        self, tag_streams: dict[str, str] | None = None, *, ordered: bool = True, max_jobs: int = 100_000
+    ) -> None:
         self._tag_streams = tag_streams or {}
+        self._ordered = ordered
         self._jobs: OrderedDict[str, _JobState] = OrderedDict()
         self._max_jobs = max_jobs
 
@@ -42,6 +47,8 @@ class AttemptFilter:
             return False  # a superseded attempt
         else:
             self._jobs.move_to_end(entry.job)
+        if not self._ordered:
+            return True
         stream = entry.stream or ""
         if entry.seq <= state.last_seq.get(stream, -1):
             return False  # written twice by a retried batch

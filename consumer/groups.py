@@ -70,7 +70,7 @@ class GroupConsumer:
         self._count = count
         self._claim_idle_ms = claim_idle_ms
         self._max_deliveries = max_deliveries
-        self._attempts = AttemptFilter()
+        self._attempts = AttemptFilter(ordered=False)
         self.acked = 0
         self.dead = 0
         self.claimed = 0

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-final", action="store_true", help="exit after the followed jobs end")
     _add_output_args(p)
 
+    p = sub.add_parser("groups", help="show consumer groups of tag streams: consumers, pending, lag")
+    p.add_argument("--tag", action="append", dest="tags", required=True, help="tag stream (repeatable)")
+
     p = sub.add_parser("demo", help="the LangGraph how-to end to end: joke and poem tokens by tag")
     p.add_argument("--topic", default="cats")
     p.add_argument(

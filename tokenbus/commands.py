@@ -10,7 +10,7 @@ import sys
 
 import orjson
 
-from consumer.groups import GroupConsumer
+from consumer.groups import GroupConsumer, group_stats
 from consumer.output import Printer
 from consumer.reader import BEGINNING, LATEST, latest_positions
 from consumer.subscribe import streams_for, subscribe
@@ -124,6 +124,19 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
         await consumer.run(show)
     finally:
         await redis.aclose()
+    return EXIT_OK
+
+
+async def groups(settings: Settings, args: argparse.Namespace) -> int:
+    redis = redis_from_settings(settings)
+    try:
+        stats = await group_stats(redis, [settings.keys.tag(t) for t in args.tags])
+    finally:
+        await redis.aclose()
+    print(f"{'stream':<40} {'group':<20} {'consumers':>9} {'pending':>8} {'lag':>8}  last delivered")
+    for s in stats:
+        lag = "?" if s.lag is None else str(s.lag)
+        print(f"{s.stream:<40} {s.group:<20} {s.consumers:>9} {s.pending:>8} {lag:>8}  {s.last_delivered}")
     return EXIT_OK
 
 

@@ -1,0 +1,113 @@
+"""Consumer groups: a consumer dies mid-batch, its entries are claimed; a poison entry is dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from redis.asyncio import Redis
+
+from consumer.groups import GroupConsumer, group_stats
+from schemas.entries import Entry, TokenEntry
+from schemas.keys import StreamKeys
+from tests.conftest import settings_env
+from tests.support import Process, wait_for, wait_until
+from tokenbus.settings import Settings
+
+
+async def fill(redis: Redis, key: str, n: int, job: str = "j") -> list[str]:
+    ids = []
+    for i in range(n):
+        entry = TokenEntry(job=job, attempt=1, seq=i, ts=i, content=str(i), tags=("poem",))
+        ids.append((await redis.xadd(key, entry.encode())).decode())  # type: ignore[arg-type]
+    return ids
+
+
+async def test_dead_consumer_entries_are_claimed_and_every_entry_acked(redis: Redis, prefix: str) -> None:
+    keys = StreamKeys(prefix)
+    key = keys.tag("poem")
+    processed: Counter[str] = Counter()
+    stuck = asyncio.Event()
+
+    async def dies_mid_batch(entry: Entry) -> None:
+        if entry.seq == 5:
+            stuck.set()
+            await asyncio.Event().wait()  # hangs here until its task is cancelled: a crash, mid-batch
+        processed[entry.content] += 1
+
+    async def healthy(entry: Entry) -> None:
+        processed[entry.content] += 1
+
+    first = GroupConsumer(redis, [key], "billing", "c1", keys=keys, start="0", count=10, claim_idle_ms=300)
+    second = GroupConsumer(redis, [key], "billing", "c2", keys=keys, start="0", count=10, claim_idle_ms=300)
+    await first.ensure_groups()
+    await fill(redis, key, 30)
+    doomed = asyncio.create_task(first.run(dies_mid_batch))
+    await stuck.wait()
+    doomed.cancel()
+    await asyncio.gather(doomed, return_exceptions=True)
+    pending_of_c1 = (await redis.xpending(key, "billing"))["pending"]
+    assert pending_of_c1 == 5  # seq 5..9 were handed to c1 and never acked
+
+    stop = asyncio.Event()
+    survivor = asyncio.create_task(second.run(healthy, stop=stop))
+    await wait_until(lambda: len(processed) == 30, within=20, what="every entry processed")
+    await wait_until(lambda: second.acked + first.acked == 30, what="every entry acked")
+    stop.set()
+    await survivor
+    assert second.claimed >= 5
+    assert (await redis.xpending(key, "billing"))["pending"] == 0
+    stats = await group_stats(redis, [key])
+    assert [(s.group, s.pending, s.lag) for s in stats] == [("billing", 0, 0)]
+
+
+async def test_poison_entry_goes_to_the_dead_letter_stream(redis: Redis, prefix: str) -> None:
+    keys = StreamKeys(prefix)
+    key = keys.tag("poem")
+    ids = await fill(redis, key, 5)
+    await redis.xadd(key, {"not": "tokenbus"})  # not an entry at all: dead-lettered at once
+    seen: list[str] = []
+
+    async def fails_on_two(entry: Entry) -> None:
+        if entry.content == "2":
+            raise ValueError("cannot bill this one")
+        seen.append(entry.content)
+
+    consumer = GroupConsumer(
+        redis, [key], "billing", "c1", keys=keys, start="0", claim_idle_ms=50, max_deliveries=3, block_ms=50
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(fails_on_two, stop=stop))
+    await wait_until(lambda: consumer.dead == 2, within=20, what="two dead letters")
+    stop.set()
+    await task
+    assert seen == ["0", "1", "3", "4"]
+    dead = await redis.xrange(keys.dead_letter)
+    reasons = {fields[b"dead_id"].decode(): fields[b"dead_reason"].decode() for _, fields in dead}
+    assert reasons[ids[2]] == "delivered 3 times without success"
+    assert "not a tokenbus entry" in next(r for i, r in reasons.items() if i != ids[2])
+    assert (await redis.xpending(key, "billing"))["pending"] == 0
+
+
+async def test_tail_with_a_group_acks_what_it_prints(redis: Redis, settings: Settings) -> None:
+    key = settings.keys.tag("poem")
+    await fill(redis, key, 3)
+    tail = await Process.start(
+        "tail", "--tag", "poem", "--group", "g", "--consumer", "c", "--from-start", "--format", "jsonl",
+        env=settings_env(settings),
+    )  # fmt: skip
+    await tail.wait_line('"content":"2"', stream="stdout")
+
+    async def all_acked() -> bool:
+        return (
+            bool((await redis.xinfo_groups(key))[0]["last-delivered-id"])
+            and not (await redis.xpending(key, "g"))["pending"]
+        )
+
+    await wait_for(all_acked, what="the group to have acked everything")
+    await tail.stop()
+    assert len(tail.stdout) == 3
+    await fill(redis, key, 2, job="later")  # two entries the group has not read yet
+    groups = await Process.start("groups", "--tag", "poem", env=settings_env(settings))
+    assert await groups.wait() == 0, groups.output
+    assert groups.stdout[1].split()[1:5] == ["g", "1", "0", "2"]  # group, consumers, pending, lag
