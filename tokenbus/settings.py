@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(default=86_400, ge=1, validation_alias="TOKENBUS_JOB_TTL")
 
     job_timeout_s: float = Field(default=300.0, gt=0, validation_alias="TOKENBUS_JOB_TIMEOUT")
-    max_job_timeout_s: float = Field(default=3600.0, gt=0, validation_alias="TOKENBUS_MAX_JOB_TIMEOUT")
+    max_job_timeout_s: float = Field(default=900.0, gt=0, validation_alias="TOKENBUS_MAX_JOB_TIMEOUT")
     max_jobs: int = Field(default=50, ge=1, validation_alias="TOKENBUS_MAX_JOBS")
     max_tries: int = Field(default=5, ge=1, validation_alias="TOKENBUS_MAX_TRIES")
     shutdown_grace_s: int = Field(default=30, ge=0, validation_alias="TOKENBUS_SHUTDOWN_GRACE")

@@ -23,6 +23,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from schemas.errors import ClientStateError, PublishError
+from worker.wire import Wire, pack
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Publisher:
         give_up_s: float = 30.0,
         backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
     ) -> None:
-        self._redis = redis
+        self._wire = Wire(redis)
         self._batch_max = batch_max
         self._buffer_max = buffer_max
         self._give_up_s = give_up_s
@@ -100,6 +101,7 @@ class Publisher:
         self._wake.set()
         await self._task
         self._task = None
+        await self._wire.close()
 
     # -- producing -------------------------------------------------------------------------------
     def sink(self, job_id: str) -> Sink:
@@ -164,10 +166,7 @@ class Publisher:
         attempt = 0
         while True:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for _, args in batch:
-                        pipe.execute_command(*args)
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._wire.execute(pack([args for _, args in batch]), len(batch))
             except _RETRYABLE as e:
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:

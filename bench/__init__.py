@@ -1,0 +1,1 @@
+"""The tokenbus benchmark harness: python -m bench (see BENCHMARKS.md)."""

@@ -1,0 +1,417 @@
+"""The tokenbus benchmark harness. ``./dev bench`` (full) or ``./dev bench --quick`` (seconds, for CI).
+
+Every figure is measured in one run next to its baseline (same machine, same minute), repeated
+``--runs`` times, and reported as min / median / max. Results go to ``bench/results/latest.json``
+and, as a Markdown table, to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import resource
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import orjson
+import uvloop
+from redis.asyncio import Redis
+
+from bench.graphs import GRAPHS, custom, messages, paced
+from consumer.reader import BEGINNING, StreamReader
+from consumer.subscribe import subscribe
+from schemas.entries import chunk_fields
+from tokenbus.offline_model import OfflineModelServer
+from tokenbus.redis_server import RedisServerProcess
+from tokenbus.settings import Settings
+from worker.app import build_worker
+from worker.client import TokenbusClient
+from worker.graphs import joke_poem
+
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Bench:
+    redis_url: str
+    model_url: str
+    quick: bool
+    runs: int
+    results: dict[str, list[float]] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, name: str, value: float) -> None:
+        self.results.setdefault(name, []).append(value)
+        print(f"  {name}: {value:,.3f}", file=sys.stderr, flush=True)
+
+    def settings(self, **overrides: Any) -> Settings:
+        prefix = f"b{uuid.uuid4().hex[:8]}"
+        values: dict[str, Any] = {
+            "REDIS_URL": self.redis_url,
+            "TOKENBUS_PREFIX": prefix,
+            "TOKENBUS_QUEUE": f"{prefix}:queue",
+            "OPENAI_BASE_URL": self.model_url,
+            "OPENAI_API_KEY": "bench",
+            "TOKENBUS_GRAPHS": GRAPHS,
+            "TOKENBUS_MAX_JOBS": 500,
+            "TOKENBUS_TAG_MAXLEN": 200_000,
+            "TOKENBUS_JOB_MAXLEN": 1_200_000,
+            **overrides,
+        }
+        return Settings(**values)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+async def start_consumer(bench: Bench, prefix: str, *args: str) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.consumer", bench.redis_url, prefix, *args,
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"ready"
+    return proc
+
+
+async def consumer_result(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    out, _ = await proc.communicate()
+    result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return result
+
+
+async def redis_cpu(redis: Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class RunningWorker:
+    """An in-process worker (this process's CPU time is the worker's)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.worker = build_worker(settings, handle_signals=False, poll_delay_s=0.002)
+
+    async def __aenter__(self) -> RunningWorker:
+        self.task = asyncio.create_task(self.worker.async_run())
+        while "tokenbus" not in self.worker.ctx:  # noqa: ASYNC110 (arq offers no start-up event)
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.worker.close()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def floor(
+    graph: Any, inputs: dict[str, Any], mode: str, config: dict[str, Any] | None = None
+) -> tuple[int, float]:
+    """LangGraph alone: chunks and seconds of ``astream`` with nothing done per chunk."""
+    count, start = 0, time.perf_counter()
+    async for _ in graph.astream(inputs, config, stream_mode=[mode], subgraphs=True):
+        count += 1
+    return count, time.perf_counter() - start
+
+
+# -- throughput ------------------------------------------------------------------------------------
+
+
+async def tokenbus_e2e(bench: Bench, graph: str, inputs: dict[str, Any], mode: str, jobs: int = 1) -> dict[str, float]:
+    """Jobs through a worker, Redis and a consumer process reading every entry with the consumer API."""
+    settings = bench.settings(TOKENBUS_MAX_JOBS=jobs)
+    tags = ["joke", "poem"] if graph == "joke_poem" else ["bench"]
+    consumer = await start_consumer(
+        bench, settings.prefix, *[a for t in tags for a in ("--tag", t)], "--jobs", str(jobs)
+    )
+    redis = Redis.from_url(bench.redis_url)
+    async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
+        cpu0, rcpu0, t0 = time.process_time(), await redis_cpu(redis), time.time()
+        for _ in range(jobs):
+            await client.enqueue(graph, inputs, modes=[mode])
+        result = await consumer_result(consumer)
+        cpu1, rcpu1 = time.process_time(), await redis_cpu(redis)
+    await redis.aclose()
+    chunks = result["entries"] - jobs  # less one terminal entry per job
+    elapsed = result["last"] - t0
+    return {
+        "chunks": chunks,
+        "rate": chunks / elapsed,
+        "worker_us": (cpu1 - cpu0) / chunks * 1e6,
+        "redis_us": (rcpu1 - rcpu0) / chunks * 1e6,
+        "consumer_us": result["cpu"] / chunks * 1e6,
+    }
+
+
+async def naive_e2e(bench: Bench, graph: Any, inputs: dict[str, Any], mode: str) -> float:
+    """The naive publisher: one awaited XADD per chunk and per tag, same fields as tokenbus."""
+    prefix, job = f"n{uuid.uuid4().hex[:8]}", "naive"
+    job_key, tag_key = f"{prefix}:job:{{{job}}}", f"{prefix}:tag:{{bench}}"
+    consumer = await start_consumer(bench, prefix, "--job", job, "--start", BEGINNING)
+    redis = Redis.from_url(bench.redis_url)
+    t0, seq = time.time(), 0
+    async for _, _, chunk in graph.astream(inputs, stream_mode=[mode], subgraphs=True):
+        payload, meta = (chunk[0].content, chunk[1]) if mode == "messages" else (chunk["content"], {"tags": ["bench"]})
+        fields = chunk_fields("token", job, 1, seq, int(time.time() * 1000), b'["bench"]', "node", payload, b"{}",
+                              orjson.dumps(meta, default=repr))  # fmt: skip
+        seq += 1
+        mapping = dict(zip(fields[::2], fields[1::2], strict=True))
+        await redis.xadd(job_key, mapping, maxlen=1_000_000, approximate=True)  # type: ignore[arg-type]
+        await redis.xadd(tag_key, mapping, maxlen=200_000, approximate=True)  # type: ignore[arg-type]
+    end = chunk_fields("end", job, 1, seq, 0, b"[]", "", "", b"{}", b"{}")
+    await redis.xadd(job_key, dict(zip(end[::2], end[1::2], strict=True)))  # type: ignore[arg-type]
+    result = await consumer_result(consumer)
+    await redis.aclose()
+    return float(seq / (result["last"] - t0))
+
+
+async def throughput(bench: Bench) -> None:
+    n = 5_000 if bench.quick else 20_000
+    http_jobs = 5 if bench.quick else 30
+    async with httpx2.AsyncClient() as http:
+        endpoint = joke_poem.ModelEndpoint("gpt-4o-mini", bench.model_url, "bench", http)
+        jp = joke_poem.build(endpoint)
+        for run in range(bench.runs):
+            print(f"throughput run {run + 1}/{bench.runs}", file=sys.stderr)
+            for mode, graph in (("messages", messages), ("custom", custom)):
+                count, seconds = await floor(graph, {"n": n}, mode)
+                bench.record(f"floor_{mode}_chunks_per_s", count / seconds)
+                e2e = await tokenbus_e2e(bench, f"bench_{mode}", {"n": n}, mode)
+                bench.record(f"tokenbus_{mode}_chunks_per_s", e2e["rate"])
+                bench.record(f"ratio_{mode}_vs_floor", e2e["rate"] / (count / seconds))
+                for part in ("worker", "redis", "consumer"):
+                    bench.record(f"cpu_{part}_us_per_chunk_{mode}", e2e[f"{part}_us"])
+                naive = await naive_e2e(bench, graph, {"n": n}, mode)
+                bench.record(f"naive_{mode}_chunks_per_s", naive)
+                bench.record(f"ratio_{mode}_vs_naive", e2e["rate"] / naive)
+            chunks, seconds = 0, 0.0
+            for _ in range(http_jobs):
+                c, s = await floor(
+                    jp, {"topic": "cats"}, "messages", {"configurable": {"tokenbus_modes": ["messages"]}}
+                )
+                chunks, seconds = chunks + c, seconds + s
+            bench.record("floor_joke_poem_http_chunks_per_s", chunks / seconds)
+            e2e = await tokenbus_e2e(bench, "joke_poem", {"topic": "cats"}, "messages", jobs=http_jobs)
+            bench.record("tokenbus_joke_poem_http_chunks_per_s", e2e["rate"])
+            bench.record("ratio_joke_poem_http_vs_floor", e2e["rate"] / (chunks / seconds))
+
+
+# -- latency ---------------------------------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    return (
+        ordered[len(ordered) // 2] * 1000,
+        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        ordered[-1] * 1000,
+    )
+
+
+async def paced_no_sink(jobs: int, n: int, rate: float) -> list[float]:
+    latencies: list[float] = []
+
+    async def one() -> None:
+        async for _, _, chunk in paced.astream({"n": n, "rate": rate}, stream_mode=["custom"], subgraphs=True):
+            latencies.append(time.time() - chunk["t"])
+
+    await asyncio.gather(*(one() for _ in range(jobs)))
+    return latencies
+
+
+async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> list[float]:
+    settings = bench.settings()
+    consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs), "--latency")
+    async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
+        for _ in range(jobs):
+            await client.enqueue("bench_paced", {"n": n, "rate": rate}, modes=["custom"])
+        result = await consumer_result(consumer)
+    latencies: list[float] = result["latencies"]
+    return latencies
+
+
+async def latency(bench: Bench) -> None:
+    rate, seconds = 100.0, (2 if bench.quick else 5)
+    loads = [1, 20] if bench.quick else [1, 20, 50, 80, 120, 160]
+    for run in range(bench.runs):
+        print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
+        for jobs in loads:
+            for label, measure in (
+                ("nosink", lambda j=jobs: paced_no_sink(j, int(rate * seconds), rate)),
+                ("tokenbus", lambda j=jobs: paced_tokenbus(bench, j, int(rate * seconds), rate)),
+            ):
+                p50, p99, worst = percentiles(await measure())
+                bench.record(f"latency_{label}_{jobs}jobs_p50_ms", p50)
+                bench.record(f"latency_{label}_{jobs}jobs_p99_ms", p99)
+                bench.record(f"latency_{label}_{jobs}jobs_max_ms", worst)
+
+
+# -- consumer decode -------------------------------------------------------------------------------
+
+
+async def consumer_decode(bench: Bench) -> None:
+    n = 20_000 if bench.quick else 200_000
+    settings = bench.settings()
+    key = settings.keys.tag("bench")
+    async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
+        job = await client.enqueue("bench_messages", {"n": n}, modes=["messages"])
+        redis = Redis.from_url(bench.redis_url)
+        async for _ in subscribe(redis, jobs=[job], prefix=settings.prefix, start="0"):
+            pass  # until the job has ended: the tag stream holds all n entries
+    for _ in range(bench.runs):
+        start = time.perf_counter()
+        raw = 0
+        async for batch in StreamReader(redis, {key: BEGINNING}, count=1024, block_ms=100).batches():
+            assert isinstance(batch, list)
+            raw += len(batch)
+            if raw >= n + 1:
+                break
+        raw_rate = raw / (time.perf_counter() - start)
+        start, api = time.perf_counter(), 0
+        async for _ in subscribe(redis, tags=["bench"], jobs=[job], prefix=settings.prefix, start="0"):
+            api += 1
+        api_rate = api / (time.perf_counter() - start)
+        bench.record("consumer_raw_xread_entries_per_s", raw_rate)
+        bench.record("consumer_api_entries_per_s", api_rate)
+        bench.record("ratio_consumer_api_vs_raw", api_rate / raw_rate)
+    await redis.aclose()
+
+
+# -- memory, scaling, profile ----------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+async def memory(bench: Bench) -> None:
+    total, per_job = (100_000, 20_000) if bench.quick else (1_000_000, 50_000)
+    settings = bench.settings(TOKENBUS_TAG_MAXLEN=100_000, TOKENBUS_JOB_MAXLEN=100_000, TOKENBUS_JOB_TTL=5)
+    redis = Redis.from_url(bench.redis_url)
+    samples: list[tuple[float, float]] = []
+    async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
+        for _ in range(total // per_job):
+            job = await client.enqueue("bench_custom", {"n": per_job}, modes=["custom"])
+            async for _ in subscribe(redis, jobs=[job], prefix=settings.prefix, start="0"):
+                pass
+            samples.append((rss_mb(), (await redis.info("memory"))["used_memory"] / 1e6))
+    await redis.aclose()
+    bench.notes["memory"] = {"tokens": total, "samples_rss_mb_redis_mb": samples}
+    bench.record("memory_worker_rss_growth_mb", samples[-1][0] - samples[0][0])
+    bench.record("memory_redis_mb_end", samples[-1][1])
+    bench.record("memory_redis_mb_peak", max(s[1] for s in samples))
+
+
+async def scaling(bench: Bench) -> None:
+    """1 vs 2 worker processes on one Redis, 16 CPU-bound jobs."""
+    jobs, n = (8, 5_000) if bench.quick else (16, 20_000)
+    for processes in (1, 2):
+        settings = bench.settings(TOKENBUS_MAX_JOBS=jobs)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENBUS_GRAPHS": orjson.dumps(GRAPHS).decode()}
+        env.update(
+            REDIS_URL=bench.redis_url, TOKENBUS_PREFIX=settings.prefix, TOKENBUS_QUEUE=settings.queue_name,
+            OPENAI_BASE_URL=bench.model_url, OPENAI_API_KEY="bench",
+        )  # fmt: skip
+        tokenbus = str(Path(sys.executable).with_name("tokenbus"))
+        workers = [
+            await asyncio.create_subprocess_exec(tokenbus, "worker", env=env, stderr=asyncio.subprocess.PIPE)
+            for _ in range(processes)
+        ]
+        for w in workers:  # wait until each worker serves
+            assert w.stderr is not None
+            while b"worker serves graphs" not in await w.stderr.readline():
+                pass
+        consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs))
+        async with await TokenbusClient.connect(settings) as client:
+            t0 = time.time()
+            for _ in range(jobs):
+                await client.enqueue("bench_custom", {"n": n}, modes=["custom"])
+            result = await consumer_result(consumer)
+        bench.record(f"scaling_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
+        for w in workers:
+            w.terminate()
+            await w.communicate()
+
+
+async def profile(bench: Bench) -> None:
+    """Where the worker's time goes per chunk (messages mode, cProfile, top functions by own time)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    await tokenbus_e2e(bench, "bench_messages", {"n": 5_000 if bench.quick else 20_000}, "messages")
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "profile.txt").write_text(out.getvalue())
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
+    "throughput": throughput,
+    "latency": latency,
+    "consumer": consumer_decode,
+    "memory": memory,
+    "scaling": scaling,
+    "profile": profile,
+}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    server = RedisServerProcess()
+    server.start()
+    try:
+        async with OfflineModelServer() as model:
+            bench = Bench(server.url, model.base_url, args.quick, args.runs)
+            for name in args.only or SCENARIOS:
+                print(f"== {name}", file=sys.stderr, flush=True)
+                await SCENARIOS[name](bench)
+    finally:
+        server.close()
+    summary = {
+        name: {"min": min(v), "median": statistics.median(v), "max": max(v), "runs": v}
+        for name, v in bench.results.items()
+    }
+    return {
+        "command": " ".join(sys.argv),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+        },
+        "results": summary,
+        "notes": bench.notes,
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = ["| measure | min | median | max |", "|---|---:|---:|---:|"]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | {r['min']:,.2f} | {r['median']:,.2f} | {r['max']:,.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run: proves the harness works")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", action="append", choices=list(SCENARIOS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.runs = 1
+    report = uvloop.run(main(arguments))
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(table(report))

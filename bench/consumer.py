@@ -1,0 +1,73 @@
+"""A consumer in its own process: reads entries through the consumer API (or raw XREAD) and reports.
+
+    python -m bench.consumer URL PREFIX --jobs N [--tag T | --job ID] [--raw]
+
+Prints one JSON line once N jobs have ended: entries received, the receive time of the last
+terminal entry, latencies of payloads carrying a ``t`` (seconds since the epoch) and its CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import orjson
+import uvloop
+from redis.asyncio import Redis
+
+from consumer.reader import LATEST, StreamReader
+from consumer.subscribe import subscribe
+from schemas.entries import Entry
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    redis = Redis.from_url(args.url, socket_timeout=None)
+    count, ended, latencies, last = 0, 0, [], 0.0
+    kind = {"tags": args.tag} if args.tag else {"jobs": [args.job]}
+    print("ready", flush=True)
+    try:
+        if args.raw:  # the baseline: redis-py XREAD, no decoding beyond what redis-py does
+            key = f"{args.prefix}:tag:{{{args.tag[0]}}}" if args.tag else f"{args.prefix}:job:{{{args.job}}}"
+            reader = StreamReader(redis, {key: args.start or LATEST}, block_ms=1000)
+            async for batch in reader.batches():
+                assert isinstance(batch, list)
+                for _, _, fields in batch:
+                    count += 1
+                    if fields[b"type"] in (b"end", b"error", b"cancelled"):
+                        ended += 1
+                if ended >= args.jobs:
+                    last = time.time()
+                    break
+        else:
+            async for item in subscribe(redis, prefix=args.prefix, start=args.start or LATEST, **kind):
+                assert isinstance(item, Entry)
+                count += 1
+                if args.latency and item.data and "t" in item.data:
+                    latencies.append(time.time() - item.data["t"])
+                if item.is_final:
+                    ended += 1
+                    if ended >= args.jobs:
+                        last = time.time()
+                        break
+    finally:
+        await redis.aclose()
+    return {"entries": count, "last": last, "latencies": latencies, "cpu": time.process_time()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("prefix")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--tag", action="append")
+    parser.add_argument("--job")
+    parser.add_argument("--start")
+    parser.add_argument("--raw", action="store_true")
+    parser.add_argument("--latency", action="store_true")
+    result = uvloop.run(run(parser.parse_args()))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""A pipelined connection for the publisher: packed by hiredis, replies parsed by hiredis in bulk.
+
+redis-py's pipeline packs every argument in Python and reads replies one at a time, each under
+its own timeout context: most of the worker's CPU per token (BENCHMARKS.md). The publisher's
+commands are simple (XADD, EXPIRE, ZADD, ZREM with str/bytes/int/float arguments), so here they
+are packed with ``hiredis.pack_command`` and all replies of a batch parsed from the socket buffer
+with one ``hiredis.Reader``. The connection itself (TLS, AUTH/ACL user, database) is redis-py's,
+made from the client's pool settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+
+READ_CHUNK = 1 << 16
+
+
+def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    return b"".join([hiredis.pack_command(args) for args in commands])
+
+
+class Wire:
+    """One connection, used by one writer at a time. Errors come back per command as exceptions."""
+
+    def __init__(self, redis: Redis, *, timeout_s: float = 30.0) -> None:
+        self._redis = redis
+        self._timeout_s = timeout_s
+        self._conn: Connection | None = None
+
+    async def execute(self, packed: bytes, count: int) -> list[Any]:
+        """Send ``count`` packed commands; return their replies (``ResponseError`` for errors).
+
+        A connection problem raises ``redis.exceptions.ConnectionError`` after dropping the
+        connection, so the next call starts on a fresh one.
+        """
+        conn = await self._connection()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                writer, stream = conn._writer, conn._reader
+                if writer is None or stream is None:
+                    raise redis_errors.ConnectionError("connection closed")
+                writer.write(packed)
+                await writer.drain()
+                reader = hiredis.Reader()
+                replies: list[Any] = []
+                while len(replies) < count:
+                    reply = reader.gets()
+                    if reply is False:
+                        data = await stream.read(READ_CHUNK)
+                        if not data:
+                            raise redis_errors.ConnectionError("Redis closed the connection")
+                        reader.feed(data)
+                        continue
+                    replies.append(
+                        redis_errors.ResponseError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
+                    )
+                return replies
+        except (OSError, TimeoutError, redis_errors.ConnectionError) as e:
+            await self.close()
+            raise redis_errors.ConnectionError(f"publishing to Redis failed: {e}") from e
+
+    async def _connection(self) -> Connection:
+        if self._conn is None or not self._conn.is_connected:
+            conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            assert isinstance(conn, Connection)
+            await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, SELECT as configured
+            self._conn = conn
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.disconnect()
