@@ -35,7 +35,7 @@ from schemas.entries import chunk_fields
 from tokenbus.offline_model import OfflineModelServer
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.settings import Settings
-from worker.app import build_worker
+from worker.app import build_worker, stop_worker
 from worker.client import TokenbusClient
 from worker.graphs import joke_poem
 
@@ -110,8 +110,7 @@ class RunningWorker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.worker.close()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await stop_worker(self.worker, self.task)
 
 
 async def floor(

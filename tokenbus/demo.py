@@ -13,7 +13,6 @@ import contextlib
 import uuid
 from typing import TextIO
 
-from arq.worker import Worker
 from redis.asyncio import Redis
 
 from consumer.reader import latest_positions
@@ -23,7 +22,7 @@ from schemas.job import StreamMode
 from tokenbus.redis_client import redis_from_settings
 from tokenbus.redis_server import start_private_redis
 from tokenbus.settings import Settings
-from worker.app import build_worker
+from worker.app import build_worker, stop_worker
 from worker.client import TokenbusClient
 
 TAGS = ("joke", "poem")
@@ -47,7 +46,7 @@ async def run_demo(settings: Settings, *, topic: str, out: TextIO, redis: str = 
 
         worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
         worker_task = asyncio.create_task(worker.async_run())
-        stack.push_async_callback(_stop_worker, worker, worker_task)
+        stack.push_async_callback(stop_worker, worker, worker_task)
         client_redis = redis_from_settings(settings, socket_timeout=15)
         stack.push_async_callback(client_redis.aclose)
         client = await TokenbusClient.connect(settings)
@@ -126,9 +125,3 @@ async def _show_job(
     await asyncio.gather(*consumers)
     out.write("\n")
     return ok
-
-
-async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
-    await worker.close()  # cancels the worker's main task (handle_signals=False)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

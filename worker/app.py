@@ -113,3 +113,13 @@ def build_worker(
     ctx["worker"] = worker  # the job asks it whether a cancellation was an abort
     worker.in_progress_timeout_s = in_progress_timeout_s(settings)  # arq's default: timeout + 10 s
     return worker
+
+
+async def stop_worker(worker: Worker, task: asyncio.Task[None], *, grace_s: float = 10.0) -> None:
+    """Stop an in-process worker started with ``handle_signals=False``: let jobs that are
+    finishing (arq records their results after they return) complete, then close it."""
+    running = [t for t in worker.tasks.values() if not t.done()]
+    if running:
+        await asyncio.wait(running, timeout=grace_s)
+    await worker.close()  # cancels what is left, and the worker's main task
+    await asyncio.gather(task, return_exceptions=True)
