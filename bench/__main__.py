@@ -136,16 +136,19 @@ async def tokenbus_e2e(bench: Bench, graph: str, inputs: dict[str, Any], mode: s
     redis = Redis.from_url(bench.redis_url)
     async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
         cpu0, rcpu0, t0 = time.process_time(), await redis_cpu(redis), time.time()
-        for _ in range(jobs):
-            await client.enqueue(graph, inputs, modes=[mode])
+        job_ids = [await client.enqueue(graph, inputs, modes=[mode]) for _ in range(jobs)]
         result = await consumer_result(consumer)
         cpu1, rcpu1 = time.process_time(), await redis_cpu(redis)
+    job_key = settings.keys.job(job_ids[0])
+    (_, first), (_, last) = (await redis.xrange(job_key, count=1))[0], (await redis.xrevrange(job_key, count=1))[0]
+    producing_s = (int(last[b"ts"]) - int(first[b"ts"])) / 1000  # the worker's side alone, ms resolution
     await redis.aclose()
     chunks = result["entries"] - jobs  # less one terminal entry per job
     elapsed = result["last"] - t0
     return {
         "chunks": chunks,
         "rate": chunks / elapsed,
+        "producer_rate": chunks / jobs / max(producing_s, 0.001),
         "worker_us": (cpu1 - cpu0) / chunks * 1e6,
         "redis_us": (rcpu1 - rcpu0) / chunks * 1e6,
         "consumer_us": result["cpu"] / chunks * 1e6,
@@ -188,6 +191,7 @@ async def throughput(bench: Bench) -> None:
                 e2e = await tokenbus_e2e(bench, f"bench_{mode}", {"n": n}, mode)
                 bench.record(f"tokenbus_{mode}_chunks_per_s", e2e["rate"])
                 bench.record(f"ratio_{mode}_vs_floor", e2e["rate"] / (count / seconds))
+                bench.record(f"ratio_{mode}_producer_vs_floor", e2e["producer_rate"] / (count / seconds))
                 for part in ("worker", "redis", "consumer"):
                     bench.record(f"cpu_{part}_us_per_chunk_{mode}", e2e[f"{part}_us"])
                 naive = await naive_e2e(bench, graph, {"n": n}, mode)
@@ -298,18 +302,21 @@ async def memory(bench: Bench) -> None:
     total, per_job = (100_000, 20_000) if bench.quick else (1_000_000, 50_000)
     settings = bench.settings(TOKENBUS_TAG_MAXLEN=100_000, TOKENBUS_JOB_MAXLEN=100_000, TOKENBUS_JOB_TTL=5)
     redis = Redis.from_url(bench.redis_url)
+    base = (await redis.info("memory"))["used_memory"] / 1e6  # what earlier scenarios left behind
     samples: list[tuple[float, float]] = []
     async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
         for _ in range(total // per_job):
             job = await client.enqueue("bench_custom", {"n": per_job}, modes=["custom"])
             async for _ in subscribe(redis, jobs=[job], prefix=settings.prefix, start="0"):
                 pass
-            samples.append((rss_mb(), (await redis.info("memory"))["used_memory"] / 1e6))
+            samples.append((rss_mb(), (await redis.info("memory"))["used_memory"] / 1e6 - base))
     await redis.aclose()
-    bench.notes["memory"] = {"tokens": total, "samples_rss_mb_redis_mb": samples}
+    bench.notes["memory"] = {"tokens": total, "per_job": per_job, "rss_mb_and_redis_growth_mb": samples}
+    half = len(samples) // 2  # flat means: the second half of the run grows no further than the first
+    bench.record("memory_worker_rss_growth_second_half_mb", samples[-1][0] - samples[half][0])
     bench.record("memory_worker_rss_growth_mb", samples[-1][0] - samples[0][0])
-    bench.record("memory_redis_mb_end", samples[-1][1])
-    bench.record("memory_redis_mb_peak", max(s[1] for s in samples))
+    bench.record("memory_redis_growth_second_half_mb", samples[-1][1] - samples[half][1])
+    bench.record("memory_redis_growth_peak_mb", max(s[1] for s in samples))
 
 
 async def scaling(bench: Bench) -> None:

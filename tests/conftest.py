@@ -47,6 +47,14 @@ def model_server() -> Iterator[ThreadedModelServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def paced_model() -> Iterator[ThreadedModelServer]:
+    """The offline model at 250 tokens/s: about 0.5 s per joke_poem job, slow enough to be killed mid-stream."""
+    server = ThreadedModelServer(tokens_per_s=250, faults=FAULTS).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
+from consumer.jobs import JobView
+from consumer.subscribe import subscribe
 from schemas.entries import Entry
 from tokenbus.offline_model import Fault, OfflineModelServer
 
@@ -74,6 +76,22 @@ async def wait_until(predicate: Callable[[], T], *, within: float = 20.0, what: 
         return predicate()
 
     return await wait_for(check, within=within, what=what)
+
+
+async def follow_job(
+    redis: Redis, prefix: str, job_id: str, on_chunk: Callable[[Entry], Awaitable[None]] | None = None
+) -> tuple[JobView, list[Entry]]:
+    """Follow one job through the consumer API until its final entry, calling ``on_chunk`` on each
+    chunk (to inject a fault at a given token); return what the job produced and every entry seen."""
+    view, entries = JobView(job_id), []
+    async with asyncio.timeout(60):
+        async for item in subscribe(redis, jobs=[job_id], prefix=prefix, start="0", block_ms=300):
+            assert isinstance(item, Entry)
+            entries.append(item)
+            view.apply(item)
+            if item.is_chunk and on_chunk is not None:
+                await on_chunk(item)
+    return view, entries
 
 
 async def read_stream(redis: Redis, key: str) -> list[Entry]:

@@ -10,16 +10,14 @@ import asyncio
 import os
 import random
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
-from consumer.jobs import JobView
-from consumer.subscribe import subscribe
 from schemas.entries import Entry, EntryType
 from tests.conftest import settings_env
-from tests.support import FAULTS, Process, ThreadedModelServer, read_stream, wait_until
+from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_until
 from tokenbus.offline_model import script_for
 from tokenbus.settings import Settings
 from worker.client import TokenbusClient
@@ -36,14 +34,6 @@ def rng() -> random.Random:
     seed = int(os.environ.get("TOKENBUS_FAULT_SEED") or random.SystemRandom().randrange(1 << 30))
     print(f"fault seed: TOKENBUS_FAULT_SEED={seed}")
     return random.Random(seed)
-
-
-@pytest.fixture(scope="module")
-def paced_model() -> Iterator[ThreadedModelServer]:
-    """About 0.5 s per joke_poem job: slow enough to be killed mid-stream."""
-    server = ThreadedModelServer(tokens_per_s=250, faults=FAULTS).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -74,19 +64,6 @@ async def start_worker(settings: Settings) -> Process:
     return worker
 
 
-async def follow(redis: Redis, settings: Settings, job_id: str, on_chunk: object = None) -> tuple[JobView, list[Entry]]:
-    """Follow one job through the consumer API until its final entry; return the view and entries."""
-    view, entries = JobView(job_id), []
-    async with asyncio.timeout(60):
-        async for item in subscribe(redis, jobs=[job_id], prefix=settings.prefix, start="0", block_ms=500):
-            assert isinstance(item, Entry)
-            entries.append(item)
-            view.apply(item)
-            if item.is_chunk and callable(on_chunk):
-                await on_chunk(item)
-    return view, entries
-
-
 @pytest.mark.parametrize("mode", ["messages", "custom"])
 async def test_sigkill_at_a_random_token_leaves_one_clean_copy(
     mode: str, fast_recovery: Settings, fault_client: TokenbusClient, redis: Redis, rng: random.Random
@@ -105,7 +82,7 @@ async def test_sigkill_at_a_random_token_leaves_one_clean_copy(
                     assert await worker.wait() == -signal.SIGKILL
                     worker = await start_worker(fast_recovery)  # takes the job over once arq's claim expires
 
-            view, entries = await follow(redis, fast_recovery, job_id, on_chunk)
+            view, entries = await follow_job(redis, fast_recovery.prefix, job_id, on_chunk)
             assert (view.status, view.attempt) == (EntryType.END, 2), f"killed at chunk {kill_at}: {view}"
             assert view.text == JOKE + POEM and view.texts == {"joke": JOKE, "poem": POEM}
             newest = [(e.attempt, e.seq) for e in entries if e.attempt == 2]
@@ -130,7 +107,7 @@ async def test_sigterm_without_grace_requeues_and_the_next_attempt_finishes(
             workers.append(await start_worker(fast_recovery))
 
     try:
-        view, entries = await follow(redis, fast_recovery, job_id, on_chunk)
+        view, entries = await follow_job(redis, fast_recovery.prefix, job_id, on_chunk)
     finally:
         await workers[-1].stop()
     cancelled = [e for e in entries if e.attempt == 1 and e.is_terminal]
@@ -151,7 +128,7 @@ async def test_sigterm_with_grace_lets_the_job_finish(
             worker.proc.send_signal(signal.SIGTERM)
             stopping.append(asyncio.create_task(worker.wait()))
 
-    view, _ = await follow(redis, settings, job_id, on_chunk)
+    view, _ = await follow_job(redis, settings.prefix, job_id, on_chunk)
     assert (view.status, view.attempt, view.text) == (EntryType.END, 1, JOKE + POEM)
     assert await stopping[0] == 0, worker.output
 
@@ -171,7 +148,7 @@ async def test_killed_job_out_of_tries_is_closed_by_the_sweeper(
             worker = await start_worker(settings)
 
     try:
-        view, entries = await follow(redis, settings, job_id, on_chunk)
+        view, entries = await follow_job(redis, settings.prefix, job_id, on_chunk)
     finally:
         await worker.stop()
     assert view.status is EntryType.ERROR and view.attempt == 1
@@ -193,7 +170,7 @@ async def test_abort_cancels_the_job_and_closes_the_model_stream(
                 got_chunks.set()
                 assert await client.abort(job_id, timeout_s=10)
 
-        view, _ = await follow(redis, settings, job_id, on_chunk)
+        view, _ = await follow_job(redis, settings.prefix, job_id, on_chunk)
         assert view.status is EntryType.CANCELLED and view.error == "the job was aborted"
         await wait_until(lambda: model_server.server.streams_abandoned > abandoned, what="the HTTP stream to close")
     finally:

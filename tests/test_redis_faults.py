@@ -10,11 +10,9 @@ import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from consumer.jobs import JobView
-from consumer.subscribe import subscribe
 from schemas.entries import Entry, EntryType
 from tests.conftest import make_settings, settings_env
-from tests.support import FAULTS, Process, ThreadedModelServer, read_stream, wait_for, wait_until
+from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_for, wait_until
 from tokenbus.offline_model import script_for
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.settings import Settings
@@ -37,13 +35,6 @@ def aof_redis() -> Iterator[RedisServerProcess]:
     server.close()
 
 
-@pytest.fixture(scope="module")
-def paced_model() -> Iterator[ThreadedModelServer]:
-    server = ThreadedModelServer(tokens_per_s=250, faults=FAULTS).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def aof_settings(aof_redis: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str) -> Settings:
     return make_settings(aof_redis.url, paced_model.base_url, prefix, TOKENBUS_HEARTBEAT=0.2)
@@ -62,17 +53,6 @@ async def running_worker(settings: Settings) -> AsyncIterator[WorkerResources]:
         await worker.close()
 
 
-async def follow(redis: Redis, settings: Settings, job_id: str, on_chunk: object) -> JobView:
-    view = JobView(job_id)
-    async with asyncio.timeout(60):
-        async for item in subscribe(redis, jobs=[job_id], prefix=settings.prefix, start="0", block_ms=300):
-            assert isinstance(item, Entry)
-            view.apply(item)
-            if item.is_chunk and callable(on_chunk):
-                await on_chunk(item)
-    return view
-
-
 async def test_redis_restart_mid_stream_loses_no_acknowledged_entry(
     aof_redis: RedisServerProcess, aof_settings: Settings
 ) -> None:
@@ -88,7 +68,7 @@ async def test_redis_restart_mid_stream_loses_no_acknowledged_entry(
                     await wait_until(lambda: resources.publisher.retries, what="the publisher to notice")
                     await asyncio.to_thread(aof_redis.start)  # same port, same AOF
 
-            view = await follow(reader, aof_settings, job_id, restart_once)
+            view, _ = await follow_job(reader, aof_settings.prefix, job_id, restart_once)
             retries = resources.publisher.retries
         stream = await read_stream(reader, aof_settings.keys.job(job_id))
     finally:
@@ -115,7 +95,7 @@ async def test_redis_away_past_the_limit_fails_the_job_saying_how_much_was_lost(
             await asyncio.to_thread(aof_redis.stop, kill=True)
             lost = await wait_until(lambda: resources.publisher.lost_total, what="a batch given up")
             await asyncio.to_thread(aof_redis.start)
-            view = await follow(reader, settings, job_id, None)
+            view, _ = await follow_job(reader, settings.prefix, job_id, None)
         assert lost and view.status is EntryType.ERROR
         assert "could not be written to Redis" in view.error or "lost " in view.error, view.error
     finally:
