@@ -245,7 +245,7 @@ async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> list[f
 
 async def latency(bench: Bench) -> None:
     rate, seconds = 100.0, (2 if bench.quick else 5)
-    loads = [1, 20] if bench.quick else [1, 20, 50, 80, 120, 160]
+    loads = [1, 20] if bench.quick else [1, 20, 50, 80, 120, 160, 200, 250]
     for run in range(bench.runs):
         print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
         for jobs in loads:
