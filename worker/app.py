@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -85,6 +86,9 @@ def build_worker(
 
     async def startup(ctx: dict[str, Any]) -> None:
         ctx[RESOURCES] = await WorkerResources.open(settings)
+        # Everything loaded so far (LangChain, LangGraph, the graphs) lives as long as the worker:
+        # keep it out of the garbage collector's full passes, which token streams trigger often.
+        gc.freeze()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         resources: WorkerResources | None = ctx.pop(RESOURCES, None)

@@ -45,13 +45,16 @@ class Outcome:
 class _Meta:
     """The encoded form of one metadata dict (one model call)."""
 
-    __slots__ = ("json", "node", "source", "tag_keys", "tags_json")
+    __slots__ = ("json", "node", "source", "streams", "tags_json")
 
-    def __init__(self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, tag_keys: list[str]):
+    def __init__(
+        self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, streams: list[tuple[str, int]]
+    ):
         self.source = source
         self.tags_json = orjson.dumps(tags) if tags else _EMPTY_JSON_LIST
         self.node = node
-        self.tag_keys = tag_keys
+        self.streams = streams
+        """The job stream and the tag streams each chunk of this call goes to, with their caps."""
         self.json = orjson.dumps(source, default=repr) if source else _EMPTY_JSON_OBJECT
 
 
@@ -70,16 +73,19 @@ class JobEmitter:
         self.job_id = job_id
         self.attempt = attempt
         self.job_key = keys.job(job_id)
+        self._job_stream = (self.job_key, limits.job_maxlen)
         self.sink: Sink = publisher.sink(job_id)
         self.seq = 0
         self.chunks = 0
         self.tag_filter: frozenset[str] | None = None
         self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
-        self._meta: _Meta = _Meta(None, (), "", [])
+        self._meta: _Meta = _Meta(None, (), "", [self._job_stream])
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, data: Mapping[str, Any]) -> None:
-        self._emit(EntryType.START, _EMPTY_JSON_LIST, "", "", orjson.dumps(data), _EMPTY_JSON_OBJECT, [])
+        self._emit(
+            EntryType.START, _EMPTY_JSON_LIST, "", "", orjson.dumps(data), _EMPTY_JSON_OBJECT, [self._job_stream]
+        )
 
     def finish(self, outcome: Outcome, data: Mapping[str, Any] | None = None) -> None:
         """Queue the attempt's terminal entry on every stream it wrote to, and the job stream's expiry."""
@@ -89,9 +95,8 @@ class JobEmitter:
         )  # fmt: skip
         fields += terminal_fields(outcome.error, outcome.error_type, outcome.retry)
         self.seq += 1
-        self._publisher.xadd(self.sink, self.job_key, self._limits.job_maxlen, fields)
-        for key in self.tag_streams:
-            self._publisher.xadd(self.sink, key, self._limits.tag_maxlen, fields)
+        tag_maxlen = self._limits.tag_maxlen
+        self._publisher.xadd(self.sink, [self._job_stream, *((key, tag_maxlen) for key in self.tag_streams)], fields)
         self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
 
     # -- chunks (the hot path) -------------------------------------------------------------------
@@ -107,7 +112,7 @@ class JobEmitter:
             content,
             _message_data(message),
             meta.json,
-            meta.tag_keys,
+            meta.streams,
         )
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
@@ -133,7 +138,7 @@ class JobEmitter:
         self.chunks += 1
         self._emit(
             EntryType.CUSTOM, meta.tags_json, meta.node, content if isinstance(content, str) else "",
-            data, meta.json, meta.tag_keys,
+            data, meta.json, meta.streams,
         )  # fmt: skip
 
     def _emit(
@@ -144,24 +149,22 @@ class JobEmitter:
         content: str,
         data: bytes,
         meta: bytes,
-        tag_keys: list[str],
+        streams: list[tuple[str, int]],
     ) -> None:
         fields = chunk_fields(
             kind, self.job_id, self.attempt, self.seq, _now_ms(), tags_json, node, content, data, meta
         )
         self.seq += 1
-        publisher, sink = self._publisher, self.sink
-        publisher.xadd(sink, self.job_key, self._limits.job_maxlen, fields)
-        for key in tag_keys:
-            publisher.xadd(sink, key, self._limits.tag_maxlen, fields)
+        self._publisher.xadd(self.sink, streams, fields)
 
     def _encode_meta(self, metadata: Mapping[str, Any]) -> _Meta:
         tags = tuple(_tags_of(metadata.get("tags")))
         fanout = [t for t in tags if self.tag_filter is None or t in self.tag_filter]
         tag_keys = [self._keys.tag(t) for t in fanout]
+        streams = [self._job_stream, *((key, self._limits.tag_maxlen) for key in tag_keys)]
         for key in tag_keys:
             self.tag_streams.setdefault(key)
-        self._meta = _Meta(metadata, tags, str(metadata.get("langgraph_node", "")), tag_keys)
+        self._meta = _Meta(metadata, tags, str(metadata.get("langgraph_node", "")), streams)
         return self._meta
 
 

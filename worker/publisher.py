@@ -23,12 +23,12 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from schemas.errors import ClientStateError, PublishError
-from worker.wire import Wire, pack
+from worker.wire import Wire, XaddPacker, pack
 
 logger = logging.getLogger(__name__)
 
 _RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-_Command = tuple["Sink", tuple[Any, ...]]
+_Command = tuple["Sink", bytes]  # packed in the Redis protocol when queued
 
 
 class Sink:
@@ -69,6 +69,7 @@ class Publisher:
         backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
     ) -> None:
         self._wire = Wire(redis)
+        self._xadd = XaddPacker()
         self._batch_max = batch_max
         self._buffer_max = buffer_max
         self._give_up_s = give_up_s
@@ -107,15 +108,20 @@ class Publisher:
     def sink(self, job_id: str) -> Sink:
         return Sink(self, job_id)
 
-    def xadd(self, sink: Sink, key: str, maxlen: int, fields: list[Any]) -> None:
-        """Queue ``XADD key MAXLEN ~ maxlen * fields...`` for ``sink``'s job. Never blocks."""
-        self.command(sink, ("XADD", key, "MAXLEN", "~", maxlen, "*", *fields))
+    def xadd(self, sink: Sink, streams: Sequence[tuple[str, int]], fields: list[Any]) -> None:
+        """Queue ``XADD key MAXLEN ~ maxlen * fields...`` on each ``(key, maxlen)`` of ``streams``
+        for ``sink``'s job. Never blocks."""
+        self._enqueue(sink, self._xadd.pack(streams, fields))
 
     def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
+        """Queue any other command (``EXPIRE``, ``ZADD``...) in order with the job's entries."""
+        self._enqueue(sink, [pack(args)])
+
+    def _enqueue(self, sink: Sink, packed: list[bytes]) -> None:
         if self._task is None or self._closing:
             raise ClientStateError("publisher is not running")
-        self._queue.append((sink, args))
-        self._queued += 1
+        self._queue.extend([(sink, command) for command in packed])
+        self._queued += len(packed)
         sink.last_index = self._queued
         if not self._wake.is_set():
             self._wake.set()
@@ -166,7 +172,7 @@ class Publisher:
         attempt = 0
         while True:
             try:
-                results = await self._wire.execute(pack([args for _, args in batch]), len(batch))
+                results = await self._wire.execute(b"".join([command for _, command in batch]), len(batch))
             except _RETRYABLE as e:
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
@@ -179,10 +185,11 @@ class Publisher:
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
             self.batches += 1
-            for (sink, args), result in zip(batch, results, strict=True):
+            for (sink, command), result in zip(batch, results, strict=True):
                 if isinstance(result, Exception):
-                    sink.errors.append(f"{args[0]} {args[1]}: {result}")
-                    logger.error("job %s: Redis refused %s %s: %s", sink.job_id, args[0], args[1], result)
+                    what = b" ".join(command.split(b"\r\n")[2:5:2]).decode(errors="replace")  # e.g. "XADD key"
+                    sink.errors.append(f"{what}: {result}")
+                    logger.error("job %s: Redis refused %s: %s", sink.job_id, what, result)
             return
 
     def _lose(self, batch: list[_Command], error: BaseException, waited: float) -> None:

@@ -22,8 +22,38 @@ from redis.asyncio.connection import Connection
 READ_CHUNK = 1 << 16
 
 
-def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
-    return b"".join([hiredis.pack_command(args) for args in commands])
+def pack(args: tuple[Any, ...]) -> bytes:
+    """One command in the Redis protocol."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
+
+
+class XaddPacker:
+    """Packs ``XADD key MAXLEN ~ n * fields...`` for several streams with the fields packed once.
+
+    Commands are packed when queued, so the publisher's buffer holds one bytes object per command
+    (which the garbage collector does not track) instead of a tuple of ~30 objects.
+    """
+
+    def __init__(self, max_prefixes: int = 10_000) -> None:
+        self._prefixes: dict[tuple[str, int], bytes] = {}
+        self._max_prefixes = max_prefixes
+
+    def pack(self, streams: Sequence[tuple[str, int]], fields: Sequence[Any]) -> list[bytes]:
+        body = pack(tuple(fields))
+        body = body[body.index(b"\r\n") + 2 :]  # drop the "*<count>" header
+        header = b"*%d\r\n" % (len(fields) + 6)
+        return [header + self._prefix(key, maxlen) + body for key, maxlen in streams]
+
+    def _prefix(self, key: str, maxlen: int) -> bytes:
+        prefix = self._prefixes.get((key, maxlen))
+        if prefix is None:
+            packed = pack(("XADD", key, "MAXLEN", "~", maxlen, "*"))
+            prefix = packed[packed.index(b"\r\n") + 2 :]
+            if len(self._prefixes) >= self._max_prefixes:
+                self._prefixes.clear()
+            self._prefixes[(key, maxlen)] = prefix
+        return prefix
 
 
 class Wire:
