@@ -68,7 +68,3 @@ class AttemptFilter:
             if tag in tags:
                 return stream
         return None
-
-    def attempt_of(self, job: str) -> int | None:
-        state = self._jobs.get(job)
-        return None if state is None else state.attempt

@@ -54,10 +54,5 @@ class StreamKeys:
         return f"{self.prefix}:job:{{{validate_job_id(job_id)}}}"
 
     @property
-    def tag_pattern(self) -> str:
-        """A SCAN/ACL pattern matching every tag stream."""
-        return f"{self.prefix}:tag:*"
-
-    @property
     def dead_letter(self) -> str:
         return f"{self.prefix}:dead"

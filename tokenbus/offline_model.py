@@ -101,7 +101,6 @@ class OfflineModelServer:
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = asyncio.Event()
         self.requests = 0
-        self.streams_completed = 0
         self.streams_abandoned = 0
         """Streams the client closed before their end (an aborted job closes its HTTP stream)."""
 
@@ -243,7 +242,6 @@ class OfflineModelServer:
         except ConnectionError:
             self.streams_abandoned += 1
             raise
-        self.streams_completed += 1
         event({}, "stop")
         if (request.get("stream_options") or {}).get("include_usage"):
             event(None, usage=usage)

@@ -143,10 +143,6 @@ class Publisher:
         heapq.heappush(self._waiters, (index, id(future), future))
         await future
 
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
     # -- the writer ------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
@@ -163,7 +159,11 @@ class Publisher:
                 del self._queue[: self._batch_max]
             if not self._writable.is_set() and len(self._queue) < self._buffer_max // 2:
                 self._writable.set()
-            await self._write(batch)
+            try:
+                await self._write(batch)
+            except Exception as e:  # a bug or an unexpected reply: lose this batch, not the writer
+                logger.exception("publishing %d entries failed unexpectedly", len(batch))
+                self._lose(batch, e, 0.0)
             self._done += len(batch)
             self._release_waiters()
 
