@@ -129,3 +129,15 @@ async def test_tags_can_never_leave_the_prefix(settings: Settings) -> None:
         with pytest.raises(InvalidTag):
             keys.tag(tag)
     assert keys.tag("poem") == f"{settings.prefix}:tag:{{poem}}"
+
+
+async def test_a_key_redis_refuses_fails_the_job_naming_it(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    await redis.set(settings.keys.tag("poem"), "not a stream")  # someone else's key, or a bad migration
+    job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
+    await run_burst_worker()
+    job = await read_stream(redis, settings.keys.job(job_id))
+    assert job[-1].type is EntryType.ERROR
+    assert f"XADD {settings.keys.tag('poem')}: WRONGTYPE" in job[-1].error, job[-1].error
+    assert text_of(await read_stream(redis, settings.keys.tag("joke"))) != ""  # the other tag still got its chunks
