@@ -56,7 +56,8 @@ async def run_graph(ctx: dict[str, Any], request: Any) -> dict[str, Any]:
         raise
     finally:
         elapsed_ms = round((time.monotonic() - started) * 1000)
-        outcome = await asyncio.shield(_write_terminal(resources, emitter, outcome, elapsed_ms))
+        terminal = resources.track(_write_terminal(resources, emitter, outcome, elapsed_ms))
+        outcome = await asyncio.shield(terminal)  # a cancelled job still writes it; shutdown waits for it
         logger.info("job %s attempt %d: %s after %d chunks", job_id, attempt, outcome.type, emitter.chunks)
     if outcome.type is EntryType.ERROR:
         raise JobFailed(outcome.error)

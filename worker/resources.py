@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import httpx2
 from redis.asyncio import Redis
@@ -21,6 +24,8 @@ from worker.registry import Graph, GraphRegistry, load_graph
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 @dataclass
 class WorkerResources:
@@ -32,6 +37,7 @@ class WorkerResources:
     sweeper: Sweeper
     registry: GraphRegistry
     _stack: contextlib.AsyncExitStack
+    _tracked: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
     async def open(cls, settings: Settings, *, redis: Redis | None = None) -> WorkerResources:
@@ -79,9 +85,18 @@ class WorkerResources:
         logger.info("worker serves graphs: %s", ", ".join(resources.registry.names))
         return resources
 
+    def track(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coroutine`` as a task that :meth:`close` waits for (terminal entries)."""
+        task = asyncio.ensure_future(coroutine)
+        self._tracked.add(task)
+        task.add_done_callback(self._tracked.discard)
+        return task
+
     def emitter(self, job_id: str, attempt: int) -> JobEmitter:
         return JobEmitter(self.publisher, self.keys, self.limits, job_id, attempt)
 
     async def close(self) -> None:
-        """Flush the publisher, then close everything opened, in reverse order."""
+        """Let terminal entries being written finish, flush the publisher, close the rest."""
+        if self._tracked:
+            await asyncio.wait(list(self._tracked), timeout=self.settings.publish_give_up_s + 10)
         await self._stack.aclose()
