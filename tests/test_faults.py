@@ -21,6 +21,8 @@ from tests.support import Process, ThreadedModelServer, follow_job, read_stream,
 from tokenbus.offline_model import script_for
 from tokenbus.settings import Settings
 from worker.client import TokenbusClient
+from worker.emitter import StreamLimits
+from worker.orphans import Sweeper, running_key
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -133,7 +135,7 @@ async def test_sigterm_with_grace_lets_the_job_finish(
     assert await stopping[0] == 0, worker.output
 
 
-async def test_killed_job_out_of_tries_is_closed_by_the_sweeper(
+async def test_killed_job_out_of_tries_is_closed_when_arq_gives_up(
     fast_recovery: Settings, fault_client: TokenbusClient, redis: Redis
 ) -> None:
     settings = fast_recovery.model_copy(update={"max_tries": 1})
@@ -152,7 +154,8 @@ async def test_killed_job_out_of_tries_is_closed_by_the_sweeper(
     finally:
         await worker.stop()
     assert view.status is EntryType.ERROR and view.attempt == 1
-    assert "will not run again" in view.error
+    assert "attempt 1 stopped without ending it, and the job will not run again" in view.error
+    assert "max 1 retries exceeded" in view.error
     assert entries[-1].is_final and not entries[-1].retry
 
 
@@ -175,3 +178,35 @@ async def test_abort_cancels_the_job_and_closes_the_model_stream(
         await wait_until(lambda: model_server.server.streams_abandoned > abandoned, what="the HTTP stream to close")
     finally:
         await worker.stop()
+
+
+async def test_abort_before_the_job_starts_still_ends_it(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    job_id = await client.enqueue("joke_poem", {"topic": "cats"})
+    assert await client.abort(job_id)  # recorded; no worker has seen the job yet
+    await run_burst_worker()
+    view, entries = await follow_job(redis, settings.prefix, job_id)
+    assert view.status is EntryType.CANCELLED and view.error == "the job was aborted before it started"
+    assert [e.type for e in entries] == [EntryType.CANCELLED]
+
+
+async def test_sweeper_closes_a_job_nobody_will_run(settings: Settings, redis: Redis) -> None:
+    """The fallback when no worker will ever pick the job up again (its arq keys are gone)."""
+    keys, limits = settings.keys, StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
+    job_id = f"{settings.prefix}-orphan"
+    for entry in (
+        Entry.model_validate({"type": "start", "job": job_id, "attempt": 2, "seq": 0, "ts": 1}),
+        Entry.model_validate({"type": "token", "job": job_id, "attempt": 2, "seq": 1, "ts": 1, "tags": ["poem"]}),
+    ):
+        await redis.xadd(keys.job(job_id), entry.encode())  # type: ignore[arg-type]
+        if entry.tags:
+            await redis.xadd(keys.tag("poem"), entry.encode())  # type: ignore[arg-type]
+    await redis.zadd(running_key(keys), {job_id: 0})  # its heartbeat stopped long ago
+    sweeper = Sweeper(redis, keys, limits, heartbeat_s=0.1)
+    assert await sweeper.sweep() == [job_id]
+    last = (await read_stream(redis, keys.tag("poem")))[-1]
+    assert (last.type, last.attempt, last.seq, last.retry) == (EntryType.ERROR, 2, 2, False)
+    assert "attempt 2 stopped without ending it" in last.error
+    assert await redis.zscore(running_key(keys), job_id) is None
+    assert await sweeper.sweep() == []

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from typing import Any
 
 from arq.connections import RedisSettings
+from arq.constants import retry_key_prefix
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from schemas.entries import EntryType
 from tokenbus.redis_client import redis_url
 from tokenbus.settings import Settings
 from worker.job import RESOURCES, run_graph
+from worker.orphans import WORKER_LOST, close_attempt
 from worker.resources import WorkerResources
 from worker.serializer import job_deserializer, job_serializer
 
@@ -50,6 +54,36 @@ class TokenbusWorker(Worker):
                     self.job_counter -= 1  # the slot arq took for a job it could not start
                     self.sem.release()
                 raise
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq fails a job here without running it (aborted before it started, max tries reached,
+        expired): give the job's followers its terminal entry now, rather than never."""
+        attempt = int(await self.pool.get(retry_key_prefix + job_id) or 1)  # super() deletes it
+        await super().finish_failed_job(job_id, result_data)
+        resources: WorkerResources | None = self.ctx.get(RESOURCES)
+        if resources is None:
+            return
+        reason = "arq did not run the job"
+        with contextlib.suppress(Exception):
+            reason = str(job_deserializer(result_data or b"{}").get("r") or reason)
+        aborted = reason.startswith("CancelledError")
+        try:
+            await close_attempt(
+                resources.redis, resources.keys, resources.limits, job_id, retry=False,
+                reason=_not_run_reason(aborted, attempt, reason),
+                kind=EntryType.CANCELLED if aborted else EntryType.ERROR,
+                error_type="CancelledError" if aborted else "JobNotRun", unstarted_attempt=max(attempt - 1, 1),
+            )  # fmt: skip
+        except _REDIS_UNAVAILABLE:
+            logger.warning("job %s: could not write its terminal entry; the sweeper will", job_id, exc_info=True)
+
+
+def _not_run_reason(aborted: bool, attempt: int, arq_reason: str) -> str:
+    if aborted:
+        return "the job was aborted before it started"
+    if attempt > 1:  # an earlier attempt started and its worker died
+        return WORKER_LOST.format(attempt="{attempt}", why=arq_reason)
+    return f"the job was not run ({arq_reason})"
 
 
 def hard_timeout_s(settings: Settings) -> float:

@@ -15,18 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
 
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
-from schemas.entries import Entry, ErrorEntry
+from schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from schemas.keys import StreamKeys
 from worker.emitter import StreamLimits
 
 logger = logging.getLogger(__name__)
 
 SCAN_PAGE = 500
+WORKER_LOST = "the worker running attempt {attempt} stopped without ending it, and the job will not run again ({why})"
 
 
 def running_key(keys: StreamKeys) -> str:
@@ -58,17 +58,25 @@ async def last_attempt(redis: Redis, keys: StreamKeys, job_id: str) -> tuple[Ent
 
 async def close_attempt(
     redis: Redis, keys: StreamKeys, limits: StreamLimits, job_id: str, *, retry: bool, reason: str,
-    only_tags: Iterable[str] | None = None,
-) -> ErrorEntry | None:  # fmt: skip
-    """Write the ``error`` terminal entry of the job's newest attempt if it has none."""
+    kind: EntryType = EntryType.ERROR, error_type: str = "WorkerLost", unstarted_attempt: int | None = None,
+) -> Entry | None:  # fmt: skip
+    """Write the terminal entry of the job's newest attempt if it has none.
+
+    ``unstarted_attempt``: the job never started (arq failed it before tokenbus code ran); write
+    that attempt's terminal entry even though the job stream is empty.
+    """
     last, tags = await last_attempt(redis, keys, job_id)
-    if last is None or last.is_terminal:
+    if last is not None and last.is_terminal and (unstarted_attempt is None or last.attempt >= unstarted_attempt):
         return None
-    if only_tags is not None:
-        tags &= set(only_tags)
-    entry = ErrorEntry(
-        job=job_id, attempt=last.attempt, seq=last.seq + 1, ts=time.time_ns() // 1_000_000,
-        data={"chunks": None}, error=reason.format(attempt=last.attempt), error_type="WorkerLost", retry=retry,
+    if last is None or (unstarted_attempt is not None and last.attempt < unstarted_attempt):
+        if unstarted_attempt is None:
+            return None
+        attempt, seq, tags = unstarted_attempt, 0, set()
+    else:
+        attempt, seq = last.attempt, last.seq + 1
+    entry = ENTRY_CLASSES[kind](
+        type=kind, job=job_id, attempt=attempt, seq=seq, ts=time.time_ns() // 1_000_000,
+        data={"chunks": None}, error=reason.format(attempt=attempt), error_type=error_type, retry=retry,
     )  # fmt: skip
     fields = entry.encode()
     async with redis.pipeline(transaction=True) as pipe:
@@ -78,7 +86,7 @@ async def close_attempt(
         if not retry:
             pipe.expire(keys.job(job_id), limits.job_ttl_s)
         await pipe.execute()
-    logger.warning("job %s: closed attempt %d (%s)", job_id, last.attempt, entry.error)
+    logger.warning("job %s: closed attempt %d (%s)", job_id, attempt, entry.error)
     return entry
 
 
@@ -137,8 +145,7 @@ class Sweeper:
                 continue
             entry = await close_attempt(
                 self._redis, self._keys, self._limits, job_id, retry=False,
-                reason="the worker running attempt {attempt} stopped without ending it, and the job will not "
-                "run again (max tries reached or expired)",
+                reason=WORKER_LOST.format(attempt="{attempt}", why="max tries reached or expired"),
             )  # fmt: skip
             await self._redis.zrem(running_key(self._keys), job_id)
             if entry is not None:
