@@ -21,3 +21,14 @@ def test_linter_passes(command: list[str]) -> None:
     tool = str(BIN / command[0])
     result = subprocess.run([tool, *command[1:]], check=False, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    from tokenbus.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        str(f.validation_alias) for f in Settings.model_fields.values() if f"`{f.validation_alias}`" not in table
+    ]
+    assert not missing, f"README's configuration table lacks {missing}"
