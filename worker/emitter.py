@@ -102,7 +102,7 @@ class JobEmitter:
     # -- chunks (the hot path) -------------------------------------------------------------------
     def message(self, message: BaseMessageChunk, metadata: Mapping[str, Any]) -> None:
         """A ``messages``-mode chunk: an LLM token and the metadata of its model call."""
-        meta = self._meta if metadata is self._meta.source else self._encode_meta(metadata)
+        meta = self._meta_for(metadata)
         content = message.content if isinstance(message.content, str) else message.text
         self.chunks += 1
         self._emit(
@@ -120,13 +120,14 @@ class JobEmitter:
         their own metadata (and tags); a dict payload may carry ``tags`` itself."""
         if isinstance(chunk, tuple) and len(chunk) == 2 and isinstance(chunk[1], Mapping):
             payload, metadata = chunk
+            meta = self._meta_for(metadata)
         else:
             payload = chunk
             tags = payload.get("tags", ()) if isinstance(payload, Mapping) else ()
             metadata = {"tags": list(tags)} if tags else {}
             if namespace:
                 metadata["langgraph_checkpoint_ns"] = "|".join(namespace)
-        meta = self._meta if metadata is self._meta.source else self._encode_meta(metadata)
+            meta = self._meta_for(metadata)
         try:
             data = orjson.dumps(payload)
         except TypeError as e:
@@ -156,6 +157,14 @@ class JobEmitter:
         )
         self.seq += 1
         self._publisher.xadd(self.sink, streams, fields)
+
+    def _meta_for(self, metadata: Mapping[str, Any]) -> _Meta:
+        """The encoded metadata: LangGraph passes one dict per model call (identity), custom writers
+        often build an equal one per chunk (equality), so re-encoding happens once per call."""
+        meta = self._meta
+        if metadata is meta.source or metadata == meta.source:
+            return meta
+        return self._encode_meta(metadata)
 
     def _encode_meta(self, metadata: Mapping[str, Any]) -> _Meta:
         tags = tuple(_tags_of(metadata.get("tags")))
