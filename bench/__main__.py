@@ -28,6 +28,7 @@ import orjson
 import uvloop
 from redis.asyncio import Redis
 
+from bench.consumer import percentiles
 from bench.graphs import GRAPHS, custom, messages, paced
 from consumer.reader import BEGINNING, StreamReader
 from consumer.subscribe import subscribe
@@ -212,15 +213,6 @@ async def throughput(bench: Bench) -> None:
 # -- latency ---------------------------------------------------------------------------------------
 
 
-def percentiles(values: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(values)
-    return (
-        ordered[len(ordered) // 2] * 1000,
-        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
-        ordered[-1] * 1000,
-    )
-
-
 async def paced_no_sink(jobs: int, n: int, rate: float) -> list[float]:
     latencies: list[float] = []
 
@@ -232,15 +224,15 @@ async def paced_no_sink(jobs: int, n: int, rate: float) -> list[float]:
     return latencies
 
 
-async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> list[float]:
+async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> tuple[float, float, float]:
     settings = bench.settings()
     consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs), "--latency")
     async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
         for _ in range(jobs):
             await client.enqueue("bench_paced", {"n": n, "rate": rate}, modes=["custom"])
         result = await consumer_result(consumer)
-    latencies: list[float] = result["latencies"]
-    return latencies
+    p50, p99, worst = result["latency_ms"]
+    return p50, p99, worst
 
 
 async def latency(bench: Bench) -> None:
@@ -249,11 +241,12 @@ async def latency(bench: Bench) -> None:
     for run in range(bench.runs):
         print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
         for jobs in loads:
-            for label, measure in (
-                ("nosink", lambda j=jobs: paced_no_sink(j, int(rate * seconds), rate)),
-                ("tokenbus", lambda j=jobs: paced_tokenbus(bench, j, int(rate * seconds), rate)),
+            no_sink = percentiles(await paced_no_sink(jobs, int(rate * seconds), rate))
+            assert no_sink is not None
+            for label, (p50, p99, worst) in (
+                ("nosink", no_sink),
+                ("tokenbus", await paced_tokenbus(bench, jobs, int(rate * seconds), rate)),
             ):
-                p50, p99, worst = percentiles(await measure())
                 bench.record(f"latency_{label}_{jobs}jobs_p50_ms", p50)
                 bench.record(f"latency_{label}_{jobs}jobs_p99_ms", p99)
                 bench.record(f"latency_{label}_{jobs}jobs_max_ms", worst)

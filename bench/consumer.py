@@ -52,7 +52,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         break
     finally:
         await redis.aclose()
-    return {"entries": count, "last": last, "latencies": latencies, "cpu": time.process_time()}
+    return {"entries": count, "last": last, "latency_ms": percentiles(latencies), "cpu": time.process_time()}
+
+
+def percentiles(values: list[float]) -> tuple[float, float, float] | None:
+    """p50, p99 and max in milliseconds (a summary: the raw list would be megabytes on stdout)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return ordered[len(ordered) // 2] * 1000, p99 * 1000, ordered[-1] * 1000
 
 
 def main() -> None:
