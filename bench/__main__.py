@@ -327,10 +327,11 @@ async def scaling(bench: Bench) -> None:
             await asyncio.create_subprocess_exec(tokenbus, "worker", env=env, stderr=asyncio.subprocess.PIPE)
             for _ in range(processes)
         ]
-        for w in workers:  # wait until each worker serves
+        for w in workers:  # wait until each worker serves, then keep draining its log
             assert w.stderr is not None
             while b"worker serves graphs" not in await w.stderr.readline():
                 pass
+        drains = [asyncio.create_task(w.stderr.read()) for w in workers if w.stderr is not None]
         consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs))
         async with await TokenbusClient.connect(settings) as client:
             t0 = time.time()
@@ -340,7 +341,8 @@ async def scaling(bench: Bench) -> None:
         bench.record(f"scaling_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
         for w in workers:
             w.terminate()
-            await w.communicate()
+            await w.wait()
+        await asyncio.gather(*drains)
 
 
 async def profile(bench: Bench) -> None:
