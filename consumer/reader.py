@@ -3,7 +3,8 @@
 Positions are always concrete ids: ``$`` ("from now") is resolved to each stream's last id
 before the first read, so no entry added between two reads is skipped, and a reconnect resumes
 exactly where reading stopped. A resume id older than what a stream still holds (trimmed by
-``MAXLEN``) is reported as a :class:`Gap`, never skipped silently.
+``MAXLEN``) is reported as a :class:`Gap`, never skipped silently: checked before the first read,
+after a reconnect, and whenever a read returns a full batch (the reader lags, maybe past the cap).
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ class StreamReader:
             batch: list[RawEntry] = []
             for stream_name, entries in _items(reply):
                 stream = _decode(stream_name)
+                if len(entries) >= self._count:  # a full reply: this reader lags, and may lag past the cap
+                    lagging = await self._safe_check_gap(stream)
+                    if lagging is not None:
+                        yield lagging
                 for entry_id, fields in entries:
                     batch.append((stream, _decode(entry_id), fields))
                 if entries:

@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from consumer.reader import Gap, latest_positions
+from consumer.reader import Gap, StreamReader, latest_positions
 from consumer.subscribe import subscribe
 from schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from schemas.errors import MalformedEntry
@@ -185,3 +185,17 @@ async def test_reader_resumes_after_its_connection_is_killed(
     finally:
         await reader.aclose()
         await admin.aclose()
+
+
+async def test_a_lagging_reader_is_told_when_it_falls_past_the_cap(redis: Redis, keys: StreamKeys) -> None:
+    """Real Redis: a reader reading full batches checks for trimming while it reads."""
+    key = keys.tag("poem")
+    ids = await write(redis, key, *[token("j", i, str(i)) for i in range(10)])
+    reader = StreamReader(redis, {key: "0-0"}, count=3, block_ms=100).batches()
+    first = await anext(reader)
+    assert [i for _, i, _ in first] == ids[:3]
+    await redis.xtrim(key, maxlen=4, approximate=False)  # entries 3..5 go before they are read
+    gap = await anext(reader)
+    assert isinstance(gap, Gap) and gap.after == ids[2] and gap.first_available == ids[6]
+    rest = await anext(reader)
+    assert [i for _, i, _ in rest] == ids[6:9]
