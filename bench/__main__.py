@@ -316,8 +316,8 @@ async def scaling(bench: Bench) -> None:
     """1 vs 2 worker processes on one Redis, 16 CPU-bound jobs."""
     jobs, n = (8, 5_000) if bench.quick else (16, 20_000)
     for processes in (1, 2):
-        # a tag stream cap above the total: a consumer that falls behind must not have terminal entries
-        # trimmed away (live reads do not notice trimming; see BENCHMARKS.md)
+        # a tag stream cap above the total: a consumer that falls behind must not lose terminal
+        # entries to trimming (it would be told of the gap, but would wait for those jobs forever)
         settings = bench.settings(TOKENBUS_MAX_JOBS=jobs, TOKENBUS_TAG_MAXLEN=jobs * n * 2)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENBUS_GRAPHS": orjson.dumps(GRAPHS).decode()}
         env.update(
