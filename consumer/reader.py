@@ -105,6 +105,7 @@ class StreamReader:
     async def batches(self) -> AsyncIterator[list[RawEntry] | Gap]:
         """Yield lists of new entries (and :class:`Gap` notices) forever; retries through reconnects."""
         failures = 0
+        reconnected = False
         while True:
             try:
                 if not self._resolved:
@@ -116,13 +117,15 @@ class StreamReader:
                 failures += 1
                 logger.warning("reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay)
                 await asyncio.sleep(delay)
-                if failures == 1:  # after a reconnect, check that history was not trimmed meanwhile
-                    for stream in self.positions:
-                        trimmed = await self._safe_check_gap(stream)
-                        if trimmed is not None:
-                            yield trimmed
+                reconnected = True
                 continue
             failures = 0
+            if reconnected:  # back after an outage: was history trimmed past us meanwhile?
+                reconnected = False
+                for stream in self.positions:
+                    trimmed = await self._safe_check_gap(stream)
+                    if trimmed is not None:
+                        yield trimmed
             if not reply:
                 continue
             batch: list[RawEntry] = []

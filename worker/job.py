@@ -76,7 +76,7 @@ async def _write_terminal(
     backoff = iter(TERMINAL_BACKOFF_S)
     while True:
         if sink.lost and outcome.type is EntryType.END:
-            outcome = Outcome(EntryType.ERROR, _lost_message(emitter), "PublishError")
+            outcome = Outcome(EntryType.ERROR, str(sink.failure()), "PublishError")
         lost_before = sink.lost
         emitter.finish(outcome, {"elapsed_ms": elapsed_ms, "lost": sink.lost})
         resources.publisher.command(sink, ("ZREM", running_key(resources.keys), emitter.job_id))
@@ -86,13 +86,6 @@ async def _write_terminal(
         await asyncio.sleep(delay)  # the terminal entry itself was lost: Redis is still away
     resources.sweeper.running.discard(emitter.job_id)
     return outcome
-
-
-def _lost_message(emitter: JobEmitter) -> str:
-    return (
-        f"lost {emitter.sink.lost} of {emitter.seq} stream entries of job {emitter.job_id} attempt "
-        f"{emitter.attempt}: Redis was unreachable for longer than the publisher waits"
-    )
 
 
 async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Outcome:

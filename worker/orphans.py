@@ -66,12 +66,10 @@ async def close_attempt(
     that attempt's terminal entry even though the job stream is empty.
     """
     last, tags = await last_attempt(redis, keys, job_id)
-    if last is not None and last.is_terminal and (unstarted_attempt is None or last.attempt >= unstarted_attempt):
-        return None
-    if last is None or (unstarted_attempt is not None and last.attempt < unstarted_attempt):
-        if unstarted_attempt is None:
-            return None
+    if unstarted_attempt is not None and (last is None or last.attempt < unstarted_attempt):
         attempt, seq, tags = unstarted_attempt, 0, set()
+    elif last is None or last.is_terminal:
+        return None
     else:
         attempt, seq = last.attempt, last.seq + 1
     entry = ENTRY_CLASSES[kind](

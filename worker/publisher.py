@@ -50,12 +50,15 @@ class Sink:
     def check(self) -> None:
         """Raise :class:`PublishError` if anything this job queued was lost or refused."""
         if self.lost or self.errors:
-            detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
-            raise PublishError(
-                f"{self.lost + len(self.errors)} stream entries of job {self.job_id} could not be "
-                f"written to Redis{detail}",
-                lost=self.lost + len(self.errors),
-            )
+            raise self.failure()
+
+    def failure(self) -> PublishError:
+        """What was lost or refused so far, as the error the job ends with."""
+        detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
+        return PublishError(
+            f"{self.lost + len(self.errors)} stream entries of job {self.job_id} could not be written to Redis{detail}",
+            lost=self.lost + len(self.errors),
+        )
 
 
 class Publisher:
