@@ -178,15 +178,19 @@ def chunk_fields(
     kind: str,
     job: str,
     attempt: int,
-    seq: int,
-    ts: int,
+    seq: int | object,
+    ts: int | object,
     tags_json: bytes,
     node: str,
-    content: str,
-    data_json: bytes,
+    content: str | object,
+    data_json: bytes | object,
     meta_json: bytes,
 ) -> list[Any]:
-    """The flat field list ``[name, value, ...]`` of an entry, in contract order (the hot path)."""
+    """The flat field list ``[name, value, ...]`` of an entry, in contract order.
+
+    ``seq``, ``ts``, ``content`` and ``data_json`` are what differs between the chunks of one
+    model call: the publisher passes placeholders for them to pack the rest once per call.
+    """
     return [
         b"v", _V,
         b"type", kind,

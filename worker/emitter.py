@@ -20,6 +20,7 @@ from schemas.entries import EntryType, chunk_fields, terminal_fields
 from schemas.errors import PayloadError
 from schemas.keys import StreamKeys, validate_tag
 from worker.publisher import Publisher, Sink
+from worker.wire import CONTENT, DATA, SEQ, TS, ChunkTemplate
 
 _EMPTY_JSON_LIST = b"[]"
 _EMPTY_JSON_OBJECT = b"{}"
@@ -43,19 +44,14 @@ class Outcome:
 
 
 class _Meta:
-    """The encoded form of one metadata dict (one model call)."""
+    """One metadata dict (one model call) encoded for one kind of chunk: a packed template."""
 
-    __slots__ = ("json", "node", "source", "streams", "tags_json")
+    __slots__ = ("kind", "source", "template")
 
-    def __init__(
-        self, source: Mapping[str, Any] | None, tags: tuple[str, ...], node: str, streams: list[tuple[str, int]]
-    ):
+    def __init__(self, kind: EntryType, source: Mapping[str, Any], template: ChunkTemplate):
+        self.kind = kind
         self.source = source
-        self.tags_json = orjson.dumps(tags) if tags else _EMPTY_JSON_LIST
-        self.node = node
-        self.streams = streams
-        """The job stream and the tag streams each chunk of this call goes to, with their caps."""
-        self.json = orjson.dumps(source, default=repr) if source else _EMPTY_JSON_OBJECT
+        self.template = template
 
 
 class JobEmitter:
@@ -79,13 +75,16 @@ class JobEmitter:
         self.chunks = 0
         self.tag_filter: frozenset[str] | None = None
         self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
-        self._meta: _Meta = _Meta(None, (), "", [self._job_stream])
+        self._meta: _Meta | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, data: Mapping[str, Any]) -> None:
-        self._emit(
-            EntryType.START, _EMPTY_JSON_LIST, "", "", orjson.dumps(data), _EMPTY_JSON_OBJECT, [self._job_stream]
-        )
+        fields = chunk_fields(
+            EntryType.START, self.job_id, self.attempt, self.seq, _now_ms(), _EMPTY_JSON_LIST, "", "",
+            orjson.dumps(data), _EMPTY_JSON_OBJECT,
+        )  # fmt: skip
+        self.seq += 1
+        self._publisher.xadd(self.sink, [self._job_stream], fields)
 
     def finish(self, outcome: Outcome, data: Mapping[str, Any] | None = None) -> None:
         """Queue the attempt's terminal entry on every stream it wrote to, and the job stream's expiry."""
@@ -102,79 +101,60 @@ class JobEmitter:
     # -- chunks (the hot path) -------------------------------------------------------------------
     def message(self, message: BaseMessageChunk, metadata: Mapping[str, Any]) -> None:
         """A ``messages``-mode chunk: an LLM token and the metadata of its model call."""
-        meta = self._meta_for(metadata)
+        template = self._template(EntryType.TOKEN, metadata)
         content = message.content if isinstance(message.content, str) else message.text
         self.chunks += 1
-        self._emit(
-            EntryType.TOKEN,
-            meta.tags_json,
-            meta.node,
-            content,
-            _message_data(message),
-            meta.json,
-            meta.streams,
-        )
+        self._publisher.send(self.sink, template.pack(self.seq, content, _message_data(message), _now_ms()))
+        self.seq += 1
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
         their own metadata (and tags); a dict payload may carry ``tags`` itself."""
         if isinstance(chunk, tuple) and len(chunk) == 2 and isinstance(chunk[1], Mapping):
             payload, metadata = chunk
-            meta = self._meta_for(metadata)
         else:
             payload = chunk
             tags = payload.get("tags", ()) if isinstance(payload, Mapping) else ()
             metadata = {"tags": list(tags)} if tags else {}
             if namespace:
                 metadata["langgraph_checkpoint_ns"] = "|".join(namespace)
-            meta = self._meta_for(metadata)
+        template = self._template(EntryType.CUSTOM, metadata)
         try:
             data = orjson.dumps(payload)
         except TypeError as e:
             raise PayloadError(
-                f"a custom chunk from node {meta.node or '?'} is not JSON-serialisable ({e}); "
-                "write dicts, lists, strings and numbers with writer(...)"
+                f"a custom chunk from node {metadata.get('langgraph_node') or '?'} is not JSON-serialisable "
+                f"({e}); write dicts, lists, strings and numbers with writer(...)"
             ) from e
         content = payload.get("content") if isinstance(payload, Mapping) else None
         self.chunks += 1
-        self._emit(
-            EntryType.CUSTOM, meta.tags_json, meta.node, content if isinstance(content, str) else "",
-            data, meta.json, meta.streams,
-        )  # fmt: skip
-
-    def _emit(
-        self,
-        kind: str,
-        tags_json: bytes,
-        node: str,
-        content: str,
-        data: bytes,
-        meta: bytes,
-        streams: list[tuple[str, int]],
-    ) -> None:
-        fields = chunk_fields(
-            kind, self.job_id, self.attempt, self.seq, _now_ms(), tags_json, node, content, data, meta
+        self._publisher.send(
+            self.sink, template.pack(self.seq, content if isinstance(content, str) else "", data, _now_ms())
         )
         self.seq += 1
-        self._publisher.xadd(self.sink, streams, fields)
 
-    def _meta_for(self, metadata: Mapping[str, Any]) -> _Meta:
-        """The encoded metadata: LangGraph passes one dict per model call (identity), custom writers
-        often build an equal one per chunk (equality), so re-encoding happens once per call."""
+    def _template(self, kind: EntryType, metadata: Mapping[str, Any]) -> ChunkTemplate:
+        """The packed template of this call's chunks: LangGraph passes one dict per model call
+        (identity), custom writers often build an equal one per chunk (equality), so encoding and
+        packing happen once per call."""
         meta = self._meta
-        if metadata is meta.source or metadata == meta.source:
-            return meta
-        return self._encode_meta(metadata)
+        if meta is None or meta.kind is not kind or (metadata is not meta.source and metadata != meta.source):
+            meta = self._meta = _Meta(kind, metadata, self._encode(kind, metadata))
+        return meta.template
 
-    def _encode_meta(self, metadata: Mapping[str, Any]) -> _Meta:
+    def _encode(self, kind: EntryType, metadata: Mapping[str, Any]) -> ChunkTemplate:
         tags = tuple(_tags_of(metadata.get("tags")))
         fanout = [t for t in tags if self.tag_filter is None or t in self.tag_filter]
         tag_keys = [self._keys.tag(t) for t in fanout]
-        streams = [self._job_stream, *((key, self._limits.tag_maxlen) for key in tag_keys)]
         for key in tag_keys:
             self.tag_streams.setdefault(key)
-        self._meta = _Meta(metadata, tags, str(metadata.get("langgraph_node", "")), streams)
-        return self._meta
+        fields = chunk_fields(
+            kind, self.job_id, self.attempt, SEQ, TS, orjson.dumps(tags) if tags else _EMPTY_JSON_LIST,
+            str(metadata.get("langgraph_node", "")), CONTENT, DATA,
+            orjson.dumps(metadata, default=repr) if metadata else _EMPTY_JSON_OBJECT,
+        )  # fmt: skip
+        streams = [self._job_stream, *((key, self._limits.tag_maxlen) for key in tag_keys)]
+        return self._publisher.template(streams, fields)
 
 
 def _tags_of(value: Any) -> Iterable[str]:

@@ -23,7 +23,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from schemas.errors import ClientStateError, PublishError
-from worker.wire import Wire, XaddPacker, pack
+from worker.wire import ChunkTemplate, Wire, XaddPacker, pack
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,15 @@ class Publisher:
     def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
         """Queue any other command (``EXPIRE``, ``ZADD``...) in order with the job's entries."""
         self._enqueue(sink, [pack(args)])
+
+    def template(self, streams: Sequence[tuple[str, int]], fields: list[Any]) -> ChunkTemplate:
+        """A template for the chunks of one model call (see :class:`ChunkTemplate`); queue what it
+        packs with :meth:`send`."""
+        return self._xadd.template(streams, fields)
+
+    def send(self, sink: Sink, packed: list[bytes]) -> None:
+        """Queue commands already packed (by a :meth:`template`) for ``sink``'s job. Never blocks."""
+        self._enqueue(sink, packed)
 
     def _enqueue(self, sink: Sink, packed: list[bytes]) -> None:
         if self._task is None or self._closing:

@@ -28,6 +28,63 @@ def pack(args: tuple[Any, ...]) -> bytes:
     return packed
 
 
+def pack_args(args: Sequence[Any]) -> bytes:
+    """Arguments in the Redis protocol, without the ``*<count>`` header: to be concatenated."""
+    packed = pack(tuple(args))
+    return packed[packed.index(b"\r\n") + 2 :]
+
+
+class Hole:
+    """A placeholder in the fields of a :class:`ChunkTemplate`, filled in for each entry."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Hole({self.name!r})"
+
+
+SEQ, CONTENT, DATA, TS = Hole("seq"), Hole("content"), Hole("data"), Hole("ts")
+CHUNK_HOLES = (SEQ, CONTENT, DATA, TS)
+"""What varies between the chunk entries of one model call, in the order they appear in the fields."""
+
+
+class ChunkTemplate:
+    """``XADD`` commands for the chunks of one model call, to each of its streams.
+
+    The chunks of a call share every field but ``seq``, ``content``, ``data`` and ``ts``, so the
+    constant runs of fields and each stream's ``XADD key MAXLEN ~ n *`` are packed once, and a
+    chunk costs its four values and one ``%`` format: a third of packing all its fields.
+    """
+
+    __slots__ = ("_format", "_prefixes")
+
+    def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
+        header = b"*%d\r\n" % (len(fields) + 6)
+        self._prefixes = [header + prefix for prefix in prefixes]
+        runs: list[bytes] = []
+        holes: list[Hole] = []
+        start = 0
+        for i, value in enumerate(fields):
+            if isinstance(value, Hole):
+                runs.append(pack_args(fields[start:i]) if i > start else b"")
+                holes.append(value)
+                start = i + 1
+        runs.append(pack_args(fields[start:]) if start < len(fields) else b"")
+        if holes != list(CHUNK_HOLES):
+            raise ValueError(f"chunk fields must hold the holes {list(CHUNK_HOLES)} in that order, not {holes}")
+        # the constant runs, with a bulk string ("$<length>\r\n<value>\r\n") in each hole
+        self._format = b"$%d\r\n%b\r\n".join(run.replace(b"%", b"%%") for run in runs)
+
+    def pack(self, seq: int, content: str, data: bytes, ts: int) -> list[bytes]:
+        """One command per stream."""
+        s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
+        body = self._format % (len(s), s, len(c), c, len(data), data, len(t), t)
+        return [prefix + body for prefix in self._prefixes]
+
+
 class XaddPacker:
     """Packs ``XADD key MAXLEN ~ n * fields...`` for several streams with the fields packed once.
 
@@ -40,16 +97,18 @@ class XaddPacker:
         self._max_prefixes = max_prefixes
 
     def pack(self, streams: Sequence[tuple[str, int]], fields: Sequence[Any]) -> list[bytes]:
-        body = pack(tuple(fields))
-        body = body[body.index(b"\r\n") + 2 :]  # drop the "*<count>" header
+        body = pack_args(fields)
         header = b"*%d\r\n" % (len(fields) + 6)
         return [header + self._prefix(key, maxlen) + body for key, maxlen in streams]
+
+    def template(self, streams: Sequence[tuple[str, int]], fields: Sequence[Any]) -> ChunkTemplate:
+        """A :class:`ChunkTemplate` of ``fields`` (holding the :data:`CHUNK_HOLES`) to each of ``streams``."""
+        return ChunkTemplate([self._prefix(key, maxlen) for key, maxlen in streams], fields)
 
     def _prefix(self, key: str, maxlen: int) -> bytes:
         prefix = self._prefixes.get((key, maxlen))
         if prefix is None:
-            packed = pack(("XADD", key, "MAXLEN", "~", maxlen, "*"))
-            prefix = packed[packed.index(b"\r\n") + 2 :]
+            prefix = pack_args(("XADD", key, "MAXLEN", "~", maxlen, "*"))
             if len(self._prefixes) >= self._max_prefixes:
                 self._prefixes.clear()
             self._prefixes[(key, maxlen)] = prefix

@@ -1,0 +1,53 @@
+"""Unit tests of the publisher's packing: a chunk template packs exactly what hiredis packs."""
+
+from __future__ import annotations
+
+import hiredis
+import orjson
+import pytest
+
+from schemas import Entry, EntryType
+from schemas.entries import chunk_fields
+from worker.wire import CONTENT, DATA, SEQ, TS, XaddPacker
+
+META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags": ["poem"], "note": "100% sure"})
+STREAMS = [("tokenbus:job:{j1}", 1000), ("tokenbus:tag:{poem}", 50)]
+
+
+def test_a_chunk_template_packs_what_hiredis_packs() -> None:
+    packer = XaddPacker()
+    template = packer.template(
+        STREAMS, chunk_fields(EntryType.TOKEN, "j1", 2, SEQ, TS, b'["poem"]', "call_model", CONTENT, DATA, META)
+    )
+    for seq, content, data in [(0, "", b""), (7, " sün %s %d", b'{"id":"run-1"}'), (10**9, "\r\n$3\r\n", b"%")]:
+        fields = chunk_fields(
+            EntryType.TOKEN, "j1", 2, seq, 1700000000123, b'["poem"]', "call_model", content, data, META
+        )
+        expected = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *fields)) for key, cap in STREAMS]
+        assert template.pack(seq, content, data, 1700000000123) == expected
+        assert packer.pack(STREAMS, fields) == expected
+
+
+def test_the_packed_entry_decodes_to_its_values() -> None:
+    template = XaddPacker().template(
+        STREAMS[:1], chunk_fields(EntryType.CUSTOM, "j1", 1, SEQ, TS, b"[]", "n", CONTENT, DATA, b"{}")
+    )
+    (command,) = template.pack(3, "hi", b'{"content":"hi"}', 5)
+    reader = hiredis.Reader()
+    reader.feed(command)
+    args = reader.gets()
+    fields = dict(zip(args[6::2], args[7::2], strict=True))
+    entry = Entry.decode(fields)
+    assert (entry.type, entry.seq, entry.content, entry.data, entry.ts) == (
+        EntryType.CUSTOM,
+        3,
+        "hi",
+        {"content": "hi"},
+        5,
+    )
+
+
+def test_a_template_needs_its_holes_in_order() -> None:
+    fields = chunk_fields(EntryType.TOKEN, "j1", 1, TS, SEQ, b"[]", "", CONTENT, DATA, b"{}")
+    with pytest.raises(ValueError, match="holes"):
+        XaddPacker().template(STREAMS, fields)
