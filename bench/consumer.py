@@ -16,7 +16,7 @@ import orjson
 import uvloop
 from redis.asyncio import Redis
 
-from consumer.reader import LATEST, StreamReader
+from consumer.reader import LATEST, latest_positions
 from consumer.subscribe import subscribe
 from schemas.entries import Entry
 
@@ -29,16 +29,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         if args.raw:  # the baseline: redis-py XREAD, no decoding beyond what redis-py does
             key = f"{args.prefix}:tag:{{{args.tag[0]}}}" if args.tag else f"{args.prefix}:job:{{{args.job}}}"
-            reader = StreamReader(redis, {key: args.start or LATEST}, block_ms=1000)
-            async for batch in reader.batches():
-                assert isinstance(batch, list)
-                for _, _, fields in batch:
-                    count += 1
-                    if fields[b"type"] in (b"end", b"error", b"cancelled"):
-                        ended += 1
-                if ended >= args.jobs:
-                    last = time.time()
-                    break
+            position = args.start or (await latest_positions(redis, [key]))[key]
+            while ended < args.jobs:
+                for _, entries in await redis.xread({key: position}, count=1024, block=1000):
+                    for _, fields in entries:
+                        count += 1
+                        if fields[b"type"] in (b"end", b"error", b"cancelled"):
+                            ended += 1
+                    position = entries[-1][0]
+            last = time.time()
         else:
             async for item in subscribe(redis, prefix=args.prefix, start=args.start or LATEST, **kind):
                 assert isinstance(item, Entry)

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from schemas.entries import Entry
+from schemas.entries import TERMINAL_TYPES, Entry
 
 
 @dataclass(slots=True)
@@ -33,27 +33,31 @@ class AttemptFilter:
     ) -> None:
         self._tag_streams = tag_streams or {}
         self._ordered = ordered
-        self._jobs: OrderedDict[str, _JobState] = OrderedDict()
+        self._jobs: OrderedDict[str, _JobState] = OrderedDict()  # least recently seen first
+        self._newest: _JobState | None = None  # the last one seen (no need to move it to the end)
         self._max_jobs = max_jobs
 
     def accept(self, entry: Entry) -> bool:
-        state = self._jobs.get(entry.job)
+        job = entry.job
+        state = self._jobs.get(job)
         if state is None or entry.attempt > state.attempt:
             state = _JobState(entry.attempt)
-            self._jobs[entry.job] = state
+            self._jobs[job] = state
             if len(self._jobs) > self._max_jobs:
                 self._jobs.popitem(last=False)
         elif entry.attempt < state.attempt:
             return False  # a superseded attempt
-        else:
-            self._jobs.move_to_end(entry.job)
+        elif state is not self._newest:
+            self._jobs.move_to_end(job)
+        self._newest = state
         if not self._ordered:
             return True
         stream = entry.stream or ""
-        if entry.seq <= state.last_seq.get(stream, -1):
+        seq = entry.seq
+        if seq <= state.last_seq.get(stream, -1):
             return False  # written twice by a retried batch
-        state.last_seq[stream] = entry.seq
-        if entry.is_terminal:
+        state.last_seq[stream] = seq
+        if entry.type in TERMINAL_TYPES:
             if state.terminal:
                 return False  # the same terminal entry, from another tag stream
             state.terminal = True

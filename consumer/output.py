@@ -14,7 +14,7 @@ Format = Literal["text", "jsonl"]
 
 def entry_json(entry: Entry) -> dict[str, Any]:
     """An entry as one JSON object: every contract field plus ``id`` and ``stream``."""
-    return entry.model_dump(mode="json")
+    return entry.to_dict()
 
 
 class Printer:

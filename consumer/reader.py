@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class Gap:
         return f"gap in {self.stream}: entries after {self.after} were trimmed (oldest left: {oldest})"
 
 
-RawEntry = tuple[str, str, dict[bytes, bytes]]
-"""``(stream, id, fields)``"""
+RawEntry = tuple[str, str, list[bytes]]
+"""``(stream, id, fields)``, the fields as Redis sends them: ``[name, value, name, value...]``"""
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:
@@ -63,6 +64,10 @@ class StreamReader:
         if not positions:
             raise ValueError("nothing to read: give at least one stream")
         self._redis = redis
+        # XREAD replies as Redis sends them (bytes, flat field lists): redis-py's reply callback
+        # (a dict per entry) costs more than decoding the entry (BENCHMARKS.md, consumer)
+        self._raw = Redis(connection_pool=redis.connection_pool)
+        self._raw.set_response_callback("XREAD", _as_is)
         self.positions = dict(positions)
         self._block_ms = block_ms
         self._count = count
@@ -111,7 +116,10 @@ class StreamReader:
                 if not self._resolved:
                     for gap in await self._resolve():
                         yield gap
-                reply = await self._redis.xread(dict(self.positions), count=self._count, block=self._block_ms)  # type: ignore[arg-type]
+                reply = await self._raw.execute_command(
+                    "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS",
+                    *self.positions, *self.positions.values(), **{NEVER_DECODE: True},
+                )  # type: ignore[no-untyped-call]  # fmt: skip
             except _RETRYABLE as e:
                 delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
                 failures += 1
@@ -130,13 +138,12 @@ class StreamReader:
                 continue
             batch: list[RawEntry] = []
             for stream_name, entries in _items(reply):
-                stream = _decode(stream_name)
+                stream = stream_name.decode()
                 if len(entries) >= self._count:  # a full reply: this reader lags, and may lag past the cap
                     lagging = await self._safe_check_gap(stream)
                     if lagging is not None:
                         yield lagging
-                for entry_id, fields in entries:
-                    batch.append((stream, _decode(entry_id), fields))
+                batch += [(stream, entry_id.decode(), fields) for entry_id, fields in entries]
                 if entries:
                     self.positions[stream] = batch[-1][1]
             yield batch
@@ -160,10 +167,13 @@ async def latest_positions(redis: Redis, streams: Sequence[str]) -> dict[str, st
     return {s: _decode(r[0][0]) if r else BEGINNING for s, r in zip(streams, results, strict=True)}
 
 
-def _items(reply: Any) -> Iterable[tuple[Any, list[tuple[Any, dict[bytes, bytes]]]]]:
-    if isinstance(reply, dict):  # RESP3
-        return ((k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items())
-    return reply  # type: ignore[no-any-return]
+def _as_is(response: Any, **kwargs: Any) -> Any:
+    return response
+
+
+def _items(reply: Any) -> Iterable[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
+    """``(stream, entries)`` pairs of an XREAD reply: a map in RESP3, a list of pairs in RESP2."""
+    return reply.items() if isinstance(reply, dict) else reply
 
 
 def _decode(value: bytes | str) -> str:

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from consumer.attempts import AttemptFilter
 from consumer.reader import BEGINNING, LATEST, Gap, StreamReader
-from schemas.entries import Entry, EntryType
+from schemas.entries import TERMINAL_TYPES, Entry, EntryType
 from schemas.errors import MalformedEntry
 from schemas.keys import DEFAULT_PREFIX, StreamKeys
 
@@ -75,10 +75,11 @@ async def subscribe(
                 continue
             if not attempts.accept(entry):
                 continue
-            if open_jobs is not None and entry.is_final:
+            terminal = entry.type in TERMINAL_TYPES
+            if terminal and open_jobs is not None and not entry.retry:
                 open_jobs.discard(entry.job)
             if (not wanted_types or entry.type in wanted_types) and (
-                not wanted_nodes or entry.node in wanted_nodes or entry.is_terminal
+                not wanted_nodes or entry.node in wanted_nodes or terminal
             ):
                 yield entry
         if open_jobs is not None and not open_jobs:

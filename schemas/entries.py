@@ -1,18 +1,22 @@
-"""Stream entries (contract v1): pydantic models, and their encoding to flat stream fields.
+"""Stream entries (contract v1): the :class:`Entry` type, and its encoding to flat stream fields.
 
 Every entry is a flat map of UTF-8 strings so that any Redis client can read it. JSON-valued
 fields (``tags``, ``data``, ``meta``) hold JSON text. The producer's hot path calls
-:func:`chunk_fields` with pre-encoded pieces; everything else goes through the models.
+:func:`chunk_fields` with pre-encoded pieces; readers call :meth:`Entry.decode`.
+
+:class:`Entry` is a plain slotted class, not a pydantic model: a reader decodes every entry of
+every stream it follows, so decoding checks the fields that say what an entry is (``v``,
+``type``, ``job``, ``attempt``, ``seq``...) at once and parses the JSON of ``data`` and ``meta``
+on first access only (a consumer of tokens rarely reads them). See BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import MalformedEntry, UnsupportedVersion
 
@@ -32,31 +36,94 @@ class EntryType(StrEnum):
 CHUNK_TYPES = frozenset({EntryType.TOKEN, EntryType.CUSTOM})
 TERMINAL_TYPES = frozenset({EntryType.END, EntryType.ERROR, EntryType.CANCELLED})
 
+Fields = Mapping[bytes, bytes] | Mapping[str, str] | list[bytes] | tuple[bytes, ...]
+"""Stream fields as a map, or as the flat ``[name, value, ...]`` list Redis replies with."""
 
-class Entry(BaseModel):
-    """One stream entry. ``id`` and ``stream`` say where it was read from; they are not fields."""
 
-    model_config = ConfigDict(frozen=True)
+class Entry:
+    """One stream entry. ``id`` and ``stream`` say where it was read from; they are not fields.
 
-    type: EntryType
-    job: str
-    attempt: int = Field(ge=1)
-    seq: int = Field(ge=0)
-    ts: int
-    tags: tuple[str, ...] = ()
-    node: str = ""
-    content: str = ""
-    data: Any = None
-    meta: dict[str, Any] = Field(default_factory=dict)
-    error: str = ""
-    error_type: str = ""
-    retry: bool = False
-    """On a terminal entry: another attempt of this job will follow (the worker shut down)."""
-    id: str | None = None
-    stream: str | None = None
+    Entries are values: treat them as read-only. ``data`` and ``meta`` are parsed from JSON when
+    first read; a decoded entry whose JSON is broken raises :class:`MalformedEntry` then.
+    """
+
+    __slots__ = (
+        "_data", "_meta", "attempt", "content", "error", "error_type", "id", "job", "node", "retry", "seq",
+        "stream", "tags", "ts", "type",
+    )  # fmt: skip
 
     entry_type: ClassVar[EntryType | None] = None
+    """The type of a subclass's entries (``TokenEntry`` → ``token``)."""
 
+    _data: Any  # the raw field (bytes) until parsed
+    _meta: dict[str, Any] | bytes
+    type: EntryType
+    job: str
+    attempt: int
+    seq: int
+    ts: int
+    tags: tuple[str, ...]
+    node: str
+    content: str
+    error: str
+    error_type: str
+    retry: bool
+    """On a terminal entry: another attempt of this job will follow (the worker shut down)."""
+    id: str | None
+    stream: str | None
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        attempt: int,
+        seq: int,
+        ts: int,
+        type: EntryType | str | None = None,
+        tags: Iterable[str] = (),
+        node: str = "",
+        content: str = "",
+        data: Any = None,
+        meta: Mapping[str, Any] | None = None,
+        error: str = "",
+        error_type: str = "",
+        retry: bool = False,
+        id: str | None = None,
+        stream: str | None = None,
+    ) -> None:
+        kind = EntryType(type) if type is not None else self.entry_type
+        if kind is None or (self.entry_type is not None and kind is not self.entry_type):
+            raise ValueError(f"{self.__class__.__name__} entries have type {self.entry_type}, not {type}")
+        if attempt < 1 or seq < 0:
+            raise ValueError(f"attempt counts from 1 and seq from 0 (got attempt={attempt}, seq={seq})")
+        self.type, self.job, self.attempt, self.seq, self.ts = kind, job, attempt, seq, ts
+        self.tags, self.node, self.content = tuple(tags), node, content
+        self._data, self._meta = data, dict(meta or {})
+        self.error, self.error_type, self.retry = error, error_type, retry
+        self.id, self.stream = id, stream
+
+    # -- the JSON fields, parsed on first access -------------------------------------------------
+    @property
+    def data(self) -> Any:
+        """The custom payload, or the message chunk's other parts (``None`` when empty)."""
+        data = self._data
+        if data.__class__ is bytes:  # still the raw field: JSON never parses to bytes
+            data = self._data = _parse(data, "data", self) if data else None
+        return data
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """LangGraph's metadata of the chunk (``langgraph_node``, ``ls_model_name``, ``tags``...)."""
+        meta = self._meta
+        if isinstance(meta, dict):
+            return meta
+        parsed = _parse(meta, "meta", self) if meta else {}
+        if not isinstance(parsed, dict):
+            raise MalformedEntry(f"bad tokenbus entry in {self.stream or 'stream'} at {self.id}: meta is not an object")
+        self._meta = parsed
+        return parsed
+
+    # -- what kind of entry ----------------------------------------------------------------------
     @property
     def is_terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
@@ -70,6 +137,31 @@ class Entry(BaseModel):
         """A terminal entry after which no attempt of the job will follow."""
         return self.type in TERMINAL_TYPES and not self.retry
 
+    # -- value semantics -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every contract field plus ``id`` and ``stream``, JSON-ready (``tags`` as a list)."""
+        return {
+            "type": self.type.value, "job": self.job, "attempt": self.attempt, "seq": self.seq, "ts": self.ts,
+            "tags": list(self.tags), "node": self.node, "content": self.content, "data": self.data,
+            "meta": self.meta, "error": self.error, "error_type": self.error_type, "retry": self.retry,
+            "id": self.id, "stream": self.stream,
+        }  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable contents (data, meta)
+
+    def __repr__(self) -> str:
+        shown = {"job": self.job, "attempt": self.attempt, "seq": self.seq}
+        for name in ("node", "content", "error", "id", "stream"):
+            if value := getattr(self, name):
+                shown[name] = value
+        return f"{self.__class__.__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    # -- wire format -----------------------------------------------------------------------------
     def encode(self) -> dict[bytes, bytes]:
         """The flat stream fields of this entry."""
         fields = chunk_fields(
@@ -86,82 +178,94 @@ class Entry(BaseModel):
         )
         if self.type in TERMINAL_TYPES:
             fields += terminal_fields(self.error, self.error_type, self.retry)
-        return dict(zip(fields[::2], fields[1::2], strict=True))
+        return {_bytes(k): _bytes(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
 
     @classmethod
-    def decode(
-        cls,
-        fields: Mapping[bytes, bytes] | Mapping[str, str],
-        *,
-        id: str | None = None,
-        stream: str | None = None,
-    ) -> Entry:
-        """Parse stream fields into the entry model of their ``type``.
+    def decode(cls, fields: Fields, *, id: str | None = None, stream: str | None = None) -> Entry:
+        """Parse stream fields into the entry class of their ``type``.
 
         Raises :class:`MalformedEntry` (or :class:`UnsupportedVersion`) for anything that is not
         a tokenbus v1 entry, naming what is wrong.
         """
-        f = _as_bytes_map(fields)
-        version = f.get(b"v")
+        terminal: Mapping[bytes, bytes] = _NO_FIELDS
+        values: list[Any]  # bytes, or None for a missing field (an error, caught below)
+        if isinstance(fields, list) and fields[::2] == _FIELD_NAMES:
+            # as tokenbus writes entries (and Redis replies): a flat list, in contract order
+            values = fields[1::2]
+        else:
+            terminal = f = _as_bytes_map(fields)
+            values = [f.get(name) for name in _FIELD_NAMES]
+        version, kind_name, job, attempt, seq, tags, node, content, data, meta, ts = values
         if version != _V:
             if version is None:
                 raise MalformedEntry(f"not a tokenbus entry (no 'v' field) in {stream or 'stream'} at {id}")
             raise UnsupportedVersion(version.decode(errors="replace"))
         try:
-            kind = _TYPES[f[b"type"]]
-            terminal = kind in TERMINAL_TYPES
-            values: dict[str, Any] = {
-                "type": kind,
-                "job": f[b"job"].decode(),
-                "attempt": int(f[b"attempt"]),
-                "seq": int(f[b"seq"]),
-                "ts": int(f[b"ts"]),
-                "tags": _tags(f.get(b"tags")),
-                "node": f.get(b"node", b"").decode(),
-                "content": f.get(b"content", b"").decode(),
-                "data": orjson.loads(data) if (data := f.get(b"data")) else None,
-                "meta": orjson.loads(meta) if (meta := f.get(b"meta")) else {},
-                "error": f.get(b"error", b"").decode() if terminal else "",
-                "error_type": f.get(b"error_type", b"").decode() if terminal else "",
-                "retry": terminal and f.get(b"retry") == b"1",
-                "id": id,
-                "stream": stream,
-            }
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
-            raise MalformedEntry(f"bad tokenbus entry in {stream or 'stream'} at {id}: {e!r}") from e
-        if values["attempt"] < 1 or values["seq"] < 0 or not isinstance(values["meta"], dict):
+            kind = _TYPES[kind_name]
+            entry = _NEW[kind](_CLASSES[kind])
+            entry.type = kind
+            entry.job = job.decode()
+            entry.attempt = int(attempt)
+            entry.seq = int(seq)
+            entry.ts = int(ts)
+            entry.tags = _tags(tags)
+            entry.node = node.decode() if node else ""
+            entry.content = content.decode() if content else ""
+            entry._data = data or b""
+            entry._meta = meta or b""
+            if kind in TERMINAL_TYPES:
+                entry.error = terminal.get(b"error", b"").decode()
+                entry.error_type = terminal.get(b"error_type", b"").decode()
+                entry.retry = terminal.get(b"retry") == b"1"
+            else:
+                entry.error = entry.error_type = ""
+                entry.retry = False
+        except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            required = {"type": kind_name, "job": job, "attempt": attempt, "seq": seq, "ts": ts}
+            missing = [name for name, value in required.items() if value is None]
+            problem = f"no {', '.join(missing)} field" if missing else repr(e)
+            raise MalformedEntry(f"bad tokenbus entry in {stream or 'stream'} at {id}: {problem}") from e
+        if entry.attempt < 1 or entry.seq < 0:
             raise MalformedEntry(f"bad tokenbus entry in {stream or 'stream'} at {id}: out-of-range values")
-        return _construct(ENTRY_CLASSES[kind], values)
+        entry.id = id
+        entry.stream = stream
+        return entry
 
 
 class StartEntry(Entry):
     """First entry of every attempt. ``data``: ``{"graph": ..., "modes": [...]}``."""
 
-    type: Literal[EntryType.START] = EntryType.START
+    __slots__ = ()
+    entry_type = EntryType.START
 
 
 class TokenEntry(Entry):
     """A message chunk from ``stream_mode="messages"``."""
 
-    type: Literal[EntryType.TOKEN] = EntryType.TOKEN
+    __slots__ = ()
+    entry_type = EntryType.TOKEN
 
 
 class CustomEntry(Entry):
     """A payload from ``stream_mode="custom"`` (a node's ``writer(...)``)."""
 
-    type: Literal[EntryType.CUSTOM] = EntryType.CUSTOM
+    __slots__ = ()
+    entry_type = EntryType.CUSTOM
 
 
 class EndEntry(Entry):
-    type: Literal[EntryType.END] = EntryType.END
+    __slots__ = ()
+    entry_type = EntryType.END
 
 
 class ErrorEntry(Entry):
-    type: Literal[EntryType.ERROR] = EntryType.ERROR
+    __slots__ = ()
+    entry_type = EntryType.ERROR
 
 
 class CancelledEntry(Entry):
-    type: Literal[EntryType.CANCELLED] = EntryType.CANCELLED
+    __slots__ = ()
+    entry_type = EntryType.CANCELLED
 
 
 ENTRY_CLASSES: dict[EntryType, type[Entry]] = {
@@ -172,6 +276,8 @@ ENTRY_CLASSES: dict[EntryType, type[Entry]] = {
     EntryType.ERROR: ErrorEntry,
     EntryType.CANCELLED: CancelledEntry,
 }
+_CLASSES = ENTRY_CLASSES
+_NEW = {kind: cls.__new__ for kind, cls in ENTRY_CLASSES.items()}  # decoding skips __init__'s checks
 
 
 def chunk_fields(
@@ -216,8 +322,10 @@ def terminal_fields(error: str, error_type: str, retry: bool) -> list[Any]:
     return fields
 
 
-_FIELD_NAMES = frozenset(Entry.model_fields)
 _TYPES = {t.value.encode(): t for t in EntryType}
+_FIELD_NAMES = chunk_fields("", "", 1, 0, 0, b"", "", "", b"", b"")[::2]
+"""Every entry's field names, in contract order (terminal entries may add more)."""
+_NO_FIELDS: Mapping[bytes, bytes] = {}
 _TAGS_CACHE: dict[bytes, tuple[str, ...]] = {}
 
 
@@ -236,18 +344,21 @@ def _tags(raw: bytes | None) -> tuple[str, ...]:
     return tags
 
 
-def _construct(cls: type[Entry], values: dict[str, Any]) -> Entry:
-    """``cls.model_construct(**values)`` for values already checked and holding every field: the
-    consumer's hot path (pydantic's version spends 3 µs per entry looking for defaults)."""
-    entry = cls.__new__(cls)
-    object.__setattr__(entry, "__dict__", values)
-    object.__setattr__(entry, "__pydantic_fields_set__", set(_FIELD_NAMES))
-    object.__setattr__(entry, "__pydantic_extra__", None)
-    object.__setattr__(entry, "__pydantic_private__", None)
-    return entry
+def _parse(raw: bytes, name: str, entry: Entry) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise MalformedEntry(f"bad tokenbus entry in {entry.stream or 'stream'} at {entry.id}: {name}: {e}") from e
 
 
-def _as_bytes_map(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Mapping[bytes, bytes]:
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _as_bytes_map(fields: Fields) -> Mapping[bytes, bytes]:
+    if isinstance(fields, list | tuple):  # a flat reply: name, value, name, value...
+        it = iter(_bytes(part) for part in fields)
+        return dict(zip(it, it, strict=True))
     for key in fields:
         if isinstance(key, bytes):
             return fields  # type: ignore[return-value]

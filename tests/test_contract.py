@@ -57,16 +57,36 @@ def test_entry_round_trip_through_flat_fields() -> None:
         data={"id": "run-1"}, meta={"langgraph_step": 1, "tags": ["poem"]},
     )  # fmt: skip
     fields = entry.encode()
-    assert all(isinstance(k, bytes) for k in fields)
-    assert fields[b"v"] == b"1" and fields[b"type"] == "token"
-    wire = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
-    decoded = Entry.decode(wire, id="1-0", stream="s")
+    assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in fields.items())
+    assert fields[b"v"] == b"1" and fields[b"type"] == b"token"
+    decoded = Entry.decode(fields, id="1-0", stream="s")
     assert isinstance(decoded, TokenEntry)
-    assert decoded.model_dump(exclude={"id", "stream"}) == entry.model_dump(exclude={"id", "stream"})
+    assert decoded.to_dict() | {"id": None, "stream": None} == entry.to_dict()
     assert (decoded.id, decoded.stream) == ("1-0", "s")
-    # str-keyed maps (decode_responses=True clients) decode the same way
-    as_text = {k.decode(): v.decode() for k, v in wire.items()}
-    assert Entry.decode(as_text) == decoded.model_copy(update={"id": None, "stream": None})
+    # str-keyed maps (decode_responses=True clients) and flat replies decode the same way
+    as_text = {k.decode(): v.decode() for k, v in fields.items()}
+    assert Entry.decode(as_text, id="1-0", stream="s") == decoded
+    assert Entry.decode([part for pair in fields.items() for part in pair], id="1-0", stream="s") == decoded
+
+
+def test_json_fields_are_parsed_when_first_read() -> None:
+    fields = TokenEntry(job="j", attempt=1, seq=0, ts=1, data={"id": "x"}, meta={"ls_model_name": "m"}).encode()
+    entry = Entry.decode(fields | {b"meta": b"{"}, id="5-0", stream="tokenbus:tag:{x}")
+    assert entry.data == {"id": "x"} and entry.data is entry.data  # parsed once
+    with pytest.raises(MalformedEntry, match=r"tokenbus:tag:\{x\} at 5-0: meta"):
+        entry.meta  # noqa: B018
+    assert Entry.decode(fields | {b"meta": b"[1]"}).content == ""
+    with pytest.raises(MalformedEntry, match="meta is not an object"):
+        Entry.decode(fields | {b"meta": b"[1]"}).meta  # noqa: B018
+
+
+def test_entries_are_built_with_their_type_and_checked() -> None:
+    assert TokenEntry(job="j", attempt=1, seq=0, ts=1).type is EntryType.TOKEN
+    assert Entry(type="end", job="j", attempt=1, seq=0, ts=1).is_final
+    with pytest.raises(ValueError, match="type"):
+        TokenEntry(type="end", job="j", attempt=1, seq=0, ts=1)
+    with pytest.raises(ValueError, match="attempt counts from 1"):
+        TokenEntry(job="j", attempt=0, seq=0, ts=1)
 
 
 def test_terminal_entries_carry_error_and_retry() -> None:
@@ -94,15 +114,7 @@ def test_terminal_entries_carry_error_and_retry() -> None:
             "out-of-range",
         ),
         (
-            {
-                b"v": b"1",
-                b"type": b"token",
-                b"job": b"j",
-                b"attempt": b"1",
-                b"seq": b"0",
-                b"ts": b"1",
-                b"meta": b"{",
-            },
+            {b"v": b"1", b"type": b"token", b"job": b"j", b"attempt": b"1", b"seq": b"0", b"ts": b"1", b"tags": b"{"},
             MalformedEntry,
             "JSONDecodeError",
         ),

@@ -196,8 +196,8 @@ async def test_sweeper_closes_a_job_nobody_will_run(settings: Settings, redis: R
     keys, limits = settings.keys, StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
     job_id = f"{settings.prefix}-orphan"
     for entry in (
-        Entry.model_validate({"type": "start", "job": job_id, "attempt": 2, "seq": 0, "ts": 1}),
-        Entry.model_validate({"type": "token", "job": job_id, "attempt": 2, "seq": 1, "ts": 1, "tags": ["poem"]}),
+        Entry(type="start", job=job_id, attempt=2, seq=0, ts=1),
+        Entry(type="token", job=job_id, attempt=2, seq=1, ts=1, tags=["poem"]),
     ):
         await redis.xadd(keys.job(job_id), entry.encode())  # type: ignore[arg-type]
         if entry.tags:

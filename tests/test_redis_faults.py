@@ -113,9 +113,7 @@ async def test_read_only_acl_user_can_tail(redis: Redis, settings: Settings, red
         env["REDIS_URL"] = f"redis://{user}:secret@127.0.0.1:{redis_server.port}/0"
         tail = await Process.start("tail", "--tag", "poem", "--format", "jsonl", env=env, name="tail")
         await tail.wait_line("following")
-        entry = Entry.model_validate(
-            {"type": "token", "job": "j", "attempt": 1, "seq": 0, "ts": 1, "content": "hi", "tags": ["poem"]}
-        )
+        entry = Entry(type="token", job="j", attempt=1, seq=0, ts=1, content="hi", tags=["poem"])
         await redis.xadd(settings.keys.tag("poem"), entry.encode())  # type: ignore[arg-type]
         await tail.wait_line('"content":"hi"', stream="stdout")
         await tail.stop()
