@@ -181,33 +181,46 @@ async def naive_e2e(bench: Bench, graph: Any, inputs: dict[str, Any], mode: str)
 async def throughput(bench: Bench) -> None:
     n = 5_000 if bench.quick else 20_000
     http_jobs = 5 if bench.quick else 30
+    rounds = 1 if bench.quick else 3
     async with httpx2.AsyncClient() as http:
         endpoint = joke_poem.ModelEndpoint("gpt-4o-mini", bench.model_url, "bench", http)
         jp = joke_poem.build(endpoint)
         for run in range(bench.runs):
             print(f"throughput run {run + 1}/{bench.runs}", file=sys.stderr)
             for mode, graph in (("messages", messages), ("custom", custom)):
-                count, seconds = await floor(graph, {"n": n}, mode)
-                bench.record(f"floor_{mode}_chunks_per_s", count / seconds)
-                e2e = await tokenbus_e2e(bench, f"bench_{mode}", {"n": n}, mode)
+                # each measure is short (~1 s): best of `rounds`, floor and tokenbus alternating,
+                # so that CPU stolen from this VM for a moment does not decide the ratio
+                floor_rate, e2e = 0.0, None
+                for _ in range(rounds):
+                    count, seconds = await floor(graph, {"n": n}, mode)
+                    floor_rate = max(floor_rate, count / seconds)
+                    candidate = await tokenbus_e2e(bench, f"bench_{mode}", {"n": n}, mode)
+                    if e2e is None or candidate["rate"] > e2e["rate"]:
+                        e2e = candidate
+                assert e2e is not None
+                bench.record(f"floor_{mode}_chunks_per_s", floor_rate)
                 bench.record(f"tokenbus_{mode}_chunks_per_s", e2e["rate"])
-                bench.record(f"ratio_{mode}_vs_floor", e2e["rate"] / (count / seconds))
-                bench.record(f"ratio_{mode}_producer_vs_floor", e2e["producer_rate"] / (count / seconds))
+                bench.record(f"ratio_{mode}_vs_floor", e2e["rate"] / floor_rate)
+                bench.record(f"ratio_{mode}_producer_vs_floor", e2e["producer_rate"] / floor_rate)
                 for part in ("worker", "redis", "consumer"):
                     bench.record(f"cpu_{part}_us_per_chunk_{mode}", e2e[f"{part}_us"])
                 naive = await naive_e2e(bench, graph, {"n": n}, mode)
                 bench.record(f"naive_{mode}_chunks_per_s", naive)
                 bench.record(f"ratio_{mode}_vs_naive", e2e["rate"] / naive)
-            chunks, seconds = 0, 0.0
-            for _ in range(http_jobs):
-                c, s = await floor(
-                    jp, {"topic": "cats"}, "messages", {"configurable": {"tokenbus_modes": ["messages"]}}
+            # joke_poem over HTTP: the same load both ways (http_jobs at once)
+            config = {"configurable": {"tokenbus_modes": ["messages"]}}
+            floor_rate = bus_rate = 0.0
+            for _ in range(rounds):
+                started = time.perf_counter()
+                done = await asyncio.gather(
+                    *(floor(jp, {"topic": "cats"}, "messages", config) for _ in range(http_jobs))
                 )
-                chunks, seconds = chunks + c, seconds + s
-            bench.record("floor_joke_poem_http_chunks_per_s", chunks / seconds)
-            e2e = await tokenbus_e2e(bench, "joke_poem", {"topic": "cats"}, "messages", jobs=http_jobs)
-            bench.record("tokenbus_joke_poem_http_chunks_per_s", e2e["rate"])
-            bench.record("ratio_joke_poem_http_vs_floor", e2e["rate"] / (chunks / seconds))
+                floor_rate = max(floor_rate, sum(c for c, _ in done) / (time.perf_counter() - started))
+                e2e = await tokenbus_e2e(bench, "joke_poem", {"topic": "cats"}, "messages", jobs=http_jobs)
+                bus_rate = max(bus_rate, e2e["rate"])
+            bench.record("floor_joke_poem_http_chunks_per_s", floor_rate)
+            bench.record("tokenbus_joke_poem_http_chunks_per_s", bus_rate)
+            bench.record("ratio_joke_poem_http_vs_floor", bus_rate / floor_rate)
 
 
 # -- latency ---------------------------------------------------------------------------------------
@@ -237,7 +250,7 @@ async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> tuple[
 
 async def latency(bench: Bench) -> None:
     rate, seconds = 100.0, (2 if bench.quick else 5)
-    loads = [1, 20] if bench.quick else [1, 20, 50, 80, 120, 160, 200, 250]
+    loads = [1, 20] if bench.quick else [1, 20, 50, 80, 120, 160, 200, 250, 300, 400]
     for run in range(bench.runs):
         print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
         for jobs in loads:
