@@ -8,7 +8,7 @@ import pytest
 
 from schemas import Entry, EntryType
 from schemas.entries import chunk_fields
-from worker.wire import CONTENT, DATA, SEQ, TS, XaddPacker
+from worker.wire import CONTENT, DATA, SEQ, TS, XaddPacker, describe
 
 META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags": ["poem"], "note": "100% sure"})
 STREAMS = [("tokenbus:job:{j1}", 1000), ("tokenbus:tag:{poem}", 50)]
@@ -24,7 +24,8 @@ def test_a_chunk_template_packs_what_hiredis_packs() -> None:
             EntryType.TOKEN, "j1", 2, seq, 1700000000123, b'["poem"]', "call_model", content, data, META
         )
         expected = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *fields)) for key, cap in STREAMS]
-        assert template.pack(seq, content, data, 1700000000123) == expected
+        assert template.pack(seq, content, data, 1700000000123) == b"".join(expected)
+        assert template.commands == 2
         assert packer.pack(STREAMS, fields) == expected
 
 
@@ -32,7 +33,7 @@ def test_the_packed_entry_decodes_to_its_values() -> None:
     template = XaddPacker().template(
         STREAMS[:1], chunk_fields(EntryType.CUSTOM, "j1", 1, SEQ, TS, b"[]", "n", CONTENT, DATA, b"{}")
     )
-    (command,) = template.pack(3, "hi", b'{"content":"hi"}', 5)
+    command = template.pack(3, "hi", b'{"content":"hi"}', 5)
     reader = hiredis.Reader()
     reader.feed(command)
     args = reader.gets()
@@ -45,6 +46,11 @@ def test_the_packed_entry_decodes_to_its_values() -> None:
         {"content": "hi"},
         5,
     )
+
+
+def test_a_refused_command_is_named_by_its_key() -> None:
+    packed = b"".join(XaddPacker().pack(STREAMS, chunk_fields(EntryType.END, "j1", 1, 0, 1, b"[]", "", "", b"", b"")))
+    assert [describe(packed, i) for i in range(2)] == ["XADD tokenbus:job:{j1}", "XADD tokenbus:tag:{poem}"]
 
 
 def test_a_template_needs_its_holes_in_order() -> None:

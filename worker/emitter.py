@@ -76,6 +76,7 @@ class JobEmitter:
         self.tag_filter: frozenset[str] | None = None
         self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
         self._meta: _Meta | None = None
+        self._payload: tuple[Any, tuple[str, ...], ChunkTemplate] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, data: Mapping[str, Any]) -> None:
@@ -104,34 +105,48 @@ class JobEmitter:
         template = self._template(EntryType.TOKEN, metadata)
         content = message.content if isinstance(message.content, str) else message.text
         self.chunks += 1
-        self._publisher.send(self.sink, template.pack(self.seq, content, _message_data(message), _now_ms()))
+        self._publisher.send(
+            self.sink, template.pack(self.seq, content, _message_data(message), _now_ms()), template.commands
+        )
         self.seq += 1
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
         their own metadata (and tags); a dict payload may carry ``tags`` itself."""
-        if isinstance(chunk, tuple) and len(chunk) == 2 and isinstance(chunk[1], Mapping):
+        metadata: Mapping[str, Any] | None = None
+        if chunk.__class__ is tuple and len(chunk) == 2 and isinstance(chunk[1], Mapping):
             payload, metadata = chunk
+            template = self._template(EntryType.CUSTOM, metadata)
         else:
             payload = chunk
-            tags = payload.get("tags", ()) if isinstance(payload, Mapping) else ()
-            metadata = {"tags": list(tags)} if tags else {}
-            if namespace:
-                metadata["langgraph_checkpoint_ns"] = "|".join(namespace)
-        template = self._template(EntryType.CUSTOM, metadata)
+            tags = payload.get("tags") if isinstance(payload, dict | Mapping) else None
+            template = self._payload_template(tags, namespace)
         try:
             data = orjson.dumps(payload)
         except TypeError as e:
+            node = metadata.get("langgraph_node") if metadata else None
             raise PayloadError(
-                f"a custom chunk from node {metadata.get('langgraph_node') or '?'} is not JSON-serialisable "
-                f"({e}); write dicts, lists, strings and numbers with writer(...)"
+                f"a custom chunk from node {node or '?'} is not JSON-serialisable ({e}); "
+                "write dicts, lists, strings and numbers with writer(...)"
             ) from e
-        content = payload.get("content") if isinstance(payload, Mapping) else None
+        content = payload.get("content") if isinstance(payload, dict | Mapping) else None
         self.chunks += 1
-        self._publisher.send(
-            self.sink, template.pack(self.seq, content if isinstance(content, str) else "", data, _now_ms())
-        )
+        packed = template.pack(self.seq, content if content.__class__ is str else "", data, _now_ms())
+        self._publisher.send(self.sink, packed, template.commands)
         self.seq += 1
+
+    def _payload_template(self, tags: Any, namespace: tuple[str, ...]) -> ChunkTemplate:
+        """The template of a payload that carries no metadata: its tags and the graph namespace
+        stand in (the same from chunk to chunk of a writer, so compared with the last ones)."""
+        last = self._payload
+        if last is not None and last[0] == tags and last[1] == namespace:
+            return last[2]
+        metadata: dict[str, Any] = {"tags": list(tags)} if tags else {}
+        if namespace:
+            metadata["langgraph_checkpoint_ns"] = "|".join(namespace)
+        template = self._template(EntryType.CUSTOM, metadata)
+        self._payload = (tags, namespace, template)
+        return template
 
     def _template(self, kind: EntryType, metadata: Mapping[str, Any]) -> ChunkTemplate:
         """The packed template of this call's chunks: LangGraph passes one dict per model call

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 
@@ -130,7 +130,7 @@ async def _stream(graph: Graph, request: JobRequest, emitter: JobEmitter, resour
         if mode == "messages":
             message(*chunk)
         else:
-            custom(chunk, tuple(namespace))
+            custom(chunk, cast(tuple[str, ...], namespace))
         if publisher.congested:
             await publisher.wait_writable()
         if sink.lost or sink.errors:

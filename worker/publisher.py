@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -23,12 +24,13 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from schemas.errors import ClientStateError, PublishError
-from worker.wire import ChunkTemplate, Wire, XaddPacker, pack
+from worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
 
 logger = logging.getLogger(__name__)
 
 _RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-_Command = tuple["Sink", bytes]  # packed in the Redis protocol when queued
+_Item = tuple["Sink", bytes, int]
+"""What one call queued for a job: its commands packed in the Redis protocol, and how many."""
 
 
 class Sink:
@@ -77,9 +79,9 @@ class Publisher:
         self._buffer_max = buffer_max
         self._give_up_s = give_up_s
         self._backoff_s = tuple(backoff_s)
-        self._queue: list[_Command] = []
-        self._queued = 0  # commands ever queued
-        self._done = 0  # commands ever written or counted lost
+        self._queue: list[_Item] = []
+        self._queued = 0  # items ever queued
+        self._done = 0  # items ever written or counted lost
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
@@ -114,26 +116,28 @@ class Publisher:
     def xadd(self, sink: Sink, streams: Sequence[tuple[str, int]], fields: list[Any]) -> None:
         """Queue ``XADD key MAXLEN ~ maxlen * fields...`` on each ``(key, maxlen)`` of ``streams``
         for ``sink``'s job. Never blocks."""
-        self._enqueue(sink, self._xadd.pack(streams, fields))
+        commands = self._xadd.pack(streams, fields)
+        self._enqueue(sink, b"".join(commands), len(commands))
 
     def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
         """Queue any other command (``EXPIRE``, ``ZADD``...) in order with the job's entries."""
-        self._enqueue(sink, [pack(args)])
+        self._enqueue(sink, pack(args), 1)
 
     def template(self, streams: Sequence[tuple[str, int]], fields: list[Any]) -> ChunkTemplate:
         """A template for the chunks of one model call (see :class:`ChunkTemplate`); queue what it
         packs with :meth:`send`."""
         return self._xadd.template(streams, fields)
 
-    def send(self, sink: Sink, packed: list[bytes]) -> None:
-        """Queue commands already packed (by a :meth:`template`) for ``sink``'s job. Never blocks."""
-        self._enqueue(sink, packed)
+    def send(self, sink: Sink, packed: bytes, count: int) -> None:
+        """Queue ``count`` commands already packed (by a :meth:`template`) for ``sink``'s job.
+        Never blocks."""
+        self._enqueue(sink, packed, count)
 
-    def _enqueue(self, sink: Sink, packed: list[bytes]) -> None:
+    def _enqueue(self, sink: Sink, packed: bytes, count: int) -> None:
         if self._task is None or self._closing:
             raise ClientStateError("publisher is not running")
-        self._queue.extend([(sink, command) for command in packed])
-        self._queued += len(packed)
+        self._queue.append((sink, packed, count))
+        self._queued += 1
         sink.last_index = self._queued
         if not self._wake.is_set():
             self._wake.set()
@@ -179,12 +183,14 @@ class Publisher:
             self._done += len(batch)
             self._release_waiters()
 
-    async def _write(self, batch: list[_Command]) -> None:
+    async def _write(self, batch: list[_Item]) -> None:
         started = time.monotonic()
         attempt = 0
+        packed = b"".join([commands for _, commands, _ in batch])
+        count = sum([n for _, _, n in batch])
         while True:
             try:
-                results = await self._wire.execute(b"".join([command for _, command in batch]), len(batch))
+                results = await self._wire.execute(packed, count)
             except _RETRYABLE as e:
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
@@ -197,21 +203,24 @@ class Publisher:
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
             self.batches += 1
-            for (sink, command), result in zip(batch, results, strict=True):
-                if isinstance(result, Exception):
-                    what = b" ".join(command.split(b"\r\n")[2:5:2]).decode(errors="replace")  # e.g. "XADD key"
-                    sink.errors.append(f"{what}: {result}")
-                    logger.error("job %s: Redis refused %s: %s", sink.job_id, what, result)
+            replies = iter(results)
+            for sink, commands, n in batch:
+                for i, result in enumerate(itertools.islice(replies, n)):
+                    if isinstance(result, Exception):
+                        what = describe(commands, i)
+                        sink.errors.append(f"{what}: {result}")
+                        logger.error("job %s: Redis refused %s: %s", sink.job_id, what, result)
             return
 
-    def _lose(self, batch: list[_Command], error: BaseException, waited: float) -> None:
-        for sink, _ in batch:
-            sink.lost += 1
-        self.lost_total += len(batch)
-        jobs = sorted({sink.job_id for sink, _ in batch})
+    def _lose(self, batch: list[_Item], error: BaseException, waited: float) -> None:
+        for sink, _, n in batch:
+            sink.lost += n
+        lost = sum([n for _, _, n in batch])
+        self.lost_total += lost
+        jobs = sorted({sink.job_id for sink, _, _ in batch})
         logger.error(
             "gave up publishing %d entries of jobs %s after %.1fs: %s",
-            len(batch),
+            lost,
             ", ".join(jobs),
             waited,
             error,

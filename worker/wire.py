@@ -28,6 +28,16 @@ def pack(args: tuple[Any, ...]) -> bytes:
     return packed
 
 
+def describe(packed: bytes, index: int) -> str:
+    """The command name and key of the ``index``-th command in ``packed`` (e.g. ``XADD key``)."""
+    reader = hiredis.Reader()
+    reader.feed(packed)
+    for _ in range(index):
+        reader.gets()
+    args = reader.gets()
+    return b" ".join(args[:2]).decode(errors="replace") if isinstance(args, list) else "?"
+
+
 def pack_args(args: Sequence[Any]) -> bytes:
     """Arguments in the Redis protocol, without the ``*<count>`` header: to be concatenated."""
     packed = pack(tuple(args))
@@ -59,11 +69,13 @@ class ChunkTemplate:
     chunk costs its four values and one ``%`` format: a third of packing all its fields.
     """
 
-    __slots__ = ("_format", "_prefixes")
+    __slots__ = ("_format", "_prefixes", "commands")
 
     def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
         header = b"*%d\r\n" % (len(fields) + 6)
         self._prefixes = [header + prefix for prefix in prefixes]
+        self.commands = len(prefixes)
+        """How many commands :meth:`pack` packs (one per stream)."""
         runs: list[bytes] = []
         holes: list[Hole] = []
         start = 0
@@ -78,11 +90,11 @@ class ChunkTemplate:
         # the constant runs, with a bulk string ("$<length>\r\n<value>\r\n") in each hole
         self._format = b"$%d\r\n%b\r\n".join(run.replace(b"%", b"%%") for run in runs)
 
-    def pack(self, seq: int, content: str, data: bytes, ts: int) -> list[bytes]:
-        """One command per stream."""
+    def pack(self, seq: int, content: str, data: bytes, ts: int) -> bytes:
+        """The commands of one chunk, one per stream, back to back."""
         s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
         body = self._format % (len(s), s, len(c), c, len(data), data, len(t), t)
-        return [prefix + body for prefix in self._prefixes]
+        return b"".join([part for prefix in self._prefixes for part in (prefix, body)])
 
 
 class XaddPacker:
