@@ -34,6 +34,15 @@ async def _bad_tags(state: State, writer: StreamWriter) -> State:
     return {"done": True}
 
 
+async def _changing_tags(state: State, writer: StreamWriter) -> State:
+    writer({"content": "1", "tags": ["a"]})
+    writer({"content": "2", "tags": ["a", "b"]})
+    writer({"content": "3", "tags": ["b"]})
+    writer({"content": "4"})
+    writer(({"content": "5"}, {"langgraph_node": "node", "tags": ["a"]}))  # the how-to's (payload, metadata)
+    return {"done": True}
+
+
 async def _child(state: State, writer: StreamWriter) -> State:
     writer({"content": "from the subgraph", "tags": ["sub"]})
     return {"done": True}
@@ -48,5 +57,6 @@ def nested() -> Any:
 
 
 burst = _graph(_burst)
+changing_tags = _graph(_changing_tags)
 bad_payload = _graph(_bad_payload)
 bad_tags = StateGraph(State).add_node("node", _bad_tags).add_edge(START, "node")  # uncompiled: compiled on load

@@ -17,6 +17,7 @@ GRAPHS = {
     "bad_payload": "tests.graphs:bad_payload",
     "bad_tags": "tests.graphs:bad_tags",
     "nested": "tests.graphs:nested",
+    "changing_tags": "tests.graphs:changing_tags",
 }
 
 
@@ -66,6 +67,22 @@ async def test_subgraph_chunks_are_streamed(
     chunks = [e for e in await read_stream(redis, settings.keys.job(job_id)) if e.is_chunk]
     assert [(e.content, e.tags) for e in chunks] == [("from the subgraph", ("sub",))]
     assert chunks[0].meta["langgraph_checkpoint_ns"].startswith("parent:")
+
+
+async def test_each_custom_chunk_goes_to_the_streams_of_its_own_tags(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    job_id = await client.enqueue("changing_tags", {}, modes=["custom"])
+    await run_burst_worker(graphs=GRAPHS)
+    chunks = [e for e in await read_stream(redis, settings.keys.job(job_id)) if e.is_chunk]
+    assert [(e.content, e.tags) for e in chunks] == [
+        ("1", ("a",)), ("2", ("a", "b")), ("3", ("b",)), ("4", ()), ("5", ("a",)),
+    ]  # fmt: skip
+    assert chunks[-1].node == "node" and chunks[-1].data == {"content": "5"}
+    for tag, contents in (("a", ["1", "2", "5"]), ("b", ["2", "3"])):
+        stream = await read_stream(redis, settings.keys.tag(tag))
+        assert [e.content for e in stream if e.is_chunk] == contents
+        assert stream[-1].type is EntryType.END
 
 
 @pytest.mark.parametrize(

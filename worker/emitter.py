@@ -145,7 +145,7 @@ class JobEmitter:
         if namespace:
             metadata["langgraph_checkpoint_ns"] = "|".join(namespace)
         template = self._template(EntryType.CUSTOM, metadata)
-        self._payload = (tags, namespace, template)
+        self._payload = (list(tags) if isinstance(tags, list) else tags, namespace, template)  # a copy: lists change
         return template
 
     def _template(self, kind: EntryType, metadata: Mapping[str, Any]) -> ChunkTemplate:
