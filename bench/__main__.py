@@ -99,10 +99,11 @@ async def redis_cpu(redis: Redis) -> float:
 
 
 class RunningWorker:
-    """An in-process worker (this process's CPU time is the worker's)."""
+    """An in-process worker (this process's CPU time is the worker's), polling arq's queue at the
+    production default (a faster poll costs the worker a Redis round trip every few ms)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.worker = build_worker(settings, handle_signals=False, poll_delay_s=0.002)
+        self.worker = build_worker(settings, handle_signals=False)
 
     async def __aenter__(self) -> RunningWorker:
         self.task = asyncio.create_task(self.worker.async_run())
@@ -136,16 +137,19 @@ async def tokenbus_e2e(bench: Bench, graph: str, inputs: dict[str, Any], mode: s
     )
     redis = Redis.from_url(bench.redis_url)
     async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
-        cpu0, rcpu0, t0 = time.process_time(), await redis_cpu(redis), time.time()
+        cpu0, rcpu0 = time.process_time(), await redis_cpu(redis)
         job_ids = [await client.enqueue(graph, inputs, modes=[mode]) for _ in range(jobs)]
         result = await consumer_result(consumer)
         cpu1, rcpu1 = time.process_time(), await redis_cpu(redis)
+    # from the first job's start (waiting in arq's queue for the next poll is not the bus's doing)
+    # to the consumer's receipt of the last terminal entry; ms resolution
+    starts = [int((await redis.xrange(settings.keys.job(job), count=1))[0][1][b"ts"]) / 1000 for job in job_ids]
     job_key = settings.keys.job(job_ids[0])
     (_, first), (_, last) = (await redis.xrange(job_key, count=1))[0], (await redis.xrevrange(job_key, count=1))[0]
-    producing_s = (int(last[b"ts"]) - int(first[b"ts"])) / 1000  # the worker's side alone, ms resolution
+    producing_s = (int(last[b"ts"]) - int(first[b"ts"])) / 1000  # the worker's side alone
     await redis.aclose()
     chunks = result["entries"] - jobs  # less one terminal entry per job
-    elapsed = result["last"] - t0
+    elapsed = result["last"] - min(starts)
     return {
         "chunks": chunks,
         "rate": chunks / elapsed,

@@ -13,6 +13,7 @@ makes producers wait. A retried batch may be applied twice; consumers drop the c
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import logging
@@ -190,7 +191,7 @@ class Publisher:
         count = sum([n for _, _, n in batch])
         while True:
             try:
-                results = await self._wire.execute(packed, count)
+                refused = await self._wire.execute(packed, count)
             except _RETRYABLE as e:
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
@@ -203,14 +204,19 @@ class Publisher:
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
             self.batches += 1
-            replies = iter(results)
-            for sink, commands, n in batch:
-                for i, result in enumerate(itertools.islice(replies, n)):
-                    if isinstance(result, Exception):
-                        what = describe(commands, i)
-                        sink.errors.append(f"{what}: {result}")
-                        logger.error("job %s: Redis refused %s: %s", sink.job_id, what, result)
+            if refused:
+                self._refused(batch, refused)
             return
+
+    def _refused(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]]) -> None:
+        """Record each error reply on the job whose command it answers (by command index)."""
+        ends = list(itertools.accumulate(n for _, _, n in batch))
+        for index, error in refused:
+            item = bisect.bisect_right(ends, index)
+            sink, commands, n = batch[item]
+            what = describe(commands, index - (ends[item] - n))
+            sink.errors.append(f"{what}: {error}")
+            logger.error("job %s: Redis refused %s: %s", sink.job_id, what, error)
 
     def _lose(self, batch: list[_Item], error: BaseException, waited: float) -> None:
         for sink, _, n in batch:

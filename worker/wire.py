@@ -135,8 +135,9 @@ class Wire:
         self._timeout_s = timeout_s
         self._conn: Connection | None = None
 
-    async def execute(self, packed: bytes, count: int) -> list[Any]:
-        """Send ``count`` packed commands; return their replies (``ResponseError`` for errors).
+    async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
+        """Send ``count`` packed commands; return the errors Redis replied with, by command index
+        (the publisher has no use for the other replies, XADD's new ids).
 
         A connection problem raises ``redis.exceptions.ConnectionError`` after dropping the
         connection, so the next call starts on a fresh one.
@@ -150,8 +151,9 @@ class Wire:
                 writer.write(packed)
                 await writer.drain()
                 reader = hiredis.Reader()
-                replies: list[Any] = []
-                while len(replies) < count:
+                errors: list[tuple[int, redis_errors.ResponseError]] = []
+                replies = 0
+                while replies < count:
                     reply = reader.gets()
                     if reply is False:
                         data = await stream.read(READ_CHUNK)
@@ -159,10 +161,10 @@ class Wire:
                             raise redis_errors.ConnectionError("Redis closed the connection")
                         reader.feed(data)
                         continue
-                    replies.append(
-                        redis_errors.ResponseError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
-                    )
-                return replies
+                    if isinstance(reply, hiredis.ReplyError):
+                        errors.append((replies, redis_errors.ResponseError(str(reply))))
+                    replies += 1
+                return errors
         except (OSError, TimeoutError, redis_errors.ConnectionError) as e:
             await self.close()
             raise redis_errors.ConnectionError(f"publishing to Redis failed: {e}") from e
