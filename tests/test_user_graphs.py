@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from consumer.reader import parse_id
 from schemas.entries import EntryType
 from schemas.errors import GraphLoadError
 from tests.support import read_stream
@@ -31,6 +32,20 @@ async def test_burst_larger_than_the_buffer_arrives_whole_and_in_order(
     assert [e.content for e in chunks] == [f"{i} " for i in range(20_000)]
     assert job[-1].type is EntryType.END
     assert await redis.xlen(settings.keys.tag("burst")) == 20_001
+
+
+async def test_a_graph_that_never_waits_is_published_while_it_runs(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    """The publisher is a task of the worker's event loop; a node that never suspends would starve
+    it until the job ends. The job yields to it, so writing overlaps producing."""
+    job_id = await client.enqueue("burst", {"n": 20_000}, modes=["custom"])
+    await run_burst_worker(graphs=GRAPHS)
+    job = await read_stream(redis, settings.keys.job(job_id))
+    first_chunk, last_chunk = job[1], job[-2]
+    assert first_chunk.id is not None
+    written_ms = parse_id(first_chunk.id)[0]  # Redis's clock when it took the XADD
+    assert written_ms < last_chunk.ts, "the first chunk reached Redis only after the last was produced"
 
 
 async def test_stream_caps_bound_the_streams(

@@ -133,6 +133,8 @@ async def _stream(graph: Graph, request: JobRequest, emitter: JobEmitter, resour
             custom(chunk, cast(tuple[str, ...], namespace))
         if publisher.congested:
             await publisher.wait_writable()
+        elif publisher.should_yield():
+            await asyncio.sleep(0)  # let the writer send what is queued (see Publisher.should_yield)
         if sink.lost or sink.errors:
             sink.check()  # stop streaming what cannot be delivered
 

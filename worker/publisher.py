@@ -1,11 +1,11 @@
 """The publisher: one adaptive, pipelined writer per worker, shared by all of its jobs.
 
-Jobs append commands without awaiting (:meth:`Publisher.xadd`); one writer task sends everything
+Jobs append entries without awaiting (:meth:`Publisher.send`); one writer task sends everything
 buffered as one pipeline as soon as the previous pipeline has returned, so at low load a token
 waits one round trip and at high load batches grow (up to ``batch_max``) instead of the queue.
 When Redis is unreachable the writer retries the batch with backoff for ``give_up_s``; past that
 the batch is counted as lost on each job's :class:`Sink`, which the job turns into an ``error``
-entry. Memory is bounded: past ``buffer_max`` queued commands, :meth:`Publisher.wait_writable`
+entry. Memory is bounded: past ``buffer_max`` queued entries, :meth:`Publisher.wait_writable`
 makes producers wait. A retried batch may be applied twice; consumers drop the copies by
 ``(job, attempt, seq)``.
 """
@@ -73,6 +73,7 @@ class Publisher:
         buffer_max: int = 100_000,
         give_up_s: float = 30.0,
         backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+        yield_every: int = 64,
     ) -> None:
         self._wire = Wire(redis)
         self._xadd = XaddPacker()
@@ -87,6 +88,8 @@ class Publisher:
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        self._yield_every = yield_every
+        self._next_yield = yield_every
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.batches = 0
@@ -148,6 +151,17 @@ class Publisher:
     @property
     def congested(self) -> bool:
         return not self._writable.is_set()
+
+    def should_yield(self) -> bool:
+        """True once per ``yield_every`` items queued. The writer is a task of the same event loop:
+        a graph that never suspends (CPU-bound nodes, a model that answers from memory) would
+        starve it until the job ends, and the job would then wait for all of its writes at once.
+        Producers yield to the loop (``await asyncio.sleep(0)``) when this says so, and writing
+        overlaps producing."""
+        if self._queued < self._next_yield:
+            return False
+        self._next_yield = self._queued + self._yield_every
+        return True
 
     async def wait_writable(self) -> None:
         """Wait while the buffer is over ``buffer_max`` (Redis slow or away)."""
