@@ -59,13 +59,14 @@ async def subscribe(
         raise ValueError("until_final needs jobs to follow; tag streams never end")
     open_jobs = set(job_list) if job_list and until_final is not False else None
 
+    decode, accept = Entry.decode, attempts.accept
     async for batch in reader.batches():
         if isinstance(batch, Gap):
             yield batch
             continue
         for stream, entry_id, fields in batch:
             try:
-                entry = Entry.decode(fields, id=entry_id, stream=stream)
+                entry = decode(fields, id=entry_id, stream=stream)
             except MalformedEntry as e:
                 if on_malformed == "raise":
                     raise
@@ -73,7 +74,7 @@ async def subscribe(
                 continue
             if wanted_jobs and entry.job not in wanted_jobs:
                 continue
-            if not attempts.accept(entry):
+            if not accept(entry):
                 continue
             terminal = entry.type in TERMINAL_TYPES
             if terminal and open_jobs is not None and not entry.retry:

@@ -202,7 +202,7 @@ class Entry:
             raise UnsupportedVersion(version.decode(errors="replace"))
         try:
             kind = _TYPES[kind_name]
-            entry = _NEW[kind](_CLASSES[kind])
+            entry = _new(ENTRY_CLASSES[kind])  # decoding skips __init__'s checks: they are made here
             entry.type = kind
             entry.job = job.decode()
             entry.attempt = int(attempt)
@@ -276,8 +276,7 @@ ENTRY_CLASSES: dict[EntryType, type[Entry]] = {
     EntryType.ERROR: ErrorEntry,
     EntryType.CANCELLED: CancelledEntry,
 }
-_CLASSES = ENTRY_CLASSES
-_NEW = {kind: cls.__new__ for kind, cls in ENTRY_CLASSES.items()}  # decoding skips __init__'s checks
+_new = object.__new__
 
 
 def chunk_fields(
