@@ -121,11 +121,11 @@ class Publisher:
         """Queue ``XADD key MAXLEN ~ maxlen * fields...`` on each ``(key, maxlen)`` of ``streams``
         for ``sink``'s job. Never blocks."""
         commands = self._xadd.pack(streams, fields)
-        self._enqueue(sink, b"".join(commands), len(commands))
+        self.send(sink, b"".join(commands), len(commands))
 
     def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
         """Queue any other command (``EXPIRE``, ``ZADD``...) in order with the job's entries."""
-        self._enqueue(sink, pack(args), 1)
+        self.send(sink, pack(args), 1)
 
     def template(self, streams: Sequence[tuple[str, int]], fields: list[Any]) -> ChunkTemplate:
         """A template for the chunks of one model call (see :class:`ChunkTemplate`); queue what it
@@ -135,9 +135,6 @@ class Publisher:
     def send(self, sink: Sink, packed: bytes, count: int) -> None:
         """Queue ``count`` commands already packed (by a :meth:`template`) for ``sink``'s job.
         Never blocks."""
-        self._enqueue(sink, packed, count)
-
-    def _enqueue(self, sink: Sink, packed: bytes, count: int) -> None:
         if self._task is None or self._closing:
             raise ClientStateError("publisher is not running")
         self._queue.append((sink, packed, count))
