@@ -199,3 +199,20 @@ async def test_a_lagging_reader_is_told_when_it_falls_past_the_cap(redis: Redis,
     assert isinstance(gap, Gap) and gap.after == ids[2] and gap.first_available == ids[6]
     rest = await anext(reader)
     assert [i for _, i, _ in rest] == ids[6:9]
+
+
+@pytest.mark.parametrize(("protocol", "decode_responses"), [(2, False), (2, True), (3, False), (3, True)])
+async def test_any_client_configuration_reads_the_same_entries(
+    redis_server: RedisServerProcess, protocol: int, decode_responses: bool
+) -> None:
+    """The reader takes XREAD replies as Redis sends them: RESP2 or RESP3, decoded or not."""
+    client = Redis.from_url(redis_server.url, protocol=protocol, decode_responses=decode_responses)
+    job = f"resp{protocol}{int(decode_responses)}"
+    key = StreamKeys().job(job)
+    expected = [entry(EntryType.TOKEN, job, i, content=f"t{i}", meta={"ls_model_name": "m"}) for i in (1, 2, 3)]
+    await client.xadd(key, entry(EntryType.START, job, 0).encode())  # type: ignore[arg-type]
+    for e in [*expected, entry(EntryType.END, job, 4)]:
+        await client.xadd(key, e.encode())  # type: ignore[arg-type]
+    got = [e async for e in subscribe(client, jobs=[job], start="0", types=["token"])]
+    await client.aclose()
+    assert [(e.content, e.meta, e.stream) for e in got] == [(e.content, e.meta, key) for e in expected]
