@@ -104,23 +104,20 @@ class JobEmitter:
         """A ``messages``-mode chunk: an LLM token and the metadata of its model call."""
         template = self._template(EntryType.TOKEN, metadata)
         content = message.content if isinstance(message.content, str) else message.text
-        self.chunks += 1
-        self._publisher.send(
-            self.sink, template.pack(self.seq, content, _message_data(message), _now_ms()), template.commands
-        )
-        self.seq += 1
+        self._chunk(template, content, _message_data(message))
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
         their own metadata (and tags); a dict payload may carry ``tags`` itself."""
         metadata: Mapping[str, Any] | None = None
+        payload = chunk
         if chunk.__class__ is tuple and len(chunk) == 2 and isinstance(chunk[1], Mapping):
             payload, metadata = chunk
+        mapping = isinstance(payload, dict | Mapping)  # dict first: the ABC check is slower
+        if metadata is not None:
             template = self._template(EntryType.CUSTOM, metadata)
         else:
-            payload = chunk
-            tags = payload.get("tags") if isinstance(payload, dict | Mapping) else None
-            template = self._payload_template(tags, namespace)
+            template = self._payload_template(payload.get("tags") if mapping else None, namespace)
         try:
             data = orjson.dumps(payload)
         except TypeError as e:
@@ -129,10 +126,12 @@ class JobEmitter:
                 f"a custom chunk from node {node or '?'} is not JSON-serialisable ({e}); "
                 "write dicts, lists, strings and numbers with writer(...)"
             ) from e
-        content = payload.get("content") if isinstance(payload, dict | Mapping) else None
+        content = payload.get("content") if mapping else None
+        self._chunk(template, content if content.__class__ is str else "", data)
+
+    def _chunk(self, template: ChunkTemplate, content: str, data: bytes) -> None:
         self.chunks += 1
-        packed = template.pack(self.seq, content if content.__class__ is str else "", data, _now_ms())
-        self._publisher.send(self.sink, packed, template.commands)
+        self._publisher.send(self.sink, template.pack(self.seq, content, data, _now_ms()), template.commands)
         self.seq += 1
 
     def _payload_template(self, tags: Any, namespace: tuple[str, ...]) -> ChunkTemplate:
