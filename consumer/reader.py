@@ -3,21 +3,25 @@
 Positions are always concrete ids: ``$`` ("from now") is resolved to each stream's last id
 before the first read, so no entry added between two reads is skipped, and a reconnect resumes
 exactly where reading stopped. A resume id older than what a stream still holds (trimmed by
-``MAXLEN``) is reported as a :class:`Gap`, never skipped silently: checked before the first read,
-after a reconnect, and whenever a read returns a full batch (the reader lags, maybe past the cap).
+``MAXLEN``) is reported as a :class:`Gap`, never skipped silently. The position is verified
+in the same pipeline as the read that starts from it: on the first read, after a reconnect, and
+after every full batch (the reader lags, maybe past the cap).
+
+The reader has its own connection and reads one batch ahead: the next XREAD is sent before a
+batch is handed out, so Redis prepares it while the caller works on this one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.client import NEVER_DECODE
+from redis.asyncio.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,13 @@ def parse_id(entry_id: str) -> tuple[int, int]:
 
 
 class StreamReader:
-    """Reads new entries from several streams at once, in order per stream."""
+    """Reads new entries from several streams at once, in order per stream.
+
+    It reads on a connection of its own, made with the client's settings (AUTH, database, TLS,
+    RESP version), so a blocking XREAD never holds one of the client's; replies are taken as
+    Redis sends them (bytes, flat field lists: cheaper than redis-py's dict per entry). Its
+    ``BLOCK`` is waited for whatever the client's ``socket_timeout``.
+    """
 
     def __init__(
         self,
@@ -64,95 +74,124 @@ class StreamReader:
         if not positions:
             raise ValueError("nothing to read: give at least one stream")
         self._redis = redis
-        # XREAD replies as Redis sends them (bytes, flat field lists): redis-py's reply callback
-        # (a dict per entry) costs more than decoding the entry (BENCHMARKS.md, consumer)
-        self._raw = Redis(connection_pool=redis.connection_pool)
-        self._raw.set_response_callback("XREAD", _as_is)
         self.positions = dict(positions)
         self._block_ms = block_ms
         self._count = count
         self._backoff_s = tuple(backoff_s)
+        socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+        self._read_timeout = None if socket_timeout is None else max(socket_timeout, block_ms / 1000 + 10)
+        self._conn: Connection | None = None
         self._resolved = False
+        self._verify: list[str] = []  # streams whose position the next read checks for trimming
+        self._sent: list[tuple[str, str]] | None = None  # a read on its way, and the positions it checks
 
-    async def _resolve(self) -> list[Gap]:
-        """Turn ``$`` into concrete ids and check explicit resume ids for trimmed history."""
-        latest = [s for s, p in self.positions.items() if p == LATEST]
-        self.positions.update(await latest_positions(self._redis, latest))
-        gaps = [await self.check_gap(stream) for stream in self.positions if stream not in latest]
-        self._resolved = True
-        return [g for g in gaps if g is not None]
-
-    async def check_gap(self, stream: str) -> Gap | None:
-        """A :class:`Gap` if entries after our position may have been trimmed unread.
-
-        Redis 7.0 records ``max-deleted-entry-id`` only for XDEL, not for MAXLEN trimming, so a
-        position whose own entry is gone while the stream now starts later also counts: entries
-        may have stood between the two.
-        """
-        position = self.positions[stream]
-        if position == BEGINNING:
-            return None
-        try:
-            info = await self._redis.xinfo_stream(stream)
-        except redis_errors.ResponseError:
-            return None  # no such stream (yet)
-        first = info.get("first-entry")
-        first_id = _decode(first[0]) if first else None
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None and parse_id(_decode(deleted)) > parse_id(position):
-            return Gap(stream, position, first_id)
-        if first_id is None or parse_id(first_id) <= parse_id(position):
-            return None
-        if await self._redis.xrange(stream, position, position):
-            return None  # our last entry is still there: nothing after it was trimmed
-        return Gap(stream, position, first_id)
-
-    async def batches(self) -> AsyncIterator[list[RawEntry] | Gap]:
+    async def batches(self) -> AsyncGenerator[list[RawEntry] | Gap, None]:
         """Yield lists of new entries (and :class:`Gap` notices) forever; retries through reconnects."""
         failures = 0
-        reconnected = False
-        while True:
-            try:
-                if not self._resolved:
-                    for gap in await self._resolve():
-                        yield gap
-                reply = await self._raw.execute_command(
-                    "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS",
-                    *self.positions, *self.positions.values(), **{NEVER_DECODE: True},
-                )  # type: ignore[no-untyped-call]  # fmt: skip
-            except _RETRYABLE as e:
-                delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
-                failures += 1
-                logger.warning("reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay)
-                await asyncio.sleep(delay)
-                reconnected = True
-                continue
-            failures = 0
-            if reconnected:  # back after an outage: was history trimmed past us meanwhile?
-                reconnected = False
-                for stream in self.positions:
-                    trimmed = await self._safe_check_gap(stream)
-                    if trimmed is not None:
-                        yield trimmed
-            if not reply:
-                continue
-            batch: list[RawEntry] = []
-            for stream_name, entries in _items(reply):
-                stream = stream_name.decode()
-                if len(entries) >= self._count:  # a full reply: this reader lags, and may lag past the cap
-                    lagging = await self._safe_check_gap(stream)
-                    if lagging is not None:
-                        yield lagging
-                batch += [(stream, entry_id.decode(), fields) for entry_id, fields in entries]
-                if entries:
-                    self.positions[stream] = batch[-1][1]
-            yield batch
-
-    async def _safe_check_gap(self, stream: str) -> Gap | None:
         try:
-            return await self.check_gap(stream)
-        except _RETRYABLE:
-            return None
+            while True:
+                try:
+                    if not self._resolved:
+                        await self._resolve()
+                    if self._sent is None:
+                        await self._send_read()
+                    gaps, reply = await self._receive()
+                except _RETRYABLE as e:
+                    await self._disconnect()
+                    self._verify = [s for s, p in self.positions.items() if p != BEGINNING]  # trimmed meanwhile?
+                    delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
+                    failures += 1
+                    logger.warning("reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                failures = 0
+                for gap in gaps:
+                    yield gap
+                batch: list[RawEntry] = []
+                for stream_name, entries in _items(reply or ()):
+                    stream = stream_name.decode()
+                    if len(entries) >= self._count:  # a full reply: this reader lags, and may lag past the cap
+                        self._verify.append(stream)
+                    batch += [(stream, entry_id.decode(), fields) for entry_id, fields in entries]
+                    if entries:
+                        self.positions[stream] = batch[-1][1]
+                if not batch:
+                    continue
+                try:
+                    await self._send_read()  # read ahead while the caller works on this batch
+                except _RETRYABLE:
+                    await self._disconnect()  # the next turn reconnects (and verifies)
+                yield batch
+        finally:
+            await self._disconnect()
+
+    async def _resolve(self) -> None:
+        """Turn ``$`` into concrete ids; explicit resume ids are verified by the first read."""
+        latest = [s for s, p in self.positions.items() if p == LATEST]
+        self.positions.update(await latest_positions(self._redis, latest))
+        self._verify = [s for s, p in self.positions.items() if s not in latest and p != BEGINNING]
+        self._resolved = True
+
+    async def _send_read(self) -> None:
+        """Send one ``XREAD`` from the current positions, preceded by the checks of ``_verify``."""
+        if self._conn is None or not self._conn.is_connected:
+            conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            assert isinstance(conn, Connection)
+            await conn.connect()  # type: ignore[no-untyped-call]  # AUTH, SELECT, TLS, RESP3 as configured
+            self._conn = conn
+        checks = [(stream, self.positions[stream]) for stream in dict.fromkeys(self._verify)]
+        commands: list[tuple[Any, ...]] = [
+            cmd for stream, position in checks for cmd in _check_commands(stream, position)
+        ]
+        commands.append(
+            (
+                "XREAD",
+                "COUNT",
+                self._count,
+                "BLOCK",
+                self._block_ms,
+                "STREAMS",
+                *self.positions,
+                *self.positions.values(),
+            )
+        )
+        await self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
+        self._sent, self._verify = checks, []
+
+    async def _receive(self) -> tuple[list[Gap], Any]:
+        """The replies of the read sent last: gaps found by its checks, and the XREAD reply."""
+        conn, checks, self._sent = self._conn, self._sent or [], None
+        if conn is None:
+            raise redis_errors.ConnectionError("the reader's connection was closed")
+        gaps = []
+        for stream, position in checks:
+            own = await conn.read_response(disable_decoding=True)
+            first = await conn.read_response(disable_decoding=True)
+            gap = _gap(stream, position, bool(own), _decode(first[0][0]) if first else None)
+            if gap is not None:
+                gaps.append(gap)
+        return gaps, await conn.read_response(disable_decoding=True, timeout=self._read_timeout)
+
+    async def _disconnect(self) -> None:
+        self._sent = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.disconnect()
+
+
+def _check_commands(stream: str, position: str) -> list[tuple[Any, ...]]:
+    """Is the entry at ``position`` still there, and which entry does the stream start with?"""
+    return [("XRANGE", stream, position, position), ("XRANGE", stream, "-", "+", "COUNT", 1)]
+
+
+def _gap(stream: str, position: str, own_entry_held: bool, first_id: str | None) -> Gap | None:
+    """Trimming takes the oldest entries first: if the entry at ``position`` is still held,
+    nothing after it was trimmed. If it is gone and the stream now starts later, entries may
+    have stood between the two (Redis 7.0 records no id for trimming, so this can be a false
+    alarm: the entry at ``position`` may have been the last before ``first_id``)."""
+    if own_entry_held or first_id is None or parse_id(first_id) <= parse_id(position):
+        return None
+    return Gap(stream, position, first_id)
 
 
 async def latest_positions(redis: Redis, streams: Sequence[str]) -> dict[str, str]:
@@ -165,10 +204,6 @@ async def latest_positions(redis: Redis, streams: Sequence[str]) -> dict[str, st
             pipe.xrevrange(stream, count=1)
         results = await pipe.execute()
     return {s: _decode(r[0][0]) if r else BEGINNING for s, r in zip(streams, results, strict=True)}
-
-
-def _as_is(response: Any, **kwargs: Any) -> Any:
-    return response
 
 
 def _items(reply: Any) -> Iterable[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:

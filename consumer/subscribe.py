@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Collection, Iterable
+from contextlib import aclosing
 from typing import Literal
 
 from redis.asyncio import Redis
@@ -42,7 +43,8 @@ async def subscribe(
     ``start`` is ``"$"`` (new entries only), ``"0"`` (everything the streams hold) or an entry
     id; ``resume`` maps stream keys to the last id processed and wins over ``start``.
     ``until_final`` (default: on when following jobs) stops once every followed job has written
-    its final terminal entry. The client's ``socket_timeout`` must exceed ``block_ms`` (or be None).
+    its final terminal entry.
+    The reader blocks on a connection of its own, whatever the client's ``socket_timeout``.
     """
     keys = StreamKeys(prefix)
     tag_list, job_list = list(dict.fromkeys(tags)), list(dict.fromkeys(jobs))
@@ -60,31 +62,32 @@ async def subscribe(
     open_jobs = set(job_list) if job_list and until_final is not False else None
 
     decode, accept = Entry.decode, attempts.accept
-    async for batch in reader.batches():
-        if isinstance(batch, Gap):
-            yield batch
-            continue
-        for stream, entry_id, fields in batch:
-            try:
-                entry = decode(fields, id=entry_id, stream=stream)
-            except MalformedEntry as e:
-                if on_malformed == "raise":
-                    raise
-                logger.warning("skipping entry %s of %s: %s", entry_id, stream, e)
+    async with aclosing(reader.batches()) as batches:  # closed at once: cancels the read ahead
+        async for batch in batches:
+            if isinstance(batch, Gap):
+                yield batch
                 continue
-            if wanted_jobs and entry.job not in wanted_jobs:
-                continue
-            if not accept(entry):
-                continue
-            terminal = entry.type in TERMINAL_TYPES
-            if terminal and open_jobs is not None and not entry.retry:
-                open_jobs.discard(entry.job)
-            if (not wanted_types or entry.type in wanted_types) and (
-                not wanted_nodes or entry.node in wanted_nodes or terminal
-            ):
-                yield entry
-        if open_jobs is not None and not open_jobs:
-            return
+            for stream, entry_id, fields in batch:
+                try:
+                    entry = decode(fields, id=entry_id, stream=stream)
+                except MalformedEntry as e:
+                    if on_malformed == "raise":
+                        raise
+                    logger.warning("skipping entry %s of %s: %s", entry_id, stream, e)
+                    continue
+                if wanted_jobs and entry.job not in wanted_jobs:
+                    continue
+                if not accept(entry):
+                    continue
+                terminal = entry.type in TERMINAL_TYPES
+                if terminal and open_jobs is not None and not entry.retry:
+                    open_jobs.discard(entry.job)
+                if (not wanted_types or entry.type in wanted_types) and (
+                    not wanted_nodes or entry.node in wanted_nodes or terminal
+                ):
+                    yield entry
+            if open_jobs is not None and not open_jobs:
+                return
 
 
 def streams_for(keys: StreamKeys, tags: Iterable[str], jobs: Iterable[str]) -> list[str]:

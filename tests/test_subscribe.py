@@ -188,17 +188,41 @@ async def test_reader_resumes_after_its_connection_is_killed(
 
 
 async def test_a_lagging_reader_is_told_when_it_falls_past_the_cap(redis: Redis, keys: StreamKeys) -> None:
-    """Real Redis: a reader reading full batches checks for trimming while it reads."""
+    """Real Redis: after a full batch, the next read checks in the same pipeline whether the
+    reader's position was trimmed. The reader reads one batch ahead: entries 3..5 were read
+    (with the first batch handed out), entries 6 and 7 are trimmed before anyone reads them."""
     key = keys.tag("poem")
     ids = await write(redis, key, *[token("j", i, str(i)) for i in range(10)])
     reader = StreamReader(redis, {key: "0-0"}, count=3, block_ms=100).batches()
-    first = await anext(reader)
-    assert [i for _, i, _ in first] == ids[:3]
-    await redis.xtrim(key, maxlen=4, approximate=False)  # entries 3..5 go before they are read
-    gap = await anext(reader)
-    assert isinstance(gap, Gap) and gap.after == ids[2] and gap.first_available == ids[6]
-    rest = await anext(reader)
-    assert [i for _, i, _ in rest] == ids[6:9]
+    try:
+        first = await anext(reader)
+        assert [i for _, i, _ in first] == ids[:3]
+        await redis.xtrim(key, maxlen=2, approximate=False)
+        read_ahead = await anext(reader)
+        assert [i for _, i, _ in read_ahead] == ids[3:6]
+        gap = await anext(reader)
+        assert isinstance(gap, Gap) and gap.after == ids[5] and gap.first_available == ids[8]
+        rest = await anext(reader)
+        assert [i for _, i, _ in rest] == ids[8:]
+    finally:
+        await reader.aclose()
+
+
+async def test_a_reader_that_keeps_up_is_told_of_no_gap(redis: Redis, keys: StreamKeys) -> None:
+    """Full batches from a stream that is trimmed behind the reader, never past it: no gap."""
+    key = keys.tag("poem")
+    ids = await write(redis, key, *[token("j", i, str(i)) for i in range(9)])
+    reader = StreamReader(redis, {key: "0-0"}, count=3, block_ms=100).batches()
+    try:
+        seen: list[str] = []
+        while len(seen) < 9:
+            batch = await anext(reader)
+            assert not isinstance(batch, Gap), batch
+            seen += [i for _, i, _ in batch]
+            await redis.xtrim(key, maxlen=9 - len(seen) + 1, approximate=False)  # keeps the last one read
+        assert seen == ids
+    finally:
+        await reader.aclose()
 
 
 @pytest.mark.parametrize(("protocol", "decode_responses"), [(2, False), (2, True), (3, False), (3, True)])

@@ -77,7 +77,7 @@ async def tail(settings: Settings, args: argparse.Namespace) -> int:
 async def _follow(settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str) -> int:
     """Print entries until interrupted, or until the followed jobs end; non-zero if one failed."""
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
-    redis = redis_from_settings(settings, socket_timeout=READ_BLOCK_MS / 1000 + 10)
+    redis = redis_from_settings(settings)
     failed = False
     until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
     streams = streams_for(settings.keys, tags, jobs)
