@@ -153,6 +153,7 @@ async def tokenbus_e2e(bench: Bench, graph: str, inputs: dict[str, Any], mode: s
     return {
         "chunks": chunks,
         "rate": chunks / elapsed,
+        "elapsed_s": elapsed,
         "producer_rate": chunks / jobs / max(producing_s, 0.001),
         "worker_us": (cpu1 - cpu0) / chunks * 1e6,
         "redis_us": (rcpu1 - rcpu0) / chunks * 1e6,

@@ -11,7 +11,7 @@ from schemas.entries import chunk_fields
 from worker.wire import CONTENT, DATA, SEQ, TS, XaddPacker, describe
 
 META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags": ["poem"], "note": "100% sure"})
-STREAMS = [("tokenbus:job:{j1}", 1000), ("tokenbus:tag:{poem}", 50)]
+STREAMS = [("tokenbus:job:{j1 100%d}", 1000), ("tokenbus:tag:{poem}", 50)]  # a job id may hold "%"
 
 
 def test_a_chunk_template_packs_what_hiredis_packs() -> None:
@@ -50,7 +50,7 @@ def test_the_packed_entry_decodes_to_its_values() -> None:
 
 def test_a_refused_command_is_named_by_its_key() -> None:
     packed = b"".join(XaddPacker().pack(STREAMS, chunk_fields(EntryType.END, "j1", 1, 0, 1, b"[]", "", "", b"", b"")))
-    assert [describe(packed, i) for i in range(2)] == ["XADD tokenbus:job:{j1}", "XADD tokenbus:tag:{poem}"]
+    assert [describe(packed, i) for i in range(2)] == ["XADD tokenbus:job:{j1 100%d}", "XADD tokenbus:tag:{poem}"]
 
 
 def test_a_template_needs_its_holes_in_order() -> None:

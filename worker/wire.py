@@ -66,14 +66,13 @@ class ChunkTemplate:
 
     The chunks of a call share every field but ``seq``, ``content``, ``data`` and ``ts``, so the
     constant runs of fields and each stream's ``XADD key MAXLEN ~ n *`` are packed once, and a
-    chunk costs its four values and one ``%`` format: a third of packing all its fields.
+    chunk costs its four values and one ``%`` format for all of its streams.
     """
 
-    __slots__ = ("_format", "_prefixes", "commands")
+    __slots__ = ("_format", "commands")
 
     def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
         header = b"*%d\r\n" % (len(fields) + 6)
-        self._prefixes = [header + prefix for prefix in prefixes]
         self.commands = len(prefixes)
         """How many commands :meth:`pack` packs (one per stream)."""
         runs: list[bytes] = []
@@ -87,14 +86,15 @@ class ChunkTemplate:
         runs.append(pack_args(fields[start:]) if start < len(fields) else b"")
         if holes != list(CHUNK_HOLES):
             raise ValueError(f"chunk fields must hold the holes {list(CHUNK_HOLES)} in that order, not {holes}")
-        # the constant runs, with a bulk string ("$<length>\r\n<value>\r\n") in each hole
-        self._format = b"$%d\r\n%b\r\n".join(run.replace(b"%", b"%%") for run in runs)
+        # the constant runs, with a bulk string ("$<length>\r\n<value>\r\n") in each hole; one
+        # command per stream, so that a chunk is packed by a single % format
+        body = b"$%d\r\n%b\r\n".join(run.replace(b"%", b"%%") for run in runs)
+        self._format = b"".join(header + prefix.replace(b"%", b"%%") + body for prefix in prefixes)
 
     def pack(self, seq: int, content: str, data: bytes, ts: int) -> bytes:
         """The commands of one chunk, one per stream, back to back."""
         s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
-        body = self._format % (len(s), s, len(c), c, len(data), data, len(t), t)
-        return b"".join([part for prefix in self._prefixes for part in (prefix, body)])
+        return self._format % ((len(s), s, len(c), c, len(data), data, len(t), t) * self.commands)
 
 
 class XaddPacker:
