@@ -39,6 +39,7 @@ from tokenbus.settings import Settings
 from worker.app import build_worker, stop_worker
 from worker.client import TokenbusClient
 from worker.graphs import joke_poem
+from worker.job import RESOURCES, run_graph
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -128,17 +129,35 @@ async def floor(
 # -- throughput ------------------------------------------------------------------------------------
 
 
-async def tokenbus_e2e(bench: Bench, graph: str, inputs: dict[str, Any], mode: str, jobs: int = 1) -> dict[str, float]:
-    """Jobs through a worker, Redis and a consumer process reading every entry with the consumer API."""
+async def tokenbus_e2e(
+    bench: Bench, graph: str, inputs: dict[str, Any], mode: str, jobs: int = 1, *, arq: bool = True
+) -> dict[str, float]:
+    """Jobs through a worker, Redis and a consumer process reading every entry with the consumer API.
+
+    ``arq=False`` runs the same job function (``run_graph``: start entry, graph, terminal entry)
+    on the worker's resources without arq: what the bus costs apart from arq's job dispatch.
+    """
     settings = bench.settings(TOKENBUS_MAX_JOBS=jobs)
     tags = ["joke", "poem"] if graph == "joke_poem" else ["bench"]
     consumer = await start_consumer(
         bench, settings.prefix, *[a for t in tags for a in ("--tag", t)], "--jobs", str(jobs)
     )
     redis = Redis.from_url(bench.redis_url)
-    async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
+    request = {"graph": graph, "input": inputs, "modes": [mode]}
+    job_ids = [f"{settings.prefix}-{i}" for i in range(jobs)]
+    if arq:
+        # every job is queued before the worker starts, so that its first poll takes them all: like
+        # the floor's jobs, they start together (jobs queued across two polls would wait for the
+        # next one, up to the poll delay: arq's queue latency, not the bus's)
+        async with await TokenbusClient.connect(settings) as client:
+            job_ids = [await client.enqueue(graph, inputs, modes=[mode]) for _ in range(jobs)]
+    async with RunningWorker(settings) as running:
         cpu0, rcpu0 = time.process_time(), await redis_cpu(redis)
-        job_ids = [await client.enqueue(graph, inputs, modes=[mode]) for _ in range(jobs)]
+        if not arq:
+            resources = running.worker.ctx[RESOURCES]
+            await asyncio.gather(
+                *(run_graph({RESOURCES: resources, "job_id": job, "job_try": 1}, request) for job in job_ids)
+            )
         result = await consumer_result(consumer)
         cpu1, rcpu1 = time.process_time(), await redis_cpu(redis)
     # from the first job's start (waiting in arq's queue for the next poll is not the bus's doing)
@@ -214,18 +233,27 @@ async def throughput(bench: Bench) -> None:
                 bench.record(f"ratio_{mode}_vs_naive", e2e["rate"] / naive)
             # joke_poem over HTTP: the same load both ways (http_jobs at once)
             config = {"configurable": {"tokenbus_modes": ["messages"]}}
-            floor_rate = bus_rate = 0.0
+            floor_rate = bus_rate = direct_rate = 0.0
+            bus_cpu = direct_cpu = floor_cpu = float("inf")
             for _ in range(rounds):
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 done = await asyncio.gather(
                     *(floor(jp, {"topic": "cats"}, "messages", config) for _ in range(http_jobs))
                 )
-                floor_rate = max(floor_rate, sum(c for c, _ in done) / (time.perf_counter() - started))
+                chunks = sum(c for c, _ in done)
+                floor_rate = max(floor_rate, chunks / (time.perf_counter() - started))
+                floor_cpu = min(floor_cpu, (time.process_time() - cpu) / chunks * 1e6)
                 e2e = await tokenbus_e2e(bench, "joke_poem", {"topic": "cats"}, "messages", jobs=http_jobs)
-                bus_rate = max(bus_rate, e2e["rate"])
+                bus_rate, bus_cpu = max(bus_rate, e2e["rate"]), min(bus_cpu, e2e["worker_us"])
+                e2e = await tokenbus_e2e(bench, "joke_poem", {"topic": "cats"}, "messages", jobs=http_jobs, arq=False)
+                direct_rate, direct_cpu = max(direct_rate, e2e["rate"]), min(direct_cpu, e2e["worker_us"])
             bench.record("floor_joke_poem_http_chunks_per_s", floor_rate)
             bench.record("tokenbus_joke_poem_http_chunks_per_s", bus_rate)
             bench.record("ratio_joke_poem_http_vs_floor", bus_rate / floor_rate)
+            bench.record("ratio_joke_poem_http_without_arq_vs_floor", direct_rate / floor_rate)
+            bench.record("cpu_floor_us_per_chunk_joke_poem_http", floor_cpu)
+            bench.record("cpu_worker_us_per_chunk_joke_poem_http", bus_cpu)
+            bench.record("cpu_worker_us_per_chunk_joke_poem_http_without_arq", direct_cpu)
 
 
 # -- latency ---------------------------------------------------------------------------------------
@@ -255,7 +283,7 @@ async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> tuple[
 
 async def latency(bench: Bench) -> None:
     rate, seconds = 100.0, (2 if bench.quick else 5)
-    loads = [1, 20] if bench.quick else [1, 20, 50, 80, 120, 160, 200, 250, 300, 400]
+    loads = [1, 20] if bench.quick else [1, 20, 50, 100, 150, 200, 225, 250, 275, 300, 350, 400]
     for run in range(bench.runs):
         print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
         for jobs in loads:
