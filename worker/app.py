@@ -9,7 +9,8 @@ import logging
 from typing import Any
 
 from arq.connections import RedisSettings
-from arq.constants import retry_key_prefix
+from arq.constants import in_progress_key_prefix, retry_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
@@ -31,10 +32,10 @@ _REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, r
 
 
 class TokenbusWorker(Worker):
-    """arq's worker, kept alive through Redis restarts.
+    """arq's worker, kept alive through Redis restarts, and claiming each poll's jobs at once.
 
-    arq 0.28 lets a connection error in its poll loop end the worker, and one between taking a
-    job slot and starting the job leaks the slot; here both are logged and retried.
+    arq 0.28 lets a connection error in its poll loop end the worker; here it is logged and the
+    poll retried. A failed claim gives its job slots back (arq's leaked them).
     """
 
     async def _poll_iteration(self) -> None:
@@ -45,15 +46,50 @@ class TokenbusWorker(Worker):
             await asyncio.sleep(POLL_RETRY_DELAY_S)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Claim the jobs of one poll in one round trip, then start them.
+
+        arq claims jobs one after another, four round trips each (WATCH, EXISTS, ZSCORE,
+        MULTI/EXEC); on a worker busy streaming, each waits its turn in the event loop, and the
+        last job of a poll started hundreds of milliseconds after the first (BENCHMARKS.md).
+        Here each claim is ``SET <in-progress key> NX PX`` (arq's key, so arq's other workers see
+        it) and the job's queue score, all pipelined. A job claimed but no longer due (removed
+        from the queue, or re-queued for later) has its claim dropped, as arq would never have
+        set it. Jobs beyond the free slots wait for the next poll.
+        """
+        claims: list[str] = []
         for job_id in job_ids:
-            running = self.job_counter
-            try:
-                await super().start_jobs([job_id])
-            except _REDIS_UNAVAILABLE:
-                if self.job_counter > running and job_id.decode() not in self.tasks:
-                    self.job_counter -= 1  # the slot arq took for a job it could not start
-                    self.sem.release()
-                raise
+            if claims and self.sem.locked():
+                break
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                break
+            self.job_counter += 1
+            claims.append(job_id.decode())
+        if not claims:
+            return
+        try:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for job_id_ in claims:
+                    pipe.set(in_progress_key_prefix + job_id_, b"1", px=int(self.in_progress_timeout_s * 1000), nx=True)
+                    pipe.zscore(self.queue_name, job_id_)
+                replies = await pipe.execute()
+        except BaseException:
+            for _ in claims:  # the slots taken for jobs that could not be claimed
+                self._release_sem_dec_counter_on_complete()
+            raise
+        now, not_due = timestamp_ms(), []
+        for job_id_, claimed, score in zip(claims, replies[::2], replies[1::2], strict=True):
+            if not claimed or not score or score > now:  # running elsewhere, done, or not due yet
+                self._release_sem_dec_counter_on_complete()
+                if claimed:
+                    not_due.append(in_progress_key_prefix + job_id_)
+                continue
+            task = self.loop.create_task(self.run_job(job_id_, int(score)))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id_] = task
+        if not_due:
+            await self.pool.delete(*not_due)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq fails a job here without running it (aborted before it started, max tries reached,

@@ -1,0 +1,41 @@
+"""The worker claims each poll's jobs in one round trip, with arq's in-progress keys (real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
+from redis.asyncio import Redis
+
+from tests.support import follow_job, wait_until
+from tokenbus.settings import Settings
+from worker.app import build_worker, stop_worker
+from worker.client import TokenbusClient
+
+
+async def test_a_poll_starts_its_due_jobs_and_leaves_the_others(
+    settings: Settings, client: TokenbusClient, redis: Redis
+) -> None:
+    ids = [await client.enqueue("joke_poem", {"topic": f"topic {i}"}, modes=["messages"]) for i in range(5)]
+    elsewhere, later, *due = ids
+    await redis.set(in_progress_key_prefix + elsewhere, b"other worker", px=60_000)  # another worker runs it
+    await redis.zadd(settings.queue_name, {later: timestamp_ms() + 60_000})  # re-queued for later
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        for job in due:
+            view, _ = await follow_job(redis, settings.prefix, job)
+            assert view.status == "end" and view.chunks > 0, view
+        await wait_until(lambda: worker.jobs_complete == len(due), what="arq to record the jobs as complete")
+        assert await redis.xlen(settings.keys.job(elsewhere)) == 0  # never started here
+        assert await redis.get(in_progress_key_prefix + elsewhere) == b"other worker"  # its claim untouched
+        assert await redis.xlen(settings.keys.job(later)) == 0
+        # claimed when no longer due (a race with a re-queue), or no longer queued: the claim is dropped
+        await worker.start_jobs([later.encode(), b"not-queued"])
+        assert later not in worker.tasks and "not-queued" not in worker.tasks
+        assert await redis.exists(in_progress_key_prefix + later, in_progress_key_prefix + "not-queued") == 0
+        await wait_until(lambda: worker.job_counter == 0, what="every job slot given back")
+        assert worker.sem._value == worker.max_jobs + 1  # arq keeps its free slots there (and one for its poll)
+    finally:
+        await stop_worker(worker, task)
