@@ -1,14 +1,19 @@
-"""Unit tests of the publisher's packing: a chunk template packs exactly what hiredis packs."""
+"""The publisher's wire: a chunk template packs exactly what hiredis packs; a batch Redis does not
+answer fails after the wire's timeout (real Redis)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import hiredis
 import orjson
 import pytest
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 
 from schemas import Entry, EntryType
 from schemas.entries import chunk_fields
-from worker.wire import CONTENT, DATA, SEQ, TS, XaddPacker, describe
+from worker.wire import CONTENT, DATA, SEQ, TS, Wire, XaddPacker, describe
 
 META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags": ["poem"], "note": "100% sure"})
 STREAMS = [("tokenbus:job:{j1 100%d}", 1000), ("tokenbus:tag:{poem}", 50)]  # a job id may hold "%"
@@ -57,3 +62,22 @@ def test_a_template_needs_its_holes_in_order() -> None:
     fields = chunk_fields(EntryType.TOKEN, "j1", 1, TS, SEQ, b"[]", "", CONTENT, DATA, b"{}")
     with pytest.raises(ValueError, match="holes"):
         XaddPacker().template(STREAMS, fields)
+
+
+async def test_a_batch_redis_does_not_answer_fails_after_the_timeout_and_the_wire_recovers(redis: Redis) -> None:
+    wire = Wire(redis, timeout_s=0.3)
+    packed = b"".join(XaddPacker().pack(STREAMS, chunk_fields(EntryType.END, "j1", 1, 0, 1, b"[]", "", "", b"", b"")))
+    admin = Redis(connection_pool=redis.connection_pool)
+    try:
+        assert await wire.execute(packed, 2) == []  # connected, and the watchdog armed
+        await admin.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")  # Redis holds every XADD unanswered
+        try:
+            async with asyncio.timeout(20):
+                with pytest.raises(redis_errors.ConnectionError, match=r"no reply within 0\.3s"):
+                    await wire.execute(packed, 2)
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        assert await wire.execute(packed, 2) == []  # a fresh connection
+    finally:
+        await wire.close()
+        await admin.aclose()

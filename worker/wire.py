@@ -11,6 +11,7 @@ made from the client's pool settings.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,46 +129,75 @@ class XaddPacker:
 
 
 class Wire:
-    """One connection, used by one writer at a time. Errors come back per command as exceptions."""
+    """One connection, used by one writer at a time. Errors come back per command as exceptions.
+
+    A batch that gets no complete reply within ``timeout_s`` fails with a connection error. The
+    deadline is kept by one watchdog timer, re-armed only when it fires, not by a timer per
+    batch: on this VM ``asyncio.timeout()`` cost a quarter of a small batch's CPU (BENCHMARKS.md).
+    """
 
     def __init__(self, redis: Redis, *, timeout_s: float = 30.0) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
         self._conn: Connection | None = None
+        self._busy_since: float | None = None  # when the batch in flight was sent
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         """Send ``count`` packed commands; return the errors Redis replied with, by command index
         (the publisher has no use for the other replies, XADD's new ids).
 
-        A connection problem raises ``redis.exceptions.ConnectionError`` after dropping the
-        connection, so the next call starts on a fresh one.
+        A connection problem or timeout raises ``redis.exceptions.ConnectionError`` after dropping
+        the connection, so the next call starts on a fresh one.
         """
         conn = await self._connection()
+        self._busy_since = time.monotonic()
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self._timeout_s, self._check_deadline)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                writer, stream = conn._writer, conn._reader
-                if writer is None or stream is None:
-                    raise redis_errors.ConnectionError("connection closed")
-                writer.write(packed)
-                await writer.drain()
-                reader = hiredis.Reader()
-                errors: list[tuple[int, redis_errors.ResponseError]] = []
-                replies = 0
-                while replies < count:
-                    reply = reader.gets()
-                    if reply is False:
-                        data = await stream.read(READ_CHUNK)
-                        if not data:
-                            raise redis_errors.ConnectionError("Redis closed the connection")
-                        reader.feed(data)
-                        continue
-                    if isinstance(reply, hiredis.ReplyError):
-                        errors.append((replies, redis_errors.ResponseError(str(reply))))
-                    replies += 1
-                return errors
+            writer, stream = conn._writer, conn._reader
+            if writer is None or stream is None:
+                raise redis_errors.ConnectionError("connection closed")
+            writer.write(packed)
+            await writer.drain()
+            reader = hiredis.Reader()
+            errors: list[tuple[int, redis_errors.ResponseError]] = []
+            replies = 0
+            while replies < count:
+                reply = reader.gets()
+                if reply is False:
+                    data = await stream.read(READ_CHUNK)
+                    if not data:
+                        raise redis_errors.ConnectionError("Redis closed the connection")
+                    reader.feed(data)
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    errors.append((replies, redis_errors.ResponseError(str(reply))))
+                replies += 1
+            return errors
         except (OSError, TimeoutError, redis_errors.ConnectionError) as e:
+            cause = f"no reply within {self._timeout_s:g}s" if self._timed_out else str(e)
             await self.close()
-            raise redis_errors.ConnectionError(f"publishing to Redis failed: {e}") from e
+            raise redis_errors.ConnectionError(f"publishing to Redis failed: {cause}") from e
+        finally:
+            self._busy_since = None
+            self._timed_out = False
+
+    def _check_deadline(self) -> None:
+        """The watchdog: cut the connection of a batch in flight for ``timeout_s`` (its read or
+        drain then fails at once); otherwise wait again, for as long as the batch in flight has
+        left. It sleeps while the wire is idle: the next batch arms it."""
+        self._watchdog = None
+        since = self._busy_since
+        if since is None:
+            return
+        left = since + self._timeout_s - time.monotonic()
+        if left > 0:
+            self._watchdog = asyncio.get_running_loop().call_later(left, self._check_deadline)
+        elif self._conn is not None and self._conn._writer is not None:
+            self._timed_out = True
+            self._conn._writer.transport.abort()
 
     async def _connection(self) -> Connection:
         if self._conn is None or not self._conn.is_connected:
@@ -178,6 +208,9 @@ class Wire:
         return self._conn
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.disconnect()
