@@ -97,8 +97,7 @@ class StreamReader:
                         await self._send_read()
                     gaps, reply = await self._receive()
                 except _RETRYABLE as e:
-                    await self._disconnect()
-                    self._verify = [s for s, p in self.positions.items() if p != BEGINNING]  # trimmed meanwhile?
+                    await self._reconnect_later()
                     delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
                     failures += 1
                     logger.warning("reading %s failed (%s); resuming in %.1fs", ", ".join(self.positions), e, delay)
@@ -120,7 +119,7 @@ class StreamReader:
                 try:
                     await self._send_read()  # read ahead while the caller works on this batch
                 except _RETRYABLE:
-                    await self._disconnect()  # the next turn reconnects (and verifies)
+                    await self._reconnect_later()  # the next turn reads again, on a new connection
                 yield batch
         finally:
             await self._disconnect()
@@ -143,18 +142,8 @@ class StreamReader:
         commands: list[tuple[Any, ...]] = [
             cmd for stream, position in checks for cmd in _check_commands(stream, position)
         ]
-        commands.append(
-            (
-                "XREAD",
-                "COUNT",
-                self._count,
-                "BLOCK",
-                self._block_ms,
-                "STREAMS",
-                *self.positions,
-                *self.positions.values(),
-            )
-        )
+        streams = [*self.positions, *self.positions.values()]
+        commands.append(("XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *streams))
         await self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
         self._sent, self._verify = checks, []
 
@@ -171,6 +160,12 @@ class StreamReader:
             if gap is not None:
                 gaps.append(gap)
         return gaps, await conn.read_response(disable_decoding=True, timeout=self._read_timeout)
+
+    async def _reconnect_later(self) -> None:
+        """Drop the connection after a failure; the first read on the next one verifies every
+        position (the streams may have been trimmed past the reader meanwhile)."""
+        await self._disconnect()
+        self._verify = [stream for stream, position in self.positions.items() if position != BEGINNING]
 
     async def _disconnect(self) -> None:
         self._sent = None
