@@ -43,8 +43,8 @@ async def subscribe(
     ``start`` is ``"$"`` (new entries only), ``"0"`` (everything the streams hold) or an entry
     id; ``resume`` maps stream keys to the last id processed and wins over ``start``.
     ``until_final`` (default: on when following jobs) stops once every followed job has written
-    its final terminal entry.
-    The reader blocks on a connection of its own, whatever the client's ``socket_timeout``.
+    its final terminal entry. The reader blocks on a connection of its own (made with the client's
+    settings), whatever the client's ``socket_timeout``.
     """
     keys = StreamKeys(prefix)
     tag_list, job_list = list(dict.fromkeys(tags)), list(dict.fromkeys(jobs))
@@ -62,7 +62,7 @@ async def subscribe(
     open_jobs = set(job_list) if job_list and until_final is not False else None
 
     decode, accept = Entry.decode, attempts.accept
-    async with aclosing(reader.batches()) as batches:  # closed at once: cancels the read ahead
+    async with aclosing(reader.batches()) as batches:  # closed at once: frees the reader's connection
         async for batch in batches:
             if isinstance(batch, Gap):
                 yield batch

@@ -57,7 +57,7 @@ class TokenbusWorker(Worker):
         set it. Jobs beyond the free slots wait for the next poll.
         """
         claims: list[str] = []
-        for job_id in job_ids:
+        for raw_id in job_ids:
             if claims and self.sem.locked():
                 break
             await self.sem.acquire()
@@ -65,29 +65,29 @@ class TokenbusWorker(Worker):
                 self.sem.release()
                 break
             self.job_counter += 1
-            claims.append(job_id.decode())
+            claims.append(raw_id.decode())
         if not claims:
             return
         try:
             async with self.pool.pipeline(transaction=False) as pipe:
-                for job_id_ in claims:
-                    pipe.set(in_progress_key_prefix + job_id_, b"1", px=int(self.in_progress_timeout_s * 1000), nx=True)
-                    pipe.zscore(self.queue_name, job_id_)
+                for job_id in claims:
+                    pipe.set(in_progress_key_prefix + job_id, b"1", px=int(self.in_progress_timeout_s * 1000), nx=True)
+                    pipe.zscore(self.queue_name, job_id)
                 replies = await pipe.execute()
         except BaseException:
             for _ in claims:  # the slots taken for jobs that could not be claimed
                 self._release_sem_dec_counter_on_complete()
             raise
         now, not_due = timestamp_ms(), []
-        for job_id_, claimed, score in zip(claims, replies[::2], replies[1::2], strict=True):
+        for job_id, claimed, score in zip(claims, replies[::2], replies[1::2], strict=True):
             if not claimed or not score or score > now:  # running elsewhere, done, or not due yet
                 self._release_sem_dec_counter_on_complete()
                 if claimed:
-                    not_due.append(in_progress_key_prefix + job_id_)
+                    not_due.append(in_progress_key_prefix + job_id)
                 continue
-            task = self.loop.create_task(self.run_job(job_id_, int(score)))
+            task = self.loop.create_task(self.run_job(job_id, int(score)))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id_] = task
+            self.tasks[job_id] = task
         if not_due:
             await self.pool.delete(*not_due)
 
