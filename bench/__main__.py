@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import itertools
@@ -19,7 +20,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,9 +274,11 @@ async def paced_no_sink(jobs: int, n: int, rate: float) -> list[float]:
 
 
 async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> tuple[float, float, float]:
+    """The paced jobs through a ``tokenbus worker`` process (as deployed: the worker alone in its
+    process, like LangGraph alone in the no-sink measure) and a consumer process."""
     settings = bench.settings()
     consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs), "--latency")
-    async with RunningWorker(settings), await TokenbusClient.connect(settings) as client:
+    async with worker_processes(bench, settings, 1), await TokenbusClient.connect(settings) as client:
         for _ in range(jobs):
             await client.enqueue("bench_paced", {"n": n, "rate": rate}, modes=["custom"])
         result = await consumer_result(consumer)
@@ -381,40 +384,62 @@ async def memory(bench: Bench) -> None:
     bench.record("memory_redis_growth_peak_mb", max(s[1] for s in samples))
 
 
-async def scaling(bench: Bench) -> None:
-    """1 vs 2 worker processes on one Redis, 16 CPU-bound jobs of each mode."""
-    jobs, n = (8, 5_000) if bench.quick else (16, 20_000)
-    for mode, processes in itertools.product(("messages", "custom"), (1, 2)):
-        # a tag stream cap above the total: a consumer that falls behind must not lose terminal
-        # entries to trimming (it would be told of the gap, but would wait for those jobs forever)
-        settings = bench.settings(TOKENBUS_MAX_JOBS=jobs, TOKENBUS_TAG_MAXLEN=jobs * n * 2)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENBUS_GRAPHS": orjson.dumps(GRAPHS).decode()}
-        env.update(
-            REDIS_URL=bench.redis_url, TOKENBUS_PREFIX=settings.prefix, TOKENBUS_QUEUE=settings.queue_name,
-            TOKENBUS_TAG_MAXLEN=str(settings.tag_maxlen),
-            OPENAI_BASE_URL=bench.model_url, OPENAI_API_KEY="bench",
-        )  # fmt: skip
-        tokenbus = str(Path(sys.executable).with_name("tokenbus"))
-        workers = [
-            await asyncio.create_subprocess_exec(tokenbus, "worker", env=env, stderr=asyncio.subprocess.PIPE)
-            for _ in range(processes)
-        ]
-        for w in workers:  # wait until each worker serves, then keep draining its log
-            assert w.stderr is not None
-            while b"worker serves graphs" not in await w.stderr.readline():
-                pass
-        drains = [asyncio.create_task(w.stderr.read()) for w in workers if w.stderr is not None]
-        consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs))
-        async with await TokenbusClient.connect(settings) as client:
-            t0 = time.time()
-            for _ in range(jobs):
-                await client.enqueue(f"bench_{mode}", {"n": n}, modes=[mode])
-            result = await consumer_result(consumer)
-        bench.record(f"scaling_{mode}_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
+@contextlib.asynccontextmanager
+async def worker_processes(bench: Bench, settings: Settings, count: int) -> AsyncIterator[None]:
+    """``count`` ``tokenbus worker`` processes serving ``settings``' queue, each up and serving."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENBUS_GRAPHS": orjson.dumps(GRAPHS).decode()}
+    env.update(
+        REDIS_URL=bench.redis_url, TOKENBUS_PREFIX=settings.prefix, TOKENBUS_QUEUE=settings.queue_name,
+        TOKENBUS_TAG_MAXLEN=str(settings.tag_maxlen), TOKENBUS_MAX_JOBS=str(settings.max_jobs),
+        OPENAI_BASE_URL=bench.model_url, OPENAI_API_KEY="bench",
+    )  # fmt: skip
+    tokenbus = str(Path(sys.executable).with_name("tokenbus"))
+    workers = [
+        await asyncio.create_subprocess_exec(tokenbus, "worker", env=env, stderr=asyncio.subprocess.PIPE)
+        for _ in range(count)
+    ]
+    for w in workers:  # wait until each worker serves, then keep draining its log
+        assert w.stderr is not None
+        while b"worker serves graphs" not in await w.stderr.readline():
+            pass
+    drains = [asyncio.create_task(w.stderr.read()) for w in workers if w.stderr is not None]
+    try:
+        yield
+    finally:
         for w in workers:
             w.terminate()
             await w.wait()
         await asyncio.gather(*drains)
+
+
+async def scaling(bench: Bench) -> None:
+    """1 vs 2 worker processes on one Redis: 16 CPU-bound jobs of each mode, then paced jobs at
+    loads one process cannot carry. Each process runs its share of the jobs at once (max_jobs)."""
+    jobs, n = (8, 5_000) if bench.quick else (16, 20_000)
+    for mode, processes in itertools.product(("messages", "custom"), (1, 2)):
+        # a tag stream cap above the total: a consumer that falls behind must not lose terminal
+        # entries to trimming (it would be told of the gap, but would wait for those jobs forever)
+        settings = bench.settings(TOKENBUS_MAX_JOBS=jobs // processes, TOKENBUS_TAG_MAXLEN=jobs * n * 2)
+        async with worker_processes(bench, settings, processes):
+            consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs))
+            async with await TokenbusClient.connect(settings) as client:
+                t0 = time.time()
+                for _ in range(jobs):
+                    await client.enqueue(f"bench_{mode}", {"n": n}, modes=[mode])
+                result = await consumer_result(consumer)
+        bench.record(f"scaling_{mode}_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
+    rate, seconds = 100.0, (2 if bench.quick else 5)
+    for paced_jobs, processes in itertools.product([40] if bench.quick else [300, 400, 500], (1, 2)):
+        settings = bench.settings(TOKENBUS_MAX_JOBS=-(-paced_jobs // processes))
+        async with worker_processes(bench, settings, processes):
+            consumer = await start_consumer(
+                bench, settings.prefix, "--tag", "bench", "--jobs", str(paced_jobs), "--latency"
+            )
+            async with await TokenbusClient.connect(settings) as client:
+                for _ in range(paced_jobs):
+                    await client.enqueue("bench_paced", {"n": int(rate * seconds), "rate": rate}, modes=["custom"])
+                _, p99, _ = (await consumer_result(consumer))["latency_ms"]
+        bench.record(f"scaling_paced_{paced_jobs}jobs_{processes}proc_p99_ms", p99)
 
 
 async def profile(bench: Bench) -> None:
