@@ -161,9 +161,10 @@ def build_worker(
     *,
     burst: bool = False,
     handle_signals: bool = True,
-    poll_delay_s: float = 0.2,
+    poll_delay_s: float | None = None,
 ) -> Worker:
-    """An arq worker running ``run_graph`` jobs from ``settings.queue_name``.
+    """An arq worker running ``run_graph`` jobs from ``settings.queue_name``, polling the queue
+    every ``poll_delay_s`` (default: ``settings.poll_delay_s``).
 
     Jobs are JSON (never pickle), every job has a finite timeout, and a job interrupted by a
     shutdown (SIGTERM, after ``shutdown_grace_s``) is re-queued and runs again as a new attempt.
@@ -188,7 +189,7 @@ def build_worker(
         ctx=ctx,
         burst=burst,
         handle_signals=handle_signals,
-        poll_delay=poll_delay_s,
+        poll_delay=settings.poll_delay_s if poll_delay_s is None else poll_delay_s,
         max_jobs=settings.max_jobs,
         job_timeout=hard_timeout_s(settings),
         job_completion_wait=settings.shutdown_grace_s,
