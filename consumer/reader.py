@@ -132,16 +132,15 @@ class StreamReader:
         self._resolved = True
 
     async def _send_read(self) -> None:
-        """Send one ``XREAD`` from the current positions, preceded by the checks of ``_verify``."""
+        """Send one ``XREAD`` from the current positions, preceded by the checks of ``_verify``
+        (each stream's first entry: see :func:`_gap`)."""
         if self._conn is None or not self._conn.is_connected:
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             assert isinstance(conn, Connection)
             await conn.connect()  # type: ignore[no-untyped-call]  # AUTH, SELECT, TLS, RESP3 as configured
             self._conn = conn
         checks = [(stream, self.positions[stream]) for stream in dict.fromkeys(self._verify)]
-        commands: list[tuple[Any, ...]] = [
-            cmd for stream, position in checks for cmd in _check_commands(stream, position)
-        ]
+        commands: list[tuple[Any, ...]] = [("XRANGE", stream, "-", "+", "COUNT", 1) for stream, _ in checks]
         streams = [*self.positions, *self.positions.values()]
         commands.append(("XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *streams))
         await self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
@@ -154,9 +153,8 @@ class StreamReader:
             raise redis_errors.ConnectionError("the reader's connection was closed")
         gaps = []
         for stream, position in checks:
-            own = await conn.read_response(disable_decoding=True)
             first = await conn.read_response(disable_decoding=True)
-            gap = _gap(stream, position, bool(own), _decode(first[0][0]) if first else None)
+            gap = _gap(stream, position, _decode(first[0][0]) if first else None)
             if gap is not None:
                 gaps.append(gap)
         return gaps, await conn.read_response(disable_decoding=True, timeout=self._read_timeout)
@@ -174,17 +172,12 @@ class StreamReader:
             await conn.disconnect()
 
 
-def _check_commands(stream: str, position: str) -> list[tuple[Any, ...]]:
-    """Is the entry at ``position`` still there, and which entry does the stream start with?"""
-    return [("XRANGE", stream, position, position), ("XRANGE", stream, "-", "+", "COUNT", 1)]
-
-
-def _gap(stream: str, position: str, own_entry_held: bool, first_id: str | None) -> Gap | None:
-    """Trimming takes the oldest entries first: if the entry at ``position`` is still held,
-    nothing after it was trimmed. If it is gone and the stream now starts later, entries may
-    have stood between the two (Redis 7.0 records no id for trimming, so this can be a false
-    alarm: the entry at ``position`` may have been the last before ``first_id``)."""
-    if own_entry_held or first_id is None or parse_id(first_id) <= parse_id(position):
+def _gap(stream: str, position: str, first_id: str | None) -> Gap | None:
+    """Trimming takes the oldest entries first: while the stream starts at or before ``position``
+    (the entry there is held, or was deleted one by one), nothing after it was trimmed. If the
+    stream now starts later, entries may have stood between the two (Redis 7.0 records no id for
+    trimming, so this can be a false alarm: ``position`` may have been the last before ``first_id``)."""
+    if first_id is None or parse_id(first_id) <= parse_id(position):
         return None
     return Gap(stream, position, first_id)
 
