@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, TypedDict
 
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, AnyMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph import START, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.types import StreamWriter
 
 
@@ -20,6 +27,11 @@ def _graph(node: Any) -> Any:
 async def _burst(state: State, writer: StreamWriter) -> State:
     for i in range(state.get("n", 1000)):
         writer({"content": f"{i} ", "tags": ["burst"]})
+    return {"done": True}
+
+
+async def _burst_tokens(state: State, config: RunnableConfig) -> State:
+    await WordsModel(text=" ".join(str(i) for i in range(state.get("n", 1000))), tags=["burst"]).ainvoke("go", config)
     return {"done": True}
 
 
@@ -57,6 +69,94 @@ def nested() -> Any:
 
 
 burst = _graph(_burst)
+burst_tokens = _graph(_burst_tokens)
 changing_tags = _graph(_changing_tags)
 bad_payload = _graph(_bad_payload)
 bad_tags = StateGraph(State).add_node("node", _bad_tags).add_edge(START, "node")  # uncompiled: compiled on load
+
+
+# -- messages mode: every way LangGraph makes a `messages` chunk --------------------------------------
+
+
+class WordsModel(BaseChatModel):
+    """Streams the words of ``text``, from ``_stream`` (sync nodes) and ``_astream`` (async ones)."""
+
+    text: str = "one two three"
+
+    @property
+    def _llm_type(self) -> str:
+        return "words"
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+    ) -> ChatResult:  # fmt: skip
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=self.text))])
+
+    def _chunks(self) -> list[ChatGenerationChunk]:
+        return [ChatGenerationChunk(message=AIMessageChunk(content=f"{w} ")) for w in self.text.split()]
+
+    def _stream(
+        self, messages: list[BaseMessage], stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:  # fmt: skip
+        for chunk in self._chunks():
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self, messages: list[BaseMessage], stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:  # fmt: skip
+        for chunk in self._chunks():
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+class Chat(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+async def _async_models(state: Chat, config: RunnableConfig) -> Chat:
+    await WordsModel(text="async one", tags=["a"]).ainvoke("go", config)
+    await WordsModel(text="never streamed", tags=["nostream"]).ainvoke("go", config)
+    return {}
+
+
+def _sync_model(state: Chat, config: RunnableConfig) -> Chat:  # LangGraph runs it in a thread
+    WordsModel(text="sync two", tags=["b"]).invoke("go", config)
+    return {}
+
+
+async def _inner_model(state: Chat, config: RunnableConfig) -> Chat:
+    await WordsModel(text="nested three", tags=["c"]).ainvoke("go", config)
+    return {}
+
+
+def _answer(state: Chat) -> Chat:  # a message in the node's output, streamed by no model
+    return {"messages": [AIMessage(content="a whole answer", id="answer-1")]}
+
+
+inner = StateGraph(Chat).add_node("inner_model", _inner_model).add_edge(START, "inner_model").compile()
+every_message = (
+    StateGraph(Chat)
+    .add_sequence([("async_models", _async_models), ("sync_model", _sync_model), ("sub", inner), ("answer", _answer)])
+    .add_edge(START, "async_models")
+    .compile()
+)
+
+
+async def _bad_model_tags(state: Chat, config: RunnableConfig) -> Chat:
+    await WordsModel(tags=["has space"]).ainvoke("go", config)
+    return {}
+
+
+def _bad_model_tags_sync(state: Chat, config: RunnableConfig) -> Chat:
+    WordsModel(tags=["has space"]).invoke("go", config)
+    return {}
+
+
+bad_model_tags = StateGraph(Chat).add_node("node", _bad_model_tags).add_edge(START, "node").compile()
+bad_model_tags_sync = StateGraph(Chat).add_node("node", _bad_model_tags_sync).add_edge(START, "node").compile()

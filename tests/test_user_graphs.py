@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
 
 from consumer.reader import parse_id
 from schemas.entries import EntryType
 from schemas.errors import GraphLoadError
-from tests.support import read_stream
+from tests.graphs import every_message
+from tests.support import read_stream, text_of
 from tokenbus.settings import Settings
 from worker.client import TokenbusClient
+from worker.emitter import JobEmitter
 from worker.registry import load_graph
 
 GRAPHS = {
     "burst": "tests.graphs:burst",
+    "burst_tokens": "tests.graphs:burst_tokens",
+    "every_message": "tests.graphs:every_message",
+    "bad_model_tags": "tests.graphs:bad_model_tags",
+    "bad_model_tags_sync": "tests.graphs:bad_model_tags_sync",
     "bad_payload": "tests.graphs:bad_payload",
     "bad_tags": "tests.graphs:bad_tags",
     "nested": "tests.graphs:nested",
@@ -22,24 +31,31 @@ GRAPHS = {
 }
 
 
+BURSTS = pytest.mark.parametrize(
+    ("graph", "mode"), [("burst", "custom"), ("burst_tokens", "messages")]
+)  # writer payloads through astream; a model's tokens through LangGraph's handler, in the model
+
+
+@BURSTS
 async def test_burst_larger_than_the_buffer_arrives_whole_and_in_order(
-    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+    graph: str, mode: str, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
 ) -> None:
-    job_id = await client.enqueue("burst", {"n": 20_000}, modes=["custom"])
+    job_id = await client.enqueue(graph, {"n": 20_000}, modes=[mode])
     await run_burst_worker(graphs=GRAPHS, publish_buffer_max=300, publish_batch_max=64)
     job = await read_stream(redis, settings.keys.job(job_id))
-    chunks = [e for e in job if e.is_chunk]
-    assert [e.content for e in chunks] == [f"{i} " for i in range(20_000)]
+    contents = [e.content for e in job if e.is_chunk and e.content]  # a model's last chunk is empty
+    assert contents == [f"{i} " for i in range(20_000)]
     assert job[-1].type is EntryType.END
-    assert await redis.xlen(settings.keys.tag("burst")) == 20_001
+    assert await redis.xlen(settings.keys.tag("burst")) == len([e for e in job if e.is_chunk]) + 1
 
 
+@BURSTS
 async def test_a_graph_that_never_waits_is_published_while_it_runs(
-    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+    graph: str, mode: str, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
 ) -> None:
     """The publisher is a task of the worker's event loop; a node that never suspends would starve
     it until the job ends. The job yields to it, so writing overlaps producing."""
-    job_id = await client.enqueue("burst", {"n": 20_000}, modes=["custom"])
+    job_id = await client.enqueue(graph, {"n": 20_000}, modes=[mode])
     await run_burst_worker(graphs=GRAPHS)
     job = await read_stream(redis, settings.keys.job(job_id))
     first_chunk, last_chunk = job[1], job[-2]
@@ -57,16 +73,18 @@ async def test_stream_caps_bound_the_streams(
 
 
 @pytest.mark.parametrize(
-    ("graph", "message"),
+    ("graph", "mode", "message"),
     [
-        ("bad_payload", "a custom chunk from node ? is not JSON-serialisable"),
-        ("bad_tags", "invalid tag 'has space'"),
+        ("bad_payload", "custom", "a custom chunk from node ? is not JSON-serialisable"),
+        ("bad_tags", "custom", "invalid tag 'has space'"),
+        ("bad_model_tags", "messages", "invalid tag 'has space'"),
+        ("bad_model_tags_sync", "messages", "invalid tag 'has space'"),  # emitted from a thread
     ],
 )
 async def test_hostile_payloads_fail_their_job_only(
-    graph: str, message: str, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+    graph: str, mode: str, message: str, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
 ) -> None:
-    bad = await client.enqueue(graph, {}, modes=["custom"])
+    bad = await client.enqueue(graph, {}, modes=[mode])
     good = await client.enqueue("burst", {"n": 3}, modes=["custom"])
     await run_burst_worker(graphs=GRAPHS, max_jobs=1)
     bad_stream = await read_stream(redis, settings.keys.job(bad))
@@ -82,6 +100,44 @@ async def test_subgraph_chunks_are_streamed(
     chunks = [e for e in await read_stream(redis, settings.keys.job(job_id)) if e.is_chunk]
     assert [(e.content, e.tags) for e in chunks] == [("from the subgraph", ("sub",))]
     assert chunks[0].meta["langgraph_checkpoint_ns"].startswith("parent:")
+
+
+@pytest.mark.parametrize("modes", [["messages"], ["messages", "custom"]])
+async def test_messages_mode_publishes_what_langgraph_streams(
+    modes: list[str], settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    """Tokens of async and sync nodes and of a subgraph, and a message a node returns; nothing of a
+    ``nostream`` model. Both ways the worker takes them (LangGraph's handler for ``messages`` alone,
+    ``astream`` with ``custom`` too) publish what ``astream(stream_mode="messages")`` yields."""
+    expected = [
+        (message.content, meta["langgraph_node"], tuple(meta.get("tags", ())))
+        async for _, _, (message, meta) in every_message.astream({}, stream_mode=["messages"], subgraphs=True)
+    ]
+    assert {node for _, node, _ in expected} == {"async_models", "sync_model", "inner_model", "answer"}
+    job_id = await client.enqueue("every_message", {}, modes=modes)
+    await run_burst_worker(graphs=GRAPHS)
+    job = await read_stream(redis, settings.keys.job(job_id))
+    assert [(e.content, e.node, e.tags) for e in job if e.is_chunk] == expected
+    assert "never" not in text_of(job) and job[-1].type is EntryType.END
+    assert text_of(await read_stream(redis, settings.keys.tag("c"))) == "nested three "
+
+
+async def test_tokens_of_sync_nodes_are_emitted_on_the_event_loop_thread(
+    client: TokenbusClient, run_burst_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sync nodes run in threads and their models call back there; the emitter and publisher are
+    not thread-safe, so their tokens are handed to the loop's thread, as LangGraph's handler does."""
+    threads: list[int] = []
+    message = JobEmitter.message
+
+    def recording(self: JobEmitter, *args: Any) -> None:
+        threads.append(threading.get_ident())
+        message(self, *args)
+
+    monkeypatch.setattr(JobEmitter, "message", recording)
+    await client.enqueue("every_message", {}, modes=["messages"])
+    await run_burst_worker(graphs=GRAPHS)
+    assert len(threads) == 10 and set(threads) == {threading.get_ident()}
 
 
 async def test_each_custom_chunk_goes_to_the_streams_of_its_own_tags(

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, cast
-
-from langchain_core.runnables import RunnableConfig
+from typing import Any
 
 from schemas.entries import EntryType
 from schemas.errors import TokenbusError
 from schemas.job import JobRequest
 from worker.emitter import JobEmitter, Outcome
 from worker.orphans import close_attempt, running_key
-from worker.registry import Graph
 from worker.resources import WorkerResources
+from worker.streaming import stream_graph
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +99,7 @@ async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Out
         timeout = min(request.timeout_s or settings.job_timeout_s, settings.max_job_timeout_s)
         deadline = asyncio.timeout(timeout)
         async with deadline:
-            await _stream(graph, request, emitter, resources)
+            await stream_graph(graph, request, emitter, resources.publisher)
         await emitter.sink.flushed()
         emitter.sink.check()
     except TimeoutError as e:
@@ -111,32 +109,6 @@ async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Out
     except Exception as e:
         return _error_outcome(emitter, e)
     return Outcome(EntryType.END)
-
-
-async def _stream(graph: Graph, request: JobRequest, emitter: JobEmitter, resources: WorkerResources) -> None:
-    config: RunnableConfig = {
-        "configurable": {
-            **request.config,
-            "tokenbus_job_id": emitter.job_id,
-            "tokenbus_attempt": emitter.attempt,
-            "tokenbus_modes": request.modes,
-        }
-    }
-    publisher, sink = resources.publisher, emitter.sink
-    message, custom = emitter.message, emitter.custom
-    async for namespace, mode, chunk in graph.astream(
-        request.input, config, stream_mode=list(request.modes), subgraphs=True
-    ):
-        if mode == "messages":
-            message(*chunk)
-        else:
-            custom(chunk, cast(tuple[str, ...], namespace))
-        if publisher.congested:
-            await publisher.wait_writable()
-        elif publisher.should_yield():
-            await asyncio.sleep(0)  # let the writer send what is queued (see Publisher.should_yield)
-        if sink.lost or sink.errors:
-            sink.check()  # stop streaming what cannot be delivered
 
 
 def _error_outcome(emitter: JobEmitter, error: BaseException) -> Outcome:
