@@ -37,6 +37,11 @@ def validate_job_id(job_id: object) -> str:
     return job_id
 
 
+def wake_channel(queue_name: str) -> str:
+    """The Pub/Sub channel on which enqueuers announce a new job to the workers of ``queue_name``."""
+    return f"{queue_name}:wake"
+
+
 @dataclass(frozen=True, slots=True)
 class StreamKeys:
     """Builds the stream keys of one deployment (one prefix)."""

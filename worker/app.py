@@ -17,12 +17,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from schemas.entries import EntryType
+from schemas.keys import wake_channel
 from tokenbus.redis_client import redis_url
 from tokenbus.settings import Settings
 from worker.job import RESOURCES, run_graph
 from worker.orphans import WORKER_LOST, close_attempt
 from worker.resources import WorkerResources
 from worker.serializer import job_deserializer, job_serializer
+from worker.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +34,26 @@ _REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, r
 
 
 class TokenbusWorker(Worker):
-    """arq's worker, kept alive through Redis restarts, and claiming each poll's jobs at once.
+    """arq's worker, kept alive through Redis restarts, woken by enqueuers, and claiming each
+    poll's jobs at once.
 
     arq 0.28 lets a connection error in its poll loop end the worker; here it is logged and the
-    poll retried. A failed claim gives its job slots back (arq's leaked them).
+    poll retried. Between polls the worker waits up to ``poll_delay_s`` for a wake-up (a job
+    announced, or a job slot freed while the worker was full; see :mod:`worker.wakeups`); arq's
+    own poll delay is 0. A failed claim gives its job slots back (arq's leaked them).
     """
+
+    def __init__(self, *args: Any, poll_delay_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, poll_delay=0, **kwargs)
+        self.idle_poll_s = poll_delay_s
+        self._wakeups: Wakeups | None = None
+
+    async def main(self) -> None:
+        try:
+            await super().main()
+        finally:
+            if self._wakeups is not None:
+                await self._wakeups.close()
 
     async def _poll_iteration(self) -> None:
         try:
@@ -44,6 +61,17 @@ class TokenbusWorker(Worker):
         except _REDIS_UNAVAILABLE as e:
             logger.warning("polling queue %s failed (%s); retrying", self.queue_name, e)
             await asyncio.sleep(POLL_RETRY_DELAY_S)
+            return
+        if self.idle_poll_s > 0:
+            if self._wakeups is None:
+                self._wakeups = Wakeups(self.pool, wake_channel(self.queue_name), retry_s=POLL_RETRY_DELAY_S).start()
+            await self._wakeups.wait(self.idle_poll_s)
+
+    def _job_done(self) -> None:
+        full = self.job_counter >= self.max_jobs
+        self._release_sem_dec_counter_on_complete()
+        if full and self._wakeups is not None:
+            self._wakeups.set()  # jobs may be waiting for the slot
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim the jobs of one poll in one round trip, then start them.
@@ -86,7 +114,7 @@ class TokenbusWorker(Worker):
                     not_due.append(in_progress_key_prefix + job_id)
                 continue
             task = self.loop.create_task(self.run_job(job_id, int(score)))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            task.add_done_callback(lambda _: self._job_done())
             self.tasks[job_id] = task
         if not_due:
             await self.pool.delete(*not_due)
@@ -163,8 +191,9 @@ def build_worker(
     handle_signals: bool = True,
     poll_delay_s: float | None = None,
 ) -> Worker:
-    """An arq worker running ``run_graph`` jobs from ``settings.queue_name``, polling the queue
-    every ``poll_delay_s`` (default: ``settings.poll_delay_s``).
+    """An arq worker running ``run_graph`` jobs from ``settings.queue_name``: it polls the queue
+    when a client announces a job and at least every ``poll_delay_s`` (default:
+    ``settings.poll_delay_s``; 0 polls without pause, as burst workers in tests do).
 
     Jobs are JSON (never pickle), every job has a finite timeout, and a job interrupted by a
     shutdown (SIGTERM, after ``shutdown_grace_s``) is re-queued and runs again as a new attempt.
@@ -189,7 +218,7 @@ def build_worker(
         ctx=ctx,
         burst=burst,
         handle_signals=handle_signals,
-        poll_delay=settings.poll_delay_s if poll_delay_s is None else poll_delay_s,
+        poll_delay_s=settings.poll_delay_s if poll_delay_s is None else poll_delay_s,
         max_jobs=settings.max_jobs,
         job_timeout=hard_timeout_s(settings),
         job_completion_wait=settings.shutdown_grace_s,

@@ -14,7 +14,7 @@ from arq.utils import timestamp_ms
 from consumer.jobs import job_result
 from schemas.entries import EntryType
 from schemas.job import ALL_MODES, JobRequest, StreamMode
-from schemas.keys import DEFAULT_PREFIX
+from schemas.keys import DEFAULT_PREFIX, wake_channel
 from tokenbus.redis_client import redis_url
 from tokenbus.settings import Settings
 from worker.app import JOB_FUNCTION
@@ -84,7 +84,9 @@ class TokenbusClient:
 
     async def enqueue_request(self, request: JobRequest) -> str:
         job_id = request.job_id or uuid.uuid4().hex
-        await self._pool.enqueue_job(JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name)
+        job = await self._pool.enqueue_job(JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name)
+        if job is not None:  # None: the job was already queued (an idempotent enqueue)
+            await self._pool.publish(wake_channel(self._queue_name), b"")
         return job_id
 
     async def abort(self, job_id: str, *, timeout_s: float | None = None) -> bool:

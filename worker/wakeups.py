@@ -1,0 +1,72 @@
+"""Wake-ups on enqueue: a worker starts a new job a round trip after it is queued, not at its next poll.
+
+Clients ``PUBLISH`` to the queue's wake channel (:func:`schemas.keys.wake_channel`) after each job
+they enqueue; every worker of the queue listens on a connection of its own and polls arq's queue
+as soon as one arrives. Polling goes on every ``TOKENBUS_POLL_DELAY`` for what announces nothing:
+jobs deferred or re-queued by arq, enqueuers that do not publish, and a wake-up missed while the
+subscription was down (after a reconnect the worker polls once, at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from schemas.errors import ClientStateError
+
+logger = logging.getLogger(__name__)
+
+_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+class Wakeups:
+    """Listens on ``channel``; :meth:`wait` returns at the first wake-up since the last one, or
+    after ``timeout_s``."""
+
+    def __init__(self, redis: Redis, channel: str, *, retry_s: float = 0.5) -> None:
+        self._redis = redis
+        self.channel = channel
+        self._retry_s = retry_s
+        self._event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> Wakeups:
+        if self._task is not None:
+            raise ClientStateError("wake-ups already started")
+        self._task = asyncio.create_task(self._listen(), name="tokenbus-wakeups")
+        return self
+
+    async def close(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def set(self) -> None:
+        """Wake the worker from within (a job slot was freed)."""
+        self._event.set()
+
+    async def wait(self, timeout_s: float) -> None:
+        if not self._event.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._event.wait()
+        self._event.clear()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    self._event.set()  # a job may have been announced while nobody listened
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._event.set()
+            except _UNAVAILABLE as e:
+                logger.warning("listening for wake-ups on %s failed (%s); retrying", self.channel, e)
+                await asyncio.sleep(self._retry_s)
