@@ -5,6 +5,7 @@ Entries a crashed (or slow) consumer left pending longer than ``claim_idle_ms`` 
 another (``XPENDING ... IDLE`` + ``XCLAIM``, which works on Redis 7.0); an entry delivered
 ``max_deliveries`` times without success, or that is not a tokenbus entry at all, is moved to
 the dead-letter stream (``<prefix>:dead``) and acked, so one poison entry cannot block a group.
+Reads block on a client of their own, whatever the given client's ``socket_timeout``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 
 from consumer.attempts import AttemptFilter
-from consumer.reader import LATEST
+from consumer.reader import LATEST, blocking_read_timeout
 from schemas.entries import Entry
 from schemas.errors import MalformedEntry
 from schemas.keys import StreamKeys
@@ -89,29 +90,33 @@ class GroupConsumer:
         restart), then new ones, claiming others' stale ones every ``claim_idle_ms / 2``."""
         await self.ensure_groups()
         stop = stop or asyncio.Event()
-        await self._read(handler, "0")
-        next_claim = 0.0
-        failures = 0
-        while not stop.is_set():
-            try:
-                if time.monotonic() >= next_claim:
-                    await self.claim_stale(handler)
-                    next_claim = time.monotonic() + self._claim_idle_ms / 2000
-                await self._read(handler, ">")
-                failures = 0
-            except redis_errors.ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise
-                logger.warning("group %s vanished from %s; creating it again", self.group, self.streams)
-                await self.ensure_groups()
-            except _RETRYABLE as e:
-                failures += 1
-                delay = min(2.0, 0.1 * 2**failures)
-                logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)
-                await asyncio.sleep(delay)
+        reader = _blocking_client(self._redis, self._block_ms)
+        try:
+            await self._read(reader, handler, "0")
+            next_claim = 0.0
+            failures = 0
+            while not stop.is_set():
+                try:
+                    if time.monotonic() >= next_claim:
+                        await self.claim_stale(handler)
+                        next_claim = time.monotonic() + self._claim_idle_ms / 2000
+                    await self._read(reader, handler, ">")
+                    failures = 0
+                except redis_errors.ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    logger.warning("group %s vanished from %s; creating it again", self.group, self.streams)
+                    await self.ensure_groups()
+                except _RETRYABLE as e:
+                    failures += 1
+                    delay = min(2.0, 0.1 * 2**failures)
+                    logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)
+                    await asyncio.sleep(delay)
+        finally:
+            await reader.aclose(close_connection_pool=True)
 
-    async def _read(self, handler: Handler, position: str) -> None:
-        reply = await self._redis.xreadgroup(
+    async def _read(self, reader: Redis, handler: Handler, position: str) -> None:
+        reply = await reader.xreadgroup(
             self.group,
             self.consumer,
             {s: position for s in self.streams},
@@ -179,6 +184,15 @@ class GroupConsumer:
             await pipe.execute()
         self.dead += 1
         logger.warning("group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason)
+
+
+def _blocking_client(redis: Redis, block_ms: int) -> Redis:
+    """A client of its own for ``XREADGROUP BLOCK``, with ``redis``'s connection settings and a read
+    timeout above the block: a blocked read neither holds one of ``redis``'s connections nor
+    times out while Redis keeps it waiting."""
+    pool = redis.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": blocking_read_timeout(redis, block_ms)}
+    return Redis(connection_pool=ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
 
 async def group_stats(redis: Redis, streams: Sequence[str]) -> list[GroupStats]:

@@ -78,8 +78,7 @@ class StreamReader:
         self._block_ms = block_ms
         self._count = count
         self._backoff_s = tuple(backoff_s)
-        socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
-        self._read_timeout = None if socket_timeout is None else max(socket_timeout, block_ms / 1000 + 10)
+        self._read_timeout = blocking_read_timeout(redis, block_ms)
         self._conn: Connection | None = None
         self._resolved = False
         self._verify: list[str] = []  # streams whose position the next read checks for trimming
@@ -170,6 +169,13 @@ class StreamReader:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.disconnect()
+
+
+def blocking_read_timeout(redis: Redis, block_ms: int) -> float | None:
+    """How long to wait for the reply of a command that blocks up to ``block_ms``: the client's
+    ``socket_timeout``, raised above the block (redis-py would time out a wait Redis keeps)."""
+    socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+    return None if socket_timeout is None else max(socket_timeout, block_ms / 1000 + 10)
 
 
 def _gap(stream: str, position: str, first_id: str | None) -> Gap | None:

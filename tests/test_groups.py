@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 
+import pytest
 from redis.asyncio import Redis
 
 from consumer.groups import GroupConsumer, group_stats
@@ -12,6 +14,7 @@ from schemas.entries import Entry, TokenEntry
 from schemas.keys import StreamKeys
 from tests.conftest import settings_env
 from tests.support import Process, wait_for, wait_until
+from tokenbus.redis_server import RedisServerProcess
 from tokenbus.settings import Settings
 
 
@@ -59,6 +62,39 @@ async def test_dead_consumer_entries_are_claimed_and_every_entry_acked(redis: Re
     assert (await redis.xpending(key, "billing"))["pending"] == 0
     stats = await group_stats(redis, [key])
     assert [(s.group, s.pending, s.lag) for s in stats] == [("billing", 0, 0)]
+
+
+async def test_a_blocked_read_outlasts_the_clients_socket_timeout(
+    redis: Redis, redis_server: RedisServerProcess, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis-py times out a reply that takes longer than ``socket_timeout``, and ``XREADGROUP
+    BLOCK`` may keep it waiting longer: the group reads on a client of its own, whose read timeout
+    is above the block."""
+    keys = StreamKeys(prefix)
+    key = keys.tag("poem")
+    client = Redis.from_url(redis_server.url, socket_timeout=0.2)
+    received = asyncio.Event()
+
+    async def handler(entry: Entry) -> None:
+        received.set()
+
+    consumer = GroupConsumer(client, [key], "g", "c1", keys=keys, block_ms=5000)
+    task = asyncio.create_task(consumer.run(handler))
+    try:
+
+        async def blocked_over_a_second() -> bool:
+            readers = [c for c in await redis.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"]]
+            return any(int(c["idle"]) >= 2 for c in readers)  # whole seconds: over 1 s, five socket timeouts
+
+        await wait_for(blocked_over_a_second, what="a group read blocked for over a second")
+        await fill(redis, key, 1)
+        async with asyncio.timeout(10):
+            await received.wait()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+    assert not [r for r in caplog.records if r.name == "consumer.groups" and r.levelno >= logging.WARNING]
 
 
 async def test_poison_entry_goes_to_the_dead_letter_stream(redis: Redis, prefix: str) -> None:
