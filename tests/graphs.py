@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, TypedDict
 
@@ -32,6 +33,16 @@ async def _burst(state: State, writer: StreamWriter) -> State:
 
 async def _burst_tokens(state: State, config: RunnableConfig) -> State:
     await WordsModel(text=" ".join(str(i) for i in range(state.get("n", 1000))), tags=["burst"]).ainvoke("go", config)
+    return {"done": True}
+
+
+GATE: dict[str, asyncio.Event] = {}
+"""``GATE["open"]``: what ``gated`` jobs wait for (in-process workers only: the test's event loop)."""
+
+
+async def _gated(state: State, writer: StreamWriter) -> State:
+    writer({"content": "waiting at the gate"})
+    await GATE.setdefault("open", asyncio.Event()).wait()
     return {"done": True}
 
 
@@ -70,6 +81,7 @@ def nested() -> Any:
 
 burst = _graph(_burst)
 burst_tokens = _graph(_burst_tokens)
+gated = _graph(_gated)
 changing_tags = _graph(_changing_tags)
 bad_payload = _graph(_bad_payload)
 bad_tags = StateGraph(State).add_node("node", _bad_tags).add_edge(START, "node")  # uncompiled: compiled on load

@@ -8,7 +8,8 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 
-from tests.support import follow_job, wait_until
+from tests.graphs import GATE
+from tests.support import follow_job, wait_for, wait_until
 from tokenbus.settings import Settings
 from worker.app import build_worker, stop_worker
 from worker.client import TokenbusClient
@@ -39,3 +40,28 @@ async def test_a_poll_starts_its_due_jobs_and_leaves_the_others(
         assert worker.sem._value == worker.max_jobs + 1  # arq keeps its free slots there (and one for its poll)
     finally:
         await stop_worker(worker, task)
+
+
+async def test_jobs_running_here_or_elsewhere_leave_the_free_slot_to_a_new_job(
+    settings: Settings, client: TokenbusClient, redis: Redis
+) -> None:
+    """arq lists running jobs (older, so first) with the new ones at every poll; they must not
+    take the free slots of the jobs behind them."""
+    settings = settings.model_copy(update={"max_jobs": 2, "graphs": {"gated": "tests.graphs:gated"}})
+    past = timestamp_ms() - 1000
+    for job_id in ("elsewhere-1", "elsewhere-2"):
+        await redis.zadd(settings.queue_name, {job_id: past})
+        await redis.set(in_progress_key_prefix + job_id, b"other worker", px=60_000)
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        gated = await client.enqueue("gated", {}, modes=["custom"])
+        await wait_for(lambda: redis.xlen(settings.keys.job(gated)), what="the gated job to start")
+        new = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"])  # one slot left
+        view, _ = await follow_job(redis, settings.prefix, new)
+        assert view.status == "end" and view.chunks > 0, view
+    finally:
+        GATE.setdefault("open", asyncio.Event()).set()
+        await stop_worker(worker, task)
+        GATE.clear()
+    assert (await follow_job(redis, settings.prefix, gated))[0].status == "end"

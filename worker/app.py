@@ -83,9 +83,25 @@ class TokenbusWorker(Worker):
         it) and the job's queue score, all pipelined. A job claimed but no longer due (removed
         from the queue, or re-queued for later) has its claim dropped, as arq would never have
         set it. Jobs beyond the free slots wait for the next poll.
+
+        arq keeps a running job in the queue until it ends, so a poll lists the jobs running here
+        and elsewhere before the new ones: those running here are skipped, and when more jobs are
+        listed than there are free slots, those claimed elsewhere are left out first (one
+        ``EXISTS`` round trip), so that they do not take the slots of the new jobs behind them.
         """
+        candidates = [
+            job_id
+            for job_id in (raw_id.decode() for raw_id in job_ids)
+            if (task := self.tasks.get(job_id)) is None or task.done()
+        ]
+        if len(candidates) > self.max_jobs - self.job_counter:
+            async with self.pool.pipeline(transaction=False) as pipe:
+                for job_id in candidates:
+                    pipe.exists(in_progress_key_prefix + job_id)
+                taken = await pipe.execute()
+            candidates = [job_id for job_id, elsewhere in zip(candidates, taken, strict=True) if not elsewhere]
         claims: list[str] = []
-        for raw_id in job_ids:
+        for job_id in candidates:
             if claims and self.sem.locked():
                 break
             await self.sem.acquire()
@@ -93,7 +109,7 @@ class TokenbusWorker(Worker):
                 self.sem.release()
                 break
             self.job_counter += 1
-            claims.append(raw_id.decode())
+            claims.append(job_id)
         if not claims:
             return
         try:
