@@ -276,8 +276,9 @@ async def paced_no_sink(jobs: int, n: int, rate: float) -> list[float]:
 
 async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> tuple[float, float, float]:
     """The paced jobs through a ``tokenbus worker`` process (as deployed: the worker alone in its
-    process, like LangGraph alone in the no-sink measure) and a consumer process."""
-    settings = bench.settings()
+    process, like LangGraph alone in the no-sink measure) and a consumer process, which runs them
+    all at once."""
+    settings = bench.settings(TOKENBUS_MAX_JOBS=jobs)
     consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs), "--latency")
     async with worker_processes(bench, settings, 1), await TokenbusClient.connect(settings) as client:
         for _ in range(jobs):
@@ -289,7 +290,7 @@ async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> tuple[
 
 async def latency(bench: Bench) -> None:
     rate, seconds = 100.0, (2 if bench.quick else 5)
-    loads = [1, 20] if bench.quick else [1, 20, 50, 100, 150, 200, 225, 250, 275, 300, 350, 400]
+    loads = [1, 20] if bench.quick else [1, 20, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200]
     for run in range(bench.runs):
         print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
         for jobs in loads:
@@ -405,7 +406,7 @@ def rss_mb() -> float:
 
 async def memory(bench: Bench) -> None:
     total, per_job = (100_000, 20_000) if bench.quick else (1_000_000, 50_000)
-    settings = bench.settings(TOKENBUS_TAG_MAXLEN=100_000, TOKENBUS_JOB_MAXLEN=100_000, TOKENBUS_JOB_TTL=5)
+    settings = bench.settings(TOKENBUS_TAG_MAXLEN=100_000, TOKENBUS_JOB_MAXLEN=100_000, TOKENBUS_JOB_TTL=1)
     redis = Redis.from_url(bench.redis_url)
     # the bench's own private server: start empty. Earlier scenarios leave thousands of streams with
     # long TTLs, among which Redis's sampling expiry takes tens of seconds to find the ones of 5 s
@@ -472,7 +473,7 @@ async def scaling(bench: Bench) -> None:
                 result = await consumer_result(consumer)
         bench.record(f"scaling_{mode}_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
     rate, seconds = 100.0, (2 if bench.quick else 5)
-    for paced_jobs, processes in itertools.product([40] if bench.quick else [300, 400, 500], (1, 2)):
+    for paced_jobs, processes in itertools.product([40] if bench.quick else [400, 500, 600], (1, 2)):
         settings = bench.settings(TOKENBUS_MAX_JOBS=-(-paced_jobs // processes))
         async with worker_processes(bench, settings, processes):
             consumer = await start_consumer(
