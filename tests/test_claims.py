@@ -65,3 +65,21 @@ async def test_jobs_running_here_or_elsewhere_leave_the_free_slot_to_a_new_job(
         await stop_worker(worker, task)
         GATE.clear()
     assert (await follow_job(redis, settings.prefix, gated))[0].status == "end"
+
+
+async def test_a_worker_alone_drains_a_backlog_without_looking_ahead(
+    settings: Settings, client: TokenbusClient, redis: Redis
+) -> None:
+    """With more jobs queued than free slots and no other worker, every claim holds: the worker
+    never pays the EXISTS look-ahead over the queue (one command per queued job, every poll)."""
+    ids = [await client.enqueue("joke_poem", {"topic": f"topic {i}"}, modes=["messages"]) for i in range(8)]
+    exists_before = (await redis.info("commandstats")).get("cmdstat_exists", {}).get("calls", 0)
+    worker = build_worker(settings.model_copy(update={"max_jobs": 2}), handle_signals=False, poll_delay_s=0.05)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        for job in ids:
+            view, _ = await follow_job(redis, settings.prefix, job)
+            assert view.status == "end", view
+    finally:
+        await stop_worker(worker, task)
+    assert (await redis.info("commandstats")).get("cmdstat_exists", {}).get("calls", 0) == exists_before

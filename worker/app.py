@@ -80,26 +80,34 @@ class TokenbusWorker(Worker):
         MULTI/EXEC); on a worker busy streaming, each waits its turn in the event loop, and the
         last job of a poll started hundreds of milliseconds after the first (BENCHMARKS.md).
         Here each claim is ``SET <in-progress key> NX PX`` (arq's key, so arq's other workers see
-        it) and the job's queue score, all pipelined. A job claimed but no longer due (removed
-        from the queue, or re-queued for later) has its claim dropped, as arq would never have
-        set it. Jobs beyond the free slots wait for the next poll.
+        it) and the job's queue score, all pipelined, for as many jobs as there are free slots.
+        A job claimed but no longer due (removed from the queue, or re-queued for later) has its
+        claim dropped, as arq would never have set it. Jobs beyond the free slots wait.
 
         arq keeps a running job in the queue until it ends, so a poll lists the jobs running here
-        and elsewhere before the new ones: those running here are skipped, and when more jobs are
-        listed than there are free slots, those claimed elsewhere are left out first (one
-        ``EXISTS`` round trip), so that they do not take the slots of the new jobs behind them.
+        and elsewhere before the new ones. Those running here are skipped. If a claim fails
+        (most likely a job running elsewhere) while more jobs are listed, one ``EXISTS`` round
+        trip leaves out those claimed elsewhere and the freed slots go to the jobs behind them.
         """
         candidates = [
             job_id
             for job_id in (raw_id.decode() for raw_id in job_ids)
             if (task := self.tasks.get(job_id)) is None or task.done()
         ]
-        if len(candidates) > self.max_jobs - self.job_counter:
+        looked_ahead = False
+        while claims := await self._take_slots(candidates):
+            if await self._claim(claims) or looked_ahead or not candidates:
+                return
+            looked_ahead = True
             async with self.pool.pipeline(transaction=False) as pipe:
                 for job_id in candidates:
                     pipe.exists(in_progress_key_prefix + job_id)
                 taken = await pipe.execute()
             candidates = [job_id for job_id, elsewhere in zip(candidates, taken, strict=True) if not elsewhere]
+
+    async def _take_slots(self, candidates: list[str]) -> list[str]:
+        """A job slot for each of the first ``candidates``, as many as are free; those are removed
+        from ``candidates`` and returned."""
         claims: list[str] = []
         for job_id in candidates:
             if claims and self.sem.locked():
@@ -110,8 +118,12 @@ class TokenbusWorker(Worker):
                 break
             self.job_counter += 1
             claims.append(job_id)
-        if not claims:
-            return
+        del candidates[: len(claims)]
+        return claims
+
+    async def _claim(self, claims: list[str]) -> bool:
+        """Claim and start ``claims`` (their slots taken); give back the slots of those that could
+        not be claimed. True if every one started."""
         try:
             async with self.pool.pipeline(transaction=False) as pipe:
                 for job_id in claims:
@@ -122,7 +134,7 @@ class TokenbusWorker(Worker):
             for _ in claims:  # the slots taken for jobs that could not be claimed
                 self._release_sem_dec_counter_on_complete()
             raise
-        now, not_due = timestamp_ms(), []
+        now, not_due, started = timestamp_ms(), [], 0
         for job_id, claimed, score in zip(claims, replies[::2], replies[1::2], strict=True):
             if not claimed or not score or score > now:  # running elsewhere, done, or not due yet
                 self._release_sem_dec_counter_on_complete()
@@ -132,8 +144,10 @@ class TokenbusWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(score)))
             task.add_done_callback(lambda _: self._job_done())
             self.tasks[job_id] = task
+            started += 1
         if not_due:
             await self.pool.delete(*not_due)
+        return started == len(claims)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq fails a job here without running it (aborted before it started, max tries reached,
