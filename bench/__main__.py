@@ -318,13 +318,15 @@ async def paced_no_sink(jobs: int, n: int, rate: float) -> list[float]:
     return latencies
 
 
-async def paced_tokenbus(bench: Bench, jobs: int, n: int, rate: float) -> tuple[float, float, float]:
-    """The paced jobs through a ``tokenbus worker`` process (as deployed: the worker alone in its
-    process, like LangGraph alone in the no-sink measure) and a consumer process, which runs them
-    all at once."""
-    settings = bench.settings(TOKENBUS_MAX_JOBS=jobs)
+async def paced_tokenbus(
+    bench: Bench, jobs: int, n: int, rate: float, processes: int = 1
+) -> tuple[float, float, float]:
+    """The paced jobs through ``tokenbus worker`` processes (as deployed: the worker alone in its
+    process, like LangGraph alone in the no-sink measure) and a consumer process; the processes
+    run all of the jobs at once, each its share."""
+    settings = bench.settings(TOKENBUS_MAX_JOBS=-(-jobs // processes))
     consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs), "--latency")
-    async with worker_processes(bench, settings, 1), await TokenbusClient.connect(settings) as client:
+    async with worker_processes(bench, settings, processes), await TokenbusClient.connect(settings) as client:
         for _ in range(jobs):
             await client.enqueue("bench_paced", {"n": n, "rate": rate}, modes=["custom"])
         result = await consumer_result(consumer)
@@ -453,7 +455,7 @@ async def memory(bench: Bench) -> None:
     settings = bench.settings(TOKENBUS_TAG_MAXLEN=100_000, TOKENBUS_JOB_MAXLEN=100_000, TOKENBUS_JOB_TTL=1)
     redis = Redis.from_url(bench.redis_url)
     # the bench's own private server: start empty. Earlier scenarios leave thousands of streams with
-    # long TTLs, among which Redis's sampling expiry takes tens of seconds to find the ones of 5 s
+    # long TTLs, among which Redis's sampling expiry takes tens of seconds to find the short ones
     await redis.flushall()
     base = (await redis.info("memory"))["used_memory"] / 1e6
     samples: list[tuple[float, float]] = []
@@ -518,15 +520,7 @@ async def scaling(bench: Bench) -> None:
         bench.record(f"scaling_{mode}_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
     rate, seconds = 100.0, (2 if bench.quick else 5)
     for paced_jobs, processes in itertools.product([40] if bench.quick else [400, 500, 600], (1, 2)):
-        settings = bench.settings(TOKENBUS_MAX_JOBS=-(-paced_jobs // processes))
-        async with worker_processes(bench, settings, processes):
-            consumer = await start_consumer(
-                bench, settings.prefix, "--tag", "bench", "--jobs", str(paced_jobs), "--latency"
-            )
-            async with await TokenbusClient.connect(settings) as client:
-                for _ in range(paced_jobs):
-                    await client.enqueue("bench_paced", {"n": int(rate * seconds), "rate": rate}, modes=["custom"])
-                _, p99, _ = (await consumer_result(consumer))["latency_ms"]
+        _, p99, _ = await paced_tokenbus(bench, paced_jobs, int(rate * seconds), rate, processes)
         bench.record(f"scaling_paced_{paced_jobs}jobs_{processes}proc_p99_ms", p99)
 
 
