@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, TypedDict
 
@@ -52,6 +53,13 @@ async def _bad_payload(state: State, writer: StreamWriter) -> State:
     return {"done": True}
 
 
+async def _swallowed_bad_payload(state: State, writer: StreamWriter) -> State:
+    writer({"content": "fine"})
+    with contextlib.suppress(TypeError):  # a node that carries on: its job fails anyway, once the graph returns
+        writer({"content": "not fine", "when": object()})
+    return {"done": True}
+
+
 async def _bad_tags(state: State, writer: StreamWriter) -> State:
     writer({"content": "x", "tags": ["has space"]})
     return {"done": True}
@@ -84,10 +92,11 @@ burst_tokens = _graph(_burst_tokens)
 gated = _graph(_gated)
 changing_tags = _graph(_changing_tags)
 bad_payload = _graph(_bad_payload)
+swallowed_bad_payload = _graph(_swallowed_bad_payload)
 bad_tags = StateGraph(State).add_node("node", _bad_tags).add_edge(START, "node")  # uncompiled: compiled on load
 
 
-# -- messages mode: every way LangGraph makes a `messages` chunk --------------------------------------
+# -- every way LangGraph makes a `messages` chunk, and `custom` payloads between them -----------------
 
 
 class WordsModel(BaseChatModel):
@@ -131,19 +140,24 @@ class Chat(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
 
 
-async def _async_models(state: Chat, config: RunnableConfig) -> Chat:
+async def _async_models(state: Chat, config: RunnableConfig, writer: StreamWriter) -> Chat:
+    writer({"content": "before ", "tags": ["w"]})
     await WordsModel(text="async one", tags=["a"]).ainvoke("go", config)
+    writer({"content": "between "})
     await WordsModel(text="never streamed", tags=["nostream"]).ainvoke("go", config)
     return {}
 
 
-def _sync_model(state: Chat, config: RunnableConfig) -> Chat:  # LangGraph runs it in a thread
+def _sync_model(state: Chat, config: RunnableConfig, writer: StreamWriter) -> Chat:  # LangGraph runs it in a thread
+    writer({"content": "threaded ", "tags": ["w"]})
     WordsModel(text="sync two", tags=["b"]).invoke("go", config)
+    writer({"content": "threaded again "})
     return {}
 
 
-async def _inner_model(state: Chat, config: RunnableConfig) -> Chat:
+async def _inner_model(state: Chat, config: RunnableConfig, writer: StreamWriter) -> Chat:
     await WordsModel(text="nested three", tags=["c"]).ainvoke("go", config)
+    writer({"content": "nested payload ", "tags": ["w"]})
     return {}
 
 
@@ -152,7 +166,7 @@ def _answer(state: Chat) -> Chat:  # a message in the node's output, streamed by
 
 
 inner = StateGraph(Chat).add_node("inner_model", _inner_model).add_edge(START, "inner_model").compile()
-every_message = (
+every_chunk = (
     StateGraph(Chat)
     .add_sequence([("async_models", _async_models), ("sync_model", _sync_model), ("sub", inner), ("answer", _answer)])
     .add_edge(START, "async_models")

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from consumer.reader import parse_id
 from schemas.entries import EntryType
 from schemas.errors import GraphLoadError
-from tests.graphs import every_message
+from tests.graphs import every_chunk
 from tests.support import read_stream, text_of
 from tokenbus.settings import Settings
 from worker.client import TokenbusClient
@@ -21,22 +21,18 @@ from worker.registry import load_graph
 GRAPHS = {
     "burst": "tests.graphs:burst",
     "burst_tokens": "tests.graphs:burst_tokens",
-    "every_message": "tests.graphs:every_message",
+    "every_chunk": "tests.graphs:every_chunk",
     "bad_model_tags": "tests.graphs:bad_model_tags",
     "bad_model_tags_sync": "tests.graphs:bad_model_tags_sync",
     "bad_payload": "tests.graphs:bad_payload",
+    "swallowed_bad_payload": "tests.graphs:swallowed_bad_payload",
     "bad_tags": "tests.graphs:bad_tags",
     "nested": "tests.graphs:nested",
     "changing_tags": "tests.graphs:changing_tags",
 }
 
 
-BURSTS = pytest.mark.parametrize(
-    ("graph", "mode"), [("burst", "custom"), ("burst_tokens", "messages")]
-)  # writer payloads through astream; a model's tokens through LangGraph's handler, in the model
-
-
-@BURSTS
+@pytest.mark.parametrize(("graph", "mode"), [("burst", "custom"), ("burst_tokens", "messages")])
 async def test_burst_larger_than_the_buffer_arrives_whole_and_in_order(
     graph: str, mode: str, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
 ) -> None:
@@ -49,13 +45,14 @@ async def test_burst_larger_than_the_buffer_arrives_whole_and_in_order(
     assert await redis.xlen(settings.keys.tag("burst")) == len([e for e in job if e.is_chunk]) + 1
 
 
-@BURSTS
-async def test_a_graph_that_never_waits_is_published_while_it_runs(
-    graph: str, mode: str, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+async def test_a_model_that_never_waits_is_published_while_it_runs(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
 ) -> None:
-    """The publisher is a task of the worker's event loop; a node that never suspends would starve
-    it until the job ends. The job yields to it, so writing overlaps producing."""
-    job_id = await client.enqueue(graph, {"n": 20_000}, modes=[mode])
+    """The publisher is a task of the worker's event loop; a model that never suspends would starve
+    it until the job ends. The model's token callback yields to it, so writing overlaps producing.
+    (A node's ``writer(...)`` is a plain call: a node that never suspends holds the loop until it
+    does, as it holds ``astream``'s own consumer.)"""
+    job_id = await client.enqueue("burst_tokens", {"n": 20_000}, modes=["messages"])
     await run_burst_worker(graphs=GRAPHS)
     job = await read_stream(redis, settings.keys.job(job_id))
     first_chunk, last_chunk = job[1], job[-2]
@@ -76,6 +73,7 @@ async def test_stream_caps_bound_the_streams(
     ("graph", "mode", "message"),
     [
         ("bad_payload", "custom", "a custom chunk from node ? is not JSON-serialisable"),
+        ("swallowed_bad_payload", "custom", "a custom chunk from node ? is not JSON-serialisable"),
         ("bad_tags", "custom", "invalid tag 'has space'"),
         ("bad_model_tags", "messages", "invalid tag 'has space'"),
         ("bad_model_tags_sync", "messages", "invalid tag 'has space'"),  # emitted from a thread
@@ -102,42 +100,65 @@ async def test_subgraph_chunks_are_streamed(
     assert chunks[0].meta["langgraph_checkpoint_ns"].startswith("parent:")
 
 
-@pytest.mark.parametrize("modes", [["messages"], ["messages", "custom"]])
-async def test_messages_mode_publishes_what_langgraph_streams(
+def _chunk_key(mode: str, chunk: Any, namespace: tuple[str, ...] | str) -> tuple[Any, ...]:
+    """What both sides must agree on: kind, text, node, tags, and the graph namespace without task ids."""
+    if isinstance(namespace, str):
+        namespace = tuple(namespace.split("|")) if namespace else ()
+    graphs = tuple(part.partition(":")[0] for part in namespace)
+    if mode == "messages":
+        message, meta = chunk
+        return ("token", message.content, meta["langgraph_node"], tuple(meta.get("tags", ())))
+    return ("custom", chunk["content"], tuple(chunk.get("tags", ())), graphs)
+
+
+@pytest.mark.parametrize("modes", [["messages"], ["custom"], ["messages", "custom"]])
+async def test_jobs_publish_what_langgraph_streams(
     modes: list[str], settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
 ) -> None:
-    """Tokens of async and sync nodes and of a subgraph, and a message a node returns; nothing of a
-    ``nostream`` model. Both ways the worker takes them (LangGraph's handler for ``messages`` alone,
-    ``astream`` with ``custom`` too) publish what ``astream(stream_mode="messages")`` yields."""
+    """Tokens of async and sync nodes and of a subgraph, a message a node returns, nothing of a
+    ``nostream`` model; ``custom`` payloads of async and sync nodes and of a subgraph, between the
+    tokens. The job publishes what ``astream(stream_mode=modes, subgraphs=True)`` yields, in order."""
     expected = [
-        (message.content, meta["langgraph_node"], tuple(meta.get("tags", ())))
-        async for _, _, (message, meta) in every_message.astream({}, stream_mode=["messages"], subgraphs=True)
+        _chunk_key(mode, chunk, namespace)
+        async for namespace, mode, chunk in every_chunk.astream({}, stream_mode=modes, subgraphs=True)
     ]
-    assert {node for _, node, _ in expected} == {"async_models", "sync_model", "inner_model", "answer"}
-    job_id = await client.enqueue("every_message", {}, modes=modes)
+    job_id = await client.enqueue("every_chunk", {}, modes=modes)
     await run_burst_worker(graphs=GRAPHS)
     job = await read_stream(redis, settings.keys.job(job_id))
-    assert [(e.content, e.node, e.tags) for e in job if e.is_chunk] == expected
+    published = [
+        ("token", e.content, e.node, e.tags)
+        if e.type is EntryType.TOKEN
+        else _chunk_key("custom", e.data, e.meta.get("langgraph_checkpoint_ns", ""))
+        for e in job
+        if e.is_chunk
+    ]
+    assert published == expected
+    assert {key[0] for key in expected} == {"token" if mode == "messages" else "custom" for mode in modes}
+    assert ("custom", "threaded again ", (), ()) in expected or "custom" not in modes  # from a sync node
+    assert ("custom", "nested payload ", ("w",), ("sub",)) in expected or "custom" not in modes  # from a subgraph
     assert "never" not in text_of(job) and job[-1].type is EntryType.END
-    assert text_of(await read_stream(redis, settings.keys.tag("c"))) == "nested three "
+    if "messages" in modes:
+        assert text_of(await read_stream(redis, settings.keys.tag("c"))) == "nested three "
 
 
-async def test_tokens_of_sync_nodes_are_emitted_on_the_event_loop_thread(
+async def test_chunks_of_sync_nodes_are_emitted_on_the_event_loop_thread(
     client: TokenbusClient, run_burst_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sync nodes run in threads and their models call back there; the emitter and publisher are
-    not thread-safe, so their tokens are handed to the loop's thread, as LangGraph's handler does."""
+    """Sync nodes run in threads, where their models call back and their writers are called; the
+    emitter and publisher are not thread-safe, so their chunks are handed to the loop's thread, as
+    LangGraph does."""
     threads: list[int] = []
-    message = JobEmitter.message
+    for name in ("message", "custom"):
+        emit = getattr(JobEmitter, name)
 
-    def recording(self: JobEmitter, *args: Any) -> None:
-        threads.append(threading.get_ident())
-        message(self, *args)
+        def recording(self: JobEmitter, *args: Any, emit: Any = emit) -> None:
+            threads.append(threading.get_ident())
+            emit(self, *args)
 
-    monkeypatch.setattr(JobEmitter, "message", recording)
-    await client.enqueue("every_message", {}, modes=["messages"])
+        monkeypatch.setattr(JobEmitter, name, recording)
+    await client.enqueue("every_chunk", {}, modes=["messages", "custom"])
     await run_burst_worker(graphs=GRAPHS)
-    assert len(threads) == 10 and set(threads) == {threading.get_ident()}
+    assert len(threads) == 15 and set(threads) == {threading.get_ident()}
 
 
 async def test_each_custom_chunk_goes_to_the_streams_of_its_own_tags(

@@ -1,13 +1,23 @@
 """How a job's chunks are taken from LangGraph and handed to its emitter.
 
-A job that asks for ``messages`` alone runs with LangGraph's own ``messages``-mode callback handler
-(the one behind ``astream(stream_mode="messages")``: the same chunks and metadata, the same
-``nostream``, node-output and subgraph rules), and each token is emitted from the model's callback
-instead of through ``astream``'s queue. That saves LangGraph's queue hop per chunk and, above all,
-lets the model pause for the publisher where it makes tokens: a model that never suspends (one
-that answers from memory) is published while it runs rather than after, and a congested publisher
-holds the model back (BENCHMARKS.md). Jobs that ask for ``custom`` payloads go through
-``astream``, which keeps payloads and tokens in the order the graph made them.
+A job runs its graph with ``ainvoke``, not ``astream``: each chunk is emitted where LangGraph makes
+it instead of going through ``astream``'s queue, which costs a loop callback, a queue and a wake-up
+of the consuming task per chunk (several times what a ``custom`` payload costs LangGraph to make).
+
+- ``messages``: LangGraph's own ``messages``-mode callback handler (the one behind
+  ``astream(stream_mode="messages")``: the same chunks and metadata, the same ``nostream``,
+  node-output and subgraph rules) emits each token in the model's callback, and pauses the model
+  for the publisher there: a model that never suspends (one that answers from memory) is published
+  while it runs rather than after, and a congested publisher holds the model back (BENCHMARKS.md).
+- ``custom``: the graph's stream writer is the job's own, installed where LangGraph looks for the
+  writer of a parent graph (a subgraph's writer is its parent's), so ``writer(...)`` emits the
+  payload with the namespace ``astream`` would give it. A writer call cannot wait: a node that
+  never suspends holds the event loop, the publisher's writer included, until it does, as it holds
+  ``astream``'s consumer.
+
+Both emit in the order the graph made the chunks. Chunks made in a sync node's thread are handed to
+the event loop's thread, as LangGraph does; a failure to emit one there is raised when the graph
+returns.
 """
 
 from __future__ import annotations
@@ -15,76 +25,99 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 from langchain_core.messages import BaseMessageChunk
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables import RunnableConfig
+from langgraph._internal._constants import CONFIG_KEY_CHECKPOINT_NS, CONFIG_KEY_RUNTIME, CONFIG_KEY_STREAM, NS_SEP
+from langgraph.config import get_config
 from langgraph.pregel._messages import StreamMessagesHandler
+from langgraph.pregel.protocol import StreamProtocol
+from langgraph.runtime import Runtime
 
 from schemas.job import JobRequest
 from worker.emitter import JobEmitter
 from worker.publisher import Publisher
 from worker.registry import Graph
 
+_NO_STREAM = StreamProtocol(lambda chunk: None, set())
+"""The "parent stream" that makes LangGraph use the runtime's writer: it takes no mode itself."""
+
 
 async def stream_graph(graph: Graph, request: JobRequest, emitter: JobEmitter, publisher: Publisher) -> None:
     """Run ``graph`` on the request's input and emit every chunk of the request's modes."""
-    config: RunnableConfig = {
-        "configurable": {
-            **request.config,
-            "tokenbus_job_id": emitter.job_id,
-            "tokenbus_attempt": emitter.attempt,
-            "tokenbus_modes": request.modes,
-        }
+    tap = _Tap(emitter, publisher)
+    configurable: dict[str, Any] = {
+        **request.config,
+        "tokenbus_job_id": emitter.job_id,
+        "tokenbus_attempt": emitter.attempt,
+        "tokenbus_modes": request.modes,
     }
-    if request.modes == ("messages",):
-        tokens = _TokenHandler(emitter, publisher)
-        config["callbacks"] = [tokens]
-        await graph.ainvoke(request.input, config)
-        tokens.check()
-        return
-    message, custom, sink = emitter.message, emitter.custom, emitter.sink
-    async for namespace, mode, chunk in graph.astream(
-        request.input, config, stream_mode=list(request.modes), subgraphs=True
-    ):
-        if mode == "messages":
-            message(*chunk)
-        else:
-            custom(chunk, cast(tuple[str, ...], namespace))
-        if publisher.congested or publisher.should_yield() or sink.lost or sink.errors:
-            await _pause(publisher, emitter)
+    config: RunnableConfig = {"configurable": configurable}
+    if "messages" in request.modes:
+        config["callbacks"] = [_TokenHandler(tap)]
+    if "custom" in request.modes:
+        configurable[CONFIG_KEY_STREAM] = _NO_STREAM
+        configurable[CONFIG_KEY_RUNTIME] = Runtime(stream_writer=tap.write)
+    await graph.ainvoke(request.input, config)
+    tap.check()
 
 
-async def _pause(publisher: Publisher, emitter: JobEmitter) -> None:
-    """Between two chunks: wait while the publisher is congested, else let its writer send what is
-    queued (see :meth:`Publisher.should_yield`); stop if the job's entries cannot be delivered."""
-    if publisher.congested:
-        await publisher.wait_writable()
-    else:
-        await asyncio.sleep(0)
-    emitter.sink.check()
+class _Tap:
+    """Where one job's chunks leave the graph: straight to the emitter on the event loop's thread,
+    handed over to it from a sync node's thread. Remembers the first failure to emit, which
+    :meth:`check` raises (a node may catch what a writer call raised; the job fails anyway)."""
+
+    def __init__(self, emitter: JobEmitter, publisher: Publisher) -> None:
+        self.emitter = emitter
+        self.publisher = publisher
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self.failure: Exception | None = None
+
+    def write(self, chunk: Any) -> None:
+        """The graph's stream writer: one ``custom`` payload, with the namespace of the graph
+        that wrote it (as ``astream(..., subgraphs=True)`` gives it)."""
+        namespace = tuple(get_config()["configurable"][CONFIG_KEY_CHECKPOINT_NS].split(NS_SEP)[:-1])
+        if threading.get_ident() != self.thread:
+            self.loop.call_soon_threadsafe(self.from_thread, self.emitter.custom, chunk, namespace)
+            return
+        if self.failure is not None:
+            raise self.failure
+        try:
+            self.emitter.custom(chunk, namespace)
+            self.emitter.sink.check()
+        except Exception as e:
+            self.failure = e
+            raise
+
+    def from_thread(self, emit: Callable[..., None], *args: Any) -> None:
+        """Emit a chunk made in a sync node's thread (a loop callback: it cannot fail the job)."""
+        if self.failure is None:
+            try:
+                emit(*args)
+            except Exception as e:
+                self.failure = e
+
+    def check(self) -> None:
+        """Raise what went wrong emitting a chunk, if anything did."""
+        if self.failure is not None:
+            raise self.failure
 
 
 class _TokenHandler(StreamMessagesHandler):
-    """LangGraph's ``messages``-mode handler, emitting to the job instead of ``astream``'s queue,
-    and pausing the model between tokens as :func:`_pause` says.
-
-    Sync nodes run in threads, where their models call back through LangChain's sync callback
-    manager: there a token is handed to the event loop's thread, as LangGraph's own handler does,
-    and a failure to emit it is raised from the job when the graph returns.
-    """
+    """LangGraph's ``messages``-mode handler, emitting to the job instead of ``astream``'s queue
+    and pausing the model between tokens: while the publisher is congested, and once in a while to
+    let its writer send what is queued (see :meth:`Publisher.should_yield`). Stops the model if the
+    job's entries cannot be delivered."""
 
     raise_error = True  # an emitter or publisher error ends the model call, and with it the job
 
-    def __init__(self, emitter: JobEmitter, publisher: Publisher) -> None:
+    def __init__(self, tap: _Tap) -> None:
         super().__init__(self._put, subgraphs=True)
-        self._emitter = emitter
-        self._publisher = publisher
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
-        self._failure: Exception | None = None
+        self._tap = tap
 
     @property
     def on_llm_new_token(self) -> Callable[..., Awaitable[None] | None]:
@@ -92,7 +125,7 @@ class _TokenHandler(StreamMessagesHandler):
         function. On the event loop's thread that is :meth:`_token_on_loop`, which may pause; in a
         sync node's thread it is LangGraph's own (a coroutine there would be run in a new event
         loop per token)."""
-        if threading.get_ident() == self._thread:
+        if threading.get_ident() == self._tap.thread:
             return self._token_on_loop
         return super().on_llm_new_token
 
@@ -100,26 +133,22 @@ class _TokenHandler(StreamMessagesHandler):
         if not isinstance(chunk, ChatGenerationChunk) or (meta := self.metadata.get(run_id)) is None:
             return
         self._emit(meta, chunk.message)
-        publisher, sink = self._publisher, self._emitter.sink
+        tap = self._tap
+        publisher, sink = tap.publisher, tap.emitter.sink
         if publisher.congested or publisher.should_yield() or sink.lost or sink.errors:
-            self.check()
-            await _pause(publisher, self._emitter)
+            tap.check()
+            if publisher.congested:
+                await publisher.wait_writable()
+            else:
+                await asyncio.sleep(0)
+            sink.check()
 
     def _put(self, chunk: Any) -> None:
         """Where LangGraph's handler puts ``(namespace, "messages", (message, metadata))``."""
-        if threading.get_ident() == self._thread:
-            self._emitter.message(*chunk[2])
+        message: BaseMessageChunk
+        message, metadata = chunk[2]
+        tap = self._tap
+        if threading.get_ident() == tap.thread:
+            tap.emitter.message(message, metadata)
         else:
-            self._loop.call_soon_threadsafe(self._emit_from_thread, *chunk[2])
-
-    def _emit_from_thread(self, message: BaseMessageChunk, metadata: dict[str, Any]) -> None:
-        if self._failure is None:
-            try:
-                self._emitter.message(message, metadata)
-            except Exception as e:  # raised from the job by check(): a loop callback cannot fail it
-                self._failure = e
-
-    def check(self) -> None:
-        """Raise what went wrong emitting a chunk made in a sync node's thread."""
-        if self._failure is not None:
-            raise self._failure
+            tap.loop.call_soon_threadsafe(tap.from_thread, tap.emitter.message, message, metadata)
