@@ -45,6 +45,7 @@ from worker.client import TokenbusClient
 from worker.graphs import joke_poem
 from worker.job import RESOURCES, run_graph
 from worker.serializer import job_serializer
+from worker.streaming import install_writer
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -128,6 +129,21 @@ async def floor(
     count, start = 0, time.perf_counter()
     async for _ in graph.astream(inputs, config, stream_mode=[mode], subgraphs=True):
         count += 1
+    return count, time.perf_counter() - start
+
+
+async def floor_without_astream(graph: Any, inputs: dict[str, Any]) -> tuple[int, float]:
+    """LangGraph alone with the cheapest ``custom`` sink: ``ainvoke`` with a stream writer that
+    counts (installed as a job's is), no ``astream`` queue."""
+    count, start = 0, time.perf_counter()
+
+    def writer(chunk: Any) -> None:
+        nonlocal count
+        count += 1
+
+    configurable: dict[str, Any] = {}
+    install_writer(configurable, writer)
+    await graph.ainvoke(inputs, {"configurable": configurable})
     return count, time.perf_counter() - start
 
 
@@ -260,6 +276,9 @@ async def throughput(bench: Bench) -> None:
                 bench.record(f"ratio_{mode}_producer_vs_floor", e2e["producer_rate"] / floor_rate)
                 for part in ("worker", "redis", "consumer"):
                     bench.record(f"cpu_{part}_us_per_chunk_{mode}", e2e[f"{part}_us"])
+                if mode == "custom":
+                    count, seconds = max([await floor_without_astream(graph, {"n": n}) for _ in range(rounds)])
+                    bench.record("floor_custom_without_astream_chunks_per_s", count / seconds)
                 naive = await naive_e2e(bench, graph, {"n": n}, mode)
                 bench.record(f"naive_{mode}_chunks_per_s", naive)
                 bench.record(f"ratio_{mode}_vs_naive", e2e["rate"] / naive)
@@ -307,12 +326,22 @@ async def throughput(bench: Bench) -> None:
 # -- latency ---------------------------------------------------------------------------------------
 
 
-async def paced_no_sink(jobs: int, n: int, rate: float) -> list[float]:
+async def paced_no_sink(jobs: int, n: int, rate: float, *, astream: bool = True) -> list[float]:
+    """The paced jobs in this process with no bus: each payload's latency from ``writer(...)`` to
+    ``astream`` yielding it, or (``astream=False``) to a stream writer installed as a job's is."""
     latencies: list[float] = []
 
+    def received(chunk: Any) -> None:
+        latencies.append(time.time() - chunk["t"])
+
     async def one() -> None:
-        async for _, _, chunk in paced.astream({"n": n, "rate": rate}, stream_mode=["custom"], subgraphs=True):
-            latencies.append(time.time() - chunk["t"])
+        if astream:
+            async for _, _, chunk in paced.astream({"n": n, "rate": rate}, stream_mode=["custom"], subgraphs=True):
+                received(chunk)
+        else:
+            configurable: dict[str, Any] = {}
+            install_writer(configurable, received)
+            await paced.ainvoke({"n": n, "rate": rate}, {"configurable": configurable})
 
     await asyncio.gather(*(one() for _ in range(jobs)))
     return latencies
@@ -341,9 +370,11 @@ async def latency(bench: Bench) -> None:
         print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
         for jobs in loads:
             no_sink = percentiles(await paced_no_sink(jobs, int(rate * seconds), rate))
-            assert no_sink is not None
+            no_astream = percentiles(await paced_no_sink(jobs, int(rate * seconds), rate, astream=False))
+            assert no_sink is not None and no_astream is not None
             for label, (p50, p99, worst) in (
                 ("nosink", no_sink),
+                ("nosink_without_astream", no_astream),
                 ("tokenbus", await paced_tokenbus(bench, jobs, int(rate * seconds), rate)),
             ):
                 bench.record(f"latency_{label}_{jobs}jobs_p50_ms", p50)

@@ -59,10 +59,16 @@ async def stream_graph(graph: Graph, request: JobRequest, emitter: JobEmitter, p
     if "messages" in request.modes:
         config["callbacks"] = [_TokenHandler(tap)]
     if "custom" in request.modes:
-        configurable[CONFIG_KEY_STREAM] = _NO_STREAM
-        configurable[CONFIG_KEY_RUNTIME] = Runtime(stream_writer=tap.write)
+        install_writer(configurable, tap.write)
     await graph.ainvoke(request.input, config)
     tap.check()
+
+
+def install_writer(configurable: dict[str, Any], writer: Callable[[Any], None]) -> None:
+    """Make ``writer`` the stream writer of a graph run with this ``configurable`` (and of its
+    subgraphs), as if it ran inside a parent graph that streams ``custom`` payloads to it."""
+    configurable[CONFIG_KEY_STREAM] = _NO_STREAM
+    configurable[CONFIG_KEY_RUNTIME] = Runtime(stream_writer=writer)
 
 
 class _Tap:
