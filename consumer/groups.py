@@ -25,11 +25,11 @@ from consumer.reader import LATEST, blocking_read_timeout
 from schemas.entries import Entry
 from schemas.errors import MalformedEntry
 from schemas.keys import StreamKeys
+from tokenbus.redis_client import REDIS_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Entry], Awaitable[None]]
-_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class GroupConsumer:
                         raise
                     logger.warning("group %s vanished from %s; creating it again", self.group, self.streams)
                     await self.ensure_groups()
-                except _RETRYABLE as e:
+                except REDIS_UNAVAILABLE as e:
                     failures += 1
                     delay = min(2.0, 0.1 * 2**failures)
                     logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)

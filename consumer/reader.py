@@ -23,11 +23,12 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
+from tokenbus.redis_client import REDIS_UNAVAILABLE
+
 logger = logging.getLogger(__name__)
 
 LATEST = "$"
 BEGINNING = "0-0"
-_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,7 @@ class StreamReader:
                     if self._sent is None:
                         await self._send_read()
                     gaps, reply = await self._receive()
-                except _RETRYABLE as e:
+                except REDIS_UNAVAILABLE as e:
                     await self._reconnect_later()
                     delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
                     failures += 1
@@ -117,7 +118,7 @@ class StreamReader:
                     continue
                 try:
                     await self._send_read()  # read ahead while the caller works on this batch
-                except _RETRYABLE:
+                except REDIS_UNAVAILABLE:
                     await self._reconnect_later()  # the next turn reads again, on a new connection
                 yield batch
         finally:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from tokenbus.settings import Settings
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+"""What redis-py raises when Redis cannot be reached or did not answer: retry later, on a new connection."""
 
 
 def redis_url(settings: Settings) -> str:

@@ -18,7 +18,7 @@ from redis.backoff import ExponentialBackoff
 
 from schemas.entries import EntryType
 from schemas.keys import wake_channel
-from tokenbus.redis_client import redis_url
+from tokenbus.redis_client import REDIS_UNAVAILABLE, redis_url
 from tokenbus.settings import Settings
 from worker.job import RESOURCES, run_graph
 from worker.orphans import WORKER_LOST, close_attempt
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 JOB_FUNCTION = "run_graph"
 POLL_RETRY_DELAY_S = 0.5
-_REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.WatchError, OSError)
+_REDIS_FAILED = (*REDIS_UNAVAILABLE, redis_errors.WatchError)  # or a WATCHed key changed under arq
 
 
 class TokenbusWorker(Worker):
@@ -58,7 +58,7 @@ class TokenbusWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-        except _REDIS_UNAVAILABLE as e:
+        except _REDIS_FAILED as e:
             logger.warning("polling queue %s failed (%s); retrying", self.queue_name, e)
             await asyncio.sleep(POLL_RETRY_DELAY_S)
             return
@@ -168,7 +168,7 @@ class TokenbusWorker(Worker):
                 kind=EntryType.CANCELLED if aborted else EntryType.ERROR,
                 error_type="CancelledError" if aborted else "JobNotRun", unstarted_attempt=max(attempt - 1, 1),
             )  # fmt: skip
-        except _REDIS_UNAVAILABLE:
+        except _REDIS_FAILED:
             logger.warning("job %s: could not write its terminal entry; the sweeper will", job_id, exc_info=True)
 
 

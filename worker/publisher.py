@@ -25,11 +25,11 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from schemas.errors import ClientStateError, PublishError
+from tokenbus.redis_client import REDIS_UNAVAILABLE
 from worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
 
 logger = logging.getLogger(__name__)
 
-_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 _Item = tuple["Sink", bytes, int]
 """What one call queued for a job: its commands packed in the Redis protocol, and how many."""
 
@@ -203,7 +203,7 @@ class Publisher:
         while True:
             try:
                 refused = await self._wire.execute(packed, count)
-            except _RETRYABLE as e:
+            except REDIS_UNAVAILABLE as e:
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
                     self._lose(batch, e, waited)

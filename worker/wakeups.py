@@ -13,14 +13,12 @@ import asyncio
 import contextlib
 import logging
 
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from schemas.errors import ClientStateError
+from tokenbus.redis_client import REDIS_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
-
-_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
 class Wakeups:
@@ -67,6 +65,6 @@ class Wakeups:
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self._event.set()
-            except _UNAVAILABLE as e:
+            except REDIS_UNAVAILABLE as e:
                 logger.warning("listening for wake-ups on %s failed (%s); retrying", self.channel, e)
                 await asyncio.sleep(self._retry_s)
