@@ -326,13 +326,20 @@ async def throughput(bench: Bench) -> None:
 # -- latency ---------------------------------------------------------------------------------------
 
 
-async def paced_no_sink(jobs: int, n: int, rate: float, *, astream: bool = True) -> list[float]:
-    """The paced jobs in this process with no bus: each payload's latency from ``writer(...)`` to
-    ``astream`` yielding it, or (``astream=False``) to a stream writer installed as a job's is."""
+Percentiles = tuple[float, float, float]
+
+
+async def paced_no_sink(jobs: int, n: int, rate: float, *, astream: bool = True) -> tuple[Percentiles, Percentiles]:
+    """The paced jobs in this process with no bus: each payload's latency from ``writer(...)``, and
+    from the time it was due, to ``astream`` yielding it or (``astream=False``) to a stream writer
+    installed as a job's is (which receives it as it is written: only its lateness counts)."""
     latencies: list[float] = []
+    from_due: list[float] = []
 
     def received(chunk: Any) -> None:
-        latencies.append(time.time() - chunk["t"])
+        now = time.time()
+        latencies.append(now - chunk["t"])
+        from_due.append(now - chunk["due"])
 
     async def one() -> None:
         if astream:
@@ -344,12 +351,14 @@ async def paced_no_sink(jobs: int, n: int, rate: float, *, astream: bool = True)
             await paced.ainvoke({"n": n, "rate": rate}, {"configurable": configurable})
 
     await asyncio.gather(*(one() for _ in range(jobs)))
-    return latencies
+    written, due = percentiles(latencies), percentiles(from_due)
+    assert written is not None and due is not None
+    return written, due
 
 
 async def paced_tokenbus(
     bench: Bench, jobs: int, n: int, rate: float, processes: int = 1
-) -> tuple[float, float, float]:
+) -> tuple[Percentiles, Percentiles]:
     """The paced jobs through ``tokenbus worker`` processes (as deployed: the worker alone in its
     process, like LangGraph alone in the no-sink measure) and a consumer process; the processes
     run all of the jobs at once, each its share."""
@@ -359,8 +368,7 @@ async def paced_tokenbus(
         for _ in range(jobs):
             await client.enqueue("bench_paced", {"n": n, "rate": rate}, modes=["custom"])
         result = await consumer_result(consumer)
-    p50, p99, worst = result["latency_ms"]
-    return p50, p99, worst
+    return tuple(result["latency_ms"]), tuple(result["from_due_ms"])
 
 
 async def latency(bench: Bench) -> None:
@@ -369,17 +377,20 @@ async def latency(bench: Bench) -> None:
     for run in range(bench.runs):
         print(f"latency run {run + 1}/{bench.runs}", file=sys.stderr)
         for jobs in loads:
-            no_sink = percentiles(await paced_no_sink(jobs, int(rate * seconds), rate))
-            no_astream = percentiles(await paced_no_sink(jobs, int(rate * seconds), rate, astream=False))
-            assert no_sink is not None and no_astream is not None
-            for label, (p50, p99, worst) in (
-                ("nosink", no_sink),
+            n = int(rate * seconds)
+            no_sink = await paced_no_sink(jobs, n, rate)
+            _, no_astream = await paced_no_sink(jobs, n, rate, astream=False)
+            bus = await paced_tokenbus(bench, jobs, n, rate)
+            for label, figures in (("nosink", no_sink[0]), ("tokenbus", bus[0])):
+                for name, value in zip(("p50", "p99", "max"), figures, strict=True):
+                    bench.record(f"latency_{label}_{jobs}jobs_{name}_ms", value)
+            for label, figures in (
+                ("nosink", no_sink[1]),
                 ("nosink_without_astream", no_astream),
-                ("tokenbus", await paced_tokenbus(bench, jobs, int(rate * seconds), rate)),
+                ("tokenbus", bus[1]),
             ):
-                bench.record(f"latency_{label}_{jobs}jobs_p50_ms", p50)
-                bench.record(f"latency_{label}_{jobs}jobs_p99_ms", p99)
-                bench.record(f"latency_{label}_{jobs}jobs_max_ms", worst)
+                for name, value in zip(("p50", "p99", "max"), figures, strict=True):
+                    bench.record(f"latency_{label}_{jobs}jobs_from_due_{name}_ms", value)
 
 
 async def pickup(bench: Bench) -> None:
@@ -551,7 +562,7 @@ async def scaling(bench: Bench) -> None:
         bench.record(f"scaling_{mode}_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
     rate, seconds = 100.0, (2 if bench.quick else 5)
     for paced_jobs, processes in itertools.product([40] if bench.quick else [400, 500, 600], (1, 2)):
-        _, p99, _ = await paced_tokenbus(bench, paced_jobs, int(rate * seconds), rate, processes)
+        (_, p99, _), _ = await paced_tokenbus(bench, paced_jobs, int(rate * seconds), rate, processes)
         bench.record(f"scaling_paced_{paced_jobs}jobs_{processes}proc_p99_ms", p99)
 
 

@@ -3,8 +3,8 @@
     python -m bench.consumer URL PREFIX --jobs N [--tag T | --job ID] [--raw]
 
 Prints one JSON line once N jobs have ended: entries received, the receive time of the last
-terminal entry, latencies of payloads carrying a ``t`` (seconds since the epoch) and the CPU time it
-spent after start-up.
+terminal entry, latencies of payloads carrying a ``t`` (when written, seconds since the epoch) and
+from their ``due`` time if they carry one, and the CPU time it spent after start-up.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from schemas.entries import Entry
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     redis = Redis.from_url(args.url, socket_timeout=None)
-    count, ended, latencies, last = 0, 0, [], 0.0
+    count, ended, last = 0, 0, 0.0
+    latencies: list[float] = []
+    from_due: list[float] = []
     kind = {"tags": args.tag} if args.tag else {"jobs": [args.job]}
     cpu0 = time.process_time()  # start-up (imports, connecting) is not per-entry work
     print("ready", flush=True)
@@ -45,7 +47,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 assert isinstance(item, Entry)
                 count += 1
                 if args.latency and item.data and "t" in item.data:
-                    latencies.append(time.time() - item.data["t"])
+                    now = time.time()
+                    latencies.append(now - item.data["t"])
+                    if "due" in item.data:
+                        from_due.append(now - item.data["due"])
                 if item.is_final:
                     ended += 1
                     if ended >= args.jobs:
@@ -53,7 +58,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         break
     finally:
         await redis.aclose()
-    return {"entries": count, "last": last, "latency_ms": percentiles(latencies), "cpu": time.process_time() - cpu0}
+    return {
+        "entries": count,
+        "last": last,
+        "latency_ms": percentiles(latencies),
+        "from_due_ms": percentiles(from_due),
+        "cpu": time.process_time() - cpu0,
+    }
 
 
 def percentiles(values: list[float]) -> tuple[float, float, float] | None:

@@ -75,14 +75,15 @@ async def _custom(state: State, writer: StreamWriter) -> State:
 
 
 async def _paced(state: State, writer: StreamWriter) -> State:
-    """``n`` tokens at ``rate`` per second; each payload carries the wall time it was written at."""
+    """``n`` tokens at ``rate`` per second; each payload carries the wall times it was written at
+    (``t``) and due at (``due``: an event loop that cannot keep up writes late)."""
     interval = 1.0 / state.get("rate", 100.0)
-    start = time.monotonic()
+    start, wall = time.monotonic(), time.time()
     for i in range(state.get("n", 100)):
         delay = start + i * interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        writer({"content": WORDS[i % len(WORDS)], "t": time.time(), "tags": ["bench"]})
+        writer({"content": WORDS[i % len(WORDS)], "t": time.time(), "due": wall + i * interval, "tags": ["bench"]})
     return {"done": True}
 
 

@@ -30,7 +30,8 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
         "ratio_consumer_api_vs_raw", "memory_worker_rss_growth_mb",
         "ratio_messages_producer_vs_floor", "scaling_messages_2proc_chunks_per_s", "scaling_custom_2proc_chunks_per_s",
         "ratio_joke_poem_http_without_arq_vs_floor", "pickup_announced_p50_ms", "pickup_polled_p50_ms",
-        "ratio_joke_poem_http_vs_staggered_floor", "latency_nosink_without_astream_20jobs_p99_ms",
+        "ratio_joke_poem_http_vs_staggered_floor", "latency_nosink_without_astream_20jobs_from_due_p99_ms",
+        "latency_tokenbus_20jobs_from_due_p99_ms",
         "floor_custom_without_astream_chunks_per_s",
     ]:  # fmt: skip
         assert expected in names, f"{expected} missing from {sorted(names)}"
