@@ -561,7 +561,7 @@ async def scaling(bench: Bench) -> None:
                 result = await consumer_result(consumer)
         bench.record(f"scaling_{mode}_{processes}proc_chunks_per_s", (result["entries"] - jobs) / (result["last"] - t0))
     rate, seconds = 100.0, (2 if bench.quick else 5)
-    for paced_jobs, processes in itertools.product([40] if bench.quick else [400, 500, 600], (1, 2)):
+    for paced_jobs, processes in itertools.product([40] if bench.quick else [500, 600, 700, 800], (1, 2)):
         (_, p99, _), _ = await paced_tokenbus(bench, paced_jobs, int(rate * seconds), rate, processes)
         bench.record(f"scaling_paced_{paced_jobs}jobs_{processes}proc_p99_ms", p99)
 
