@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEARTBEAT")
     max_request_bytes: int = Field(default=1 << 20, ge=1024, validation_alias="TOKENBUS_MAX_REQUEST_BYTES")
 
-    publish_batch_max: int = Field(default=512, ge=1, validation_alias="TOKENBUS_PUBLISH_BATCH")
+    publish_batch_max: int = Field(default=4096, ge=1, validation_alias="TOKENBUS_PUBLISH_BATCH")
     publish_buffer_max: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_PUBLISH_BUFFER")
     publish_give_up_s: float = Field(default=30.0, gt=0, validation_alias="TOKENBUS_PUBLISH_GIVE_UP")
 

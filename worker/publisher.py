@@ -69,7 +69,7 @@ class Publisher:
         self,
         redis: Redis,
         *,
-        batch_max: int = 512,
+        batch_max: int = 4096,
         buffer_max: int = 100_000,
         give_up_s: float = 30.0,
         backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
