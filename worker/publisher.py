@@ -5,9 +5,10 @@ buffered as one pipeline as soon as the previous pipeline has returned, so at lo
 waits one round trip and at high load batches grow (up to ``batch_max``) instead of the queue.
 When Redis is unreachable the writer retries the batch with backoff for ``give_up_s``; past that
 the batch is counted as lost on each job's :class:`Sink`, which the job turns into an ``error``
-entry. Memory is bounded: past ``buffer_max`` queued entries, :meth:`Publisher.wait_writable`
-makes producers wait. A retried batch may be applied twice; consumers drop the copies by
-``(job, attempt, seq)``.
+entry. Past ``buffer_max`` queued entries, :meth:`Publisher.wait_writable` makes producers that
+can wait do so (a model's token callback); a node's ``writer(...)`` call cannot, so its payloads
+are buffered past it (``worker.streaming``). A retried batch may be applied twice; consumers drop
+the copies by ``(job, attempt, seq)``.
 """
 
 from __future__ import annotations
@@ -151,10 +152,10 @@ class Publisher:
 
     def should_yield(self) -> bool:
         """True once per ``yield_every`` items queued. The writer is a task of the same event loop:
-        a graph that never suspends (CPU-bound nodes, a model that answers from memory) would
-        starve it until the job ends, and the job would then wait for all of its writes at once.
-        Producers yield to the loop (``await asyncio.sleep(0)``) when this says so, and writing
-        overlaps producing."""
+        a model that never suspends (one that answers from memory) would starve it until the job
+        ends, and the job would then wait for all of its writes at once. Producers that can
+        suspend (a model's token callback) yield to the loop (``await asyncio.sleep(0)``) when
+        this says so, and writing overlaps producing."""
         if self._queued < self._next_yield:
             return False
         self._next_yield = self._queued + self._yield_every
