@@ -19,19 +19,23 @@ META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags"
 STREAMS = [("tokenbus:job:{j1 100%d}", 1000), ("tokenbus:tag:{poem}", 50)]  # a job id may hold "%"
 
 
-def test_a_chunk_template_packs_what_hiredis_packs() -> None:
+@pytest.mark.parametrize("streams", [STREAMS[:1], STREAMS, [*STREAMS, ("tokenbus:tag:{joke}", 7)]])
+def test_a_chunk_template_packs_what_hiredis_packs(streams: list[tuple[str, int]]) -> None:
     packer = XaddPacker()
     template = packer.template(
-        STREAMS, chunk_fields(EntryType.TOKEN, "j1", 2, SEQ, TS, b'["poem"]', "call_model", CONTENT, DATA, META)
+        streams, chunk_fields(EntryType.TOKEN, "j1", 2, SEQ, TS, b'["poem"]', "call_model", CONTENT, DATA, META)
     )
-    for seq, content, data in [(0, "", b""), (7, " sün %s %d", b'{"id":"run-1"}'), (10**9, "\r\n$3\r\n", b"%")]:
+    long_content, long_data = "é" * 3000, b'"' + b"x" * 5000 + b'"'  # past the cached bulk-string headers
+    for seq, content, data in [
+        (0, "", b""), (7, " sün %s %d", b'{"id":"run-1"}'), (10**9, "\r\n$3\r\n", b"%"), (4095, long_content, long_data)
+    ]:  # fmt: skip
         fields = chunk_fields(
             EntryType.TOKEN, "j1", 2, seq, 1700000000123, b'["poem"]', "call_model", content, data, META
         )
-        expected = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *fields)) for key, cap in STREAMS]
+        expected = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *fields)) for key, cap in streams]
         assert template.pack(seq, content, data, 1700000000123) == b"".join(expected)
-        assert template.commands == 2
-        assert packer.pack(STREAMS, fields) == expected
+        assert template.commands == len(streams)
+        assert packer.pack(streams, fields) == expected
 
 
 def test_the_packed_entry_decodes_to_its_values() -> None:

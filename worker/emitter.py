@@ -77,6 +77,7 @@ class JobEmitter:
         self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
         self._meta: _Meta | None = None
         self._payload: tuple[Any, tuple[str, ...], ChunkTemplate] | None = None
+        self._data: tuple[str | None, dict[str, Any], bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, data: Mapping[str, Any]) -> None:
@@ -104,7 +105,7 @@ class JobEmitter:
         """A ``messages``-mode chunk: an LLM token and the metadata of its model call."""
         template = self._template(EntryType.TOKEN, metadata)
         content = message.content if isinstance(message.content, str) else message.text
-        self._chunk(template, content, _message_data(message))
+        self._chunk(template, content, self._message_data(message))
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
@@ -133,6 +134,18 @@ class JobEmitter:
         self.chunks += 1
         self._publisher.send(self.sink, template.pack(self.seq, content, data, _now_ms()), template.commands)
         self.seq += 1
+
+    def _message_data(self, message: BaseMessageChunk) -> bytes:
+        """The ``data`` of a token: usually the call's message id and response metadata alone, the
+        same from chunk to chunk of a call (so compared with the last ones, encoded once)."""
+        if getattr(message, "tool_call_chunks", None) or getattr(message, "usage_metadata", None):
+            return _message_data(message)
+        last, response_metadata = self._data, message.response_metadata
+        if last is not None and last[0] == message.id and last[1] == response_metadata:
+            return last[2]
+        data = _message_data(message)
+        self._data = (message.id, dict(response_metadata), data)  # a copy: dicts change
+        return data
 
     def _payload_template(self, tags: Any, namespace: tuple[str, ...]) -> ChunkTemplate:
         """The template of a payload that carries no metadata: its tags and the graph namespace

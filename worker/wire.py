@@ -62,15 +62,23 @@ CHUNK_HOLES = (SEQ, CONTENT, DATA, TS)
 """What varies between the chunk entries of one model call, in the order they appear in the fields."""
 
 
+_SHORT = 4096
+_BULK_HEADERS = tuple(b"$%d\r\n" % n for n in range(_SHORT))
+"""``$<length>\r\n`` of the bulk strings shorter than ``_SHORT`` (every ``seq`` and ``ts``, most tokens)."""
+
+
 class ChunkTemplate:
     """``XADD`` commands for the chunks of one model call, to each of its streams.
 
-    The chunks of a call share every field but ``seq``, ``content``, ``data`` and ``ts``, so the
-    constant runs of fields and each stream's ``XADD key MAXLEN ~ n *`` are packed once, and a
-    chunk costs its four values and one ``%`` format for all of its streams.
+    The chunks of a call share every field but ``seq``, ``content``, ``data`` and ``ts``, and every
+    stream gets the same fields, so a chunk's commands are the chunk's part (its four values and the
+    constant runs of fields between them), packed once and joined by what differs from stream to
+    stream: before it ``XADD key MAXLEN ~ n *`` and the fields up to ``seq``, after it the fields
+    after ``ts``. Two joins per chunk: a ``%`` format over the whole commands cost 50% more
+    (BENCHMARKS.md).
     """
 
-    __slots__ = ("_format", "commands")
+    __slots__ = ("_between", "_edges", "commands")
 
     def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
         header = b"*%d\r\n" % (len(fields) + 6)
@@ -87,15 +95,25 @@ class ChunkTemplate:
         runs.append(pack_args(fields[start:]) if start < len(fields) else b"")
         if holes != list(CHUNK_HOLES):
             raise ValueError(f"chunk fields must hold the holes {list(CHUNK_HOLES)} in that order, not {holes}")
-        # the constant runs, with a bulk string ("$<length>\r\n<value>\r\n") in each hole; one
-        # command per stream, so that a chunk is packed by a single % format
-        body = b"$%d\r\n%b\r\n".join(run.replace(b"%", b"%%") for run in runs)
-        self._format = b"".join(header + prefix.replace(b"%", b"%%") + body for prefix in prefixes)
+        # a hole holds "$<length>\r\n<value>": the "\r\n" that ends it starts the run after it
+        first, *between, last = runs
+        self._between = tuple(b"\r\n" + run for run in between)
+        heads = [header + prefix + first for prefix in prefixes]
+        tail = b"\r\n" + last
+        self._edges = [heads[0], *(tail + head for head in heads[1:]), tail]
 
     def pack(self, seq: int, content: str, data: bytes, ts: int) -> bytes:
         """The commands of one chunk, one per stream, back to back."""
         s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
-        return self._format % ((len(s), s, len(c), c, len(data), data, len(t), t) * self.commands)
+        after_seq, after_content, after_data = self._between
+        headers, c_len, d_len = _BULK_HEADERS, len(c), len(data)
+        chunk = b"".join((
+            headers[len(s)], s, after_seq,
+            headers[c_len] if c_len < _SHORT else b"$%d\r\n" % c_len, c, after_content,
+            headers[d_len] if d_len < _SHORT else b"$%d\r\n" % d_len, data, after_data,
+            headers[len(t)], t,
+        ))  # fmt: skip
+        return chunk.join(self._edges)
 
 
 class XaddPacker:
