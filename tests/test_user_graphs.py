@@ -24,6 +24,7 @@ GRAPHS = {
     "every_chunk": "tests.graphs:every_chunk",
     "bad_model_tags": "tests.graphs:bad_model_tags",
     "bad_model_tags_sync": "tests.graphs:bad_model_tags_sync",
+    "swallowed_bad_model_tags": "tests.graphs:swallowed_bad_model_tags",
     "bad_payload": "tests.graphs:bad_payload",
     "swallowed_bad_payload": "tests.graphs:swallowed_bad_payload",
     "bad_tags": "tests.graphs:bad_tags",
@@ -77,6 +78,7 @@ async def test_stream_caps_bound_the_streams(
         ("bad_tags", "custom", "invalid tag 'has space'"),
         ("bad_model_tags", "messages", "invalid tag 'has space'"),
         ("bad_model_tags_sync", "messages", "invalid tag 'has space'"),  # emitted from a thread
+        ("swallowed_bad_model_tags", "messages", "invalid tag 'has space'"),
     ],
 )
 async def test_hostile_payloads_fail_their_job_only(

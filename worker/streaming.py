@@ -74,7 +74,8 @@ def install_writer(configurable: dict[str, Any], writer: Callable[[Any], None]) 
 class _Tap:
     """Where one job's chunks leave the graph: straight to the emitter on the event loop's thread,
     handed over to it from a sync node's thread. Remembers the first failure to emit, which
-    :meth:`check` raises (a node may catch what a writer call raised; the job fails anyway)."""
+    :meth:`check` raises: a node may catch what a writer call or a model raised, and the job fails
+    anyway (its chunks would otherwise be missing without a word)."""
 
     def __init__(self, emitter: JobEmitter, publisher: Publisher) -> None:
         self.emitter = emitter
@@ -87,13 +88,17 @@ class _Tap:
         """The graph's stream writer: one ``custom`` payload, with the namespace of the graph
         that wrote it (as ``astream(..., subgraphs=True)`` gives it)."""
         namespace = tuple(get_config()["configurable"][CONFIG_KEY_CHECKPOINT_NS].split(NS_SEP)[:-1])
+        self.emit(self.emitter.custom, chunk, namespace)
+
+    def emit(self, emit: Callable[..., None], *args: Any) -> None:
+        """``emit(*args)`` on the event loop's thread; from another thread, handed over to it."""
         if threading.get_ident() != self.thread:
-            self.loop.call_soon_threadsafe(self.from_thread, self.emitter.custom, chunk, namespace)
+            self.loop.call_soon_threadsafe(self.from_thread, emit, *args)
             return
         if self.failure is not None:
             raise self.failure
         try:
-            self.emitter.custom(chunk, namespace)
+            emit(*args)
             self.emitter.sink.check()
         except Exception as e:
             self.failure = e
@@ -138,23 +143,17 @@ class _TokenHandler(StreamMessagesHandler):
     async def _token_on_loop(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
         if not isinstance(chunk, ChatGenerationChunk) or (meta := self.metadata.get(run_id)) is None:
             return
-        self._emit(meta, chunk.message)
-        tap = self._tap
-        publisher, sink = tap.publisher, tap.emitter.sink
-        if publisher.congested or publisher.should_yield() or sink.lost or sink.errors:
-            tap.check()
+        self._emit(meta, chunk.message)  # through the tap, which raises what went wrong so far
+        publisher = self._tap.publisher
+        if publisher.congested or publisher.should_yield():
             if publisher.congested:
                 await publisher.wait_writable()
             else:
                 await asyncio.sleep(0)
-            sink.check()
+            self._tap.emitter.sink.check()  # entries lost while the model waited
 
     def _put(self, chunk: Any) -> None:
         """Where LangGraph's handler puts ``(namespace, "messages", (message, metadata))``."""
         message: BaseMessageChunk
         message, metadata = chunk[2]
-        tap = self._tap
-        if threading.get_ident() == tap.thread:
-            tap.emitter.message(message, metadata)
-        else:
-            tap.loop.call_soon_threadsafe(tap.from_thread, tap.emitter.message, message, metadata)
+        self._tap.emit(self._tap.emitter.message, message, metadata)
