@@ -3,9 +3,9 @@
 redis-py's pipeline packs every argument in Python and reads replies one at a time, each under
 its own timeout context: most of the worker's CPU per token (BENCHMARKS.md). The publisher's
 commands are simple (XADD, EXPIRE, ZADD, ZREM with str/bytes/int/float arguments), so here they
-are packed with ``hiredis.pack_command`` and all replies of a batch parsed from the socket buffer
-with one ``hiredis.Reader``. The connection itself (TLS, AUTH/ACL user, database) is redis-py's,
-made from the client's pool settings.
+are packed with ``hiredis.pack_command``, and the replies of a batch are counted by hiredis as
+they arrive, in the transport's callback (:class:`_Replies`). The connection itself (TLS, AUTH/ACL
+user, database) is redis-py's, made from the client's pool settings.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
-
-READ_CHUNK = 1 << 16
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
@@ -146,6 +144,68 @@ class XaddPacker:
         return prefix
 
 
+class _Replies(asyncio.Protocol):
+    """The protocol of the wire's connection once redis-py has opened it: counts the replies of
+    the batch in flight as the transport delivers them, parsed by hiredis in the transport's
+    callback, and wakes the writer once, when the last one is in.
+
+    Redis answers a large batch in many small packets (one per 16 KB of commands it reads); read
+    through redis-py's stream reader, each packet woke the writer task (~58 wake-ups for a batch
+    of 1,024 chunks, ~15 us each: BENCHMARKS.md). Whatever else the transport reports goes on to
+    redis-py's own protocol, which closes the connection as usual.
+    """
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self._inner = inner
+        self._reader = hiredis.Reader()
+        self._left = 0
+        self._index = 0
+        self._errors: list[tuple[int, redis_errors.ResponseError]] = []
+        self._waiter: asyncio.Future[list[tuple[int, redis_errors.ResponseError]]] | None = None
+        self.lost = False
+
+    def expect(self, count: int) -> asyncio.Future[list[tuple[int, redis_errors.ResponseError]]]:
+        """A future of the errors among the next ``count`` replies, by index (the others, XADD's
+        new ids, are of no use to the publisher)."""
+        self._left, self._index, self._errors = count, 0, []
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        if not count:
+            waiter.set_result([])
+        return waiter
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        try:
+            while self._left:
+                reply = reader.gets()
+                if reply is False:
+                    return
+                if isinstance(reply, hiredis.ReplyError):
+                    self._errors.append((self._index, redis_errors.ResponseError(str(reply))))
+                self._index += 1
+                self._left -= 1
+        except hiredis.ProtocolError as e:
+            self._fail(redis_errors.ConnectionError(f"unreadable reply from Redis: {e}"))
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._errors)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(redis_errors.ConnectionError(f"Redis closed the connection ({exc or 'EOF'})"))
+        self._inner.connection_lost(exc)  # redis-py's protocol: its writer's wait_closed() returns
+
+    def _fail(self, error: Exception) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+
 class Wire:
     """One connection, used by one writer at a time. Errors come back per command as exceptions.
 
@@ -158,42 +218,25 @@ class Wire:
         self._redis = redis
         self._timeout_s = timeout_s
         self._conn: Connection | None = None
+        self._replies: _Replies | None = None
         self._busy_since: float | None = None  # when the batch in flight was sent
         self._watchdog: asyncio.TimerHandle | None = None
         self._timed_out = False
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
-        """Send ``count`` packed commands; return the errors Redis replied with, by command index
-        (the publisher has no use for the other replies, XADD's new ids).
+        """Send ``count`` packed commands; return the errors Redis replied with, by command index.
 
         A connection problem or timeout raises ``redis.exceptions.ConnectionError`` after dropping
         the connection, so the next call starts on a fresh one.
         """
-        conn = await self._connection()
-        self._busy_since = time.monotonic()
-        if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_later(self._timeout_s, self._check_deadline)
         try:
-            writer, stream = conn._writer, conn._reader
-            if writer is None or stream is None:
-                raise redis_errors.ConnectionError("connection closed")
-            writer.write(packed)
-            await writer.drain()
-            reader = hiredis.Reader()
-            errors: list[tuple[int, redis_errors.ResponseError]] = []
-            replies = 0
-            while replies < count:
-                reply = reader.gets()
-                if reply is False:
-                    data = await stream.read(READ_CHUNK)
-                    if not data:
-                        raise redis_errors.ConnectionError("Redis closed the connection")
-                    reader.feed(data)
-                    continue
-                if isinstance(reply, hiredis.ReplyError):
-                    errors.append((replies, redis_errors.ResponseError(str(reply))))
-                replies += 1
-            return errors
+            transport, replies = await self._connection()
+            self._busy_since = time.monotonic()
+            if self._watchdog is None:
+                self._watchdog = asyncio.get_running_loop().call_later(self._timeout_s, self._check_deadline)
+            errors = replies.expect(count)
+            transport.write(packed)
+            return await errors
         except (OSError, TimeoutError, redis_errors.ConnectionError) as e:
             cause = f"no reply within {self._timeout_s:g}s" if self._timed_out else str(e)
             await self.close()
@@ -203,9 +246,9 @@ class Wire:
             self._timed_out = False
 
     def _check_deadline(self) -> None:
-        """The watchdog: cut the connection of a batch in flight for ``timeout_s`` (its read or
-        drain then fails at once); otherwise wait again, for as long as the batch in flight has
-        left. It sleeps while the wire is idle: the next batch arms it."""
+        """The watchdog: cut the connection of a batch in flight for ``timeout_s`` (its reply
+        then fails at once); otherwise wait again, for as long as the batch in flight has left.
+        It sleeps while the wire is idle: the next batch arms it."""
         self._watchdog = None
         since = self._busy_since
         if since is None:
@@ -217,18 +260,25 @@ class Wire:
             self._timed_out = True
             self._conn._writer.transport.abort()
 
-    async def _connection(self) -> Connection:
-        if self._conn is None or not self._conn.is_connected:
+    async def _connection(self) -> tuple[asyncio.WriteTransport, _Replies]:
+        if self._conn is None or self._replies is None or self._replies.lost or not self._conn.is_connected:
+            await self.close()
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             assert isinstance(conn, Connection)
             await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, SELECT as configured
-            self._conn = conn
-        return self._conn
+            if conn._writer is None:
+                raise redis_errors.ConnectionError("connection closed")
+            transport = conn._writer.transport
+            self._conn, self._replies = conn, _Replies(transport.get_protocol())
+            transport.set_protocol(self._replies)
+        assert self._conn._writer is not None
+        return self._conn._writer.transport, self._replies
 
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._replies = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.disconnect()
