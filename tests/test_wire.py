@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from schemas import Entry, EntryType
 from schemas.entries import chunk_fields
+from tests.support import wait_for
 from worker.wire import CONTENT, DATA, SEQ, TS, Wire, XaddPacker, describe
 
 META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags": ["poem"], "note": "100% sure"})
@@ -85,3 +86,37 @@ async def test_a_batch_redis_does_not_answer_fails_after_the_timeout_and_the_wir
     finally:
         await wire.close()
         await admin.aclose()
+
+
+async def test_a_cancelled_batch_does_not_lend_its_replies_to_the_next(redis: Redis) -> None:
+    """The replies of a batch cancelled in flight must not be counted for the next batch."""
+    wire = Wire(redis)
+    ok = b"".join(XaddPacker().pack(STREAMS, chunk_fields(EntryType.END, "j1", 1, 0, 1, b"[]", "", "", b"", b"")))
+    await redis.set("not-a-stream", "x")
+    refused = ok + b"".join(
+        XaddPacker().pack([("not-a-stream", 10)], chunk_fields(EntryType.END, "j1", 1, 1, 1, b"[]", "", "", b"", b""))
+    )
+    admin = Redis(connection_pool=redis.connection_pool)
+    try:
+        assert await wire.execute(ok, 2) == []
+        await admin.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")  # the next batch waits for its replies
+        try:
+            in_flight = asyncio.create_task(wire.execute(ok, 2))
+            await wait_for(lambda: _blocked_on_xadd(admin), what="the batch to reach the paused Redis")
+            in_flight.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await in_flight
+            # the next batch is sent before Redis answers the cancelled one (same loop turn as the UNPAUSE)
+            following = asyncio.create_task(wire.execute(refused, 3))
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        errors = await following  # two XADDs taken, the third refused (WRONGTYPE)
+        assert [(index, "WRONGTYPE" in str(error)) for index, error in errors] == [(2, True)]
+    finally:
+        await wire.close()
+        await admin.aclose()
+
+
+async def _blocked_on_xadd(admin: Redis) -> bool:
+    clients: bytes = await admin.execute_command("CLIENT", "LIST")
+    return b"cmd=xadd" in clients

@@ -229,14 +229,17 @@ class Wire:
         A connection problem or timeout raises ``redis.exceptions.ConnectionError`` after dropping
         the connection, so the next call starts on a fresh one.
         """
+        transport, replies = await self._connection()
         try:
-            transport, replies = await self._connection()
             self._busy_since = time.monotonic()
             if self._watchdog is None:
                 self._watchdog = asyncio.get_running_loop().call_later(self._timeout_s, self._check_deadline)
             errors = replies.expect(count)
             transport.write(packed)
             return await errors
+        except asyncio.CancelledError:
+            transport.abort()  # the replies still to come must not be counted for the next batch
+            raise
         except (OSError, TimeoutError, redis_errors.ConnectionError) as e:
             cause = f"no reply within {self._timeout_s:g}s" if self._timed_out else str(e)
             await self.close()
