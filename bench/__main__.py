@@ -17,6 +17,7 @@ import os
 import pstats
 import random
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -59,6 +60,8 @@ class Bench:
     runs: int
     results: dict[str, list[float]] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    consumers: list[asyncio.subprocess.Process] = field(default_factory=list)
+    """Every consumer process started, so that a run stopped early stops them too."""
 
     def record(self, name: str, value: float) -> None:
         self.results.setdefault(name, []).append(value)
@@ -89,6 +92,7 @@ async def start_consumer(bench: Bench, prefix: str, *args: str) -> asyncio.subpr
         sys.executable, "-m", "bench.consumer", bench.redis_url, prefix, *args,
         stdout=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
+    bench.consumers.append(proc)
     assert proc.stdout is not None
     assert (await proc.stdout.readline()).strip() == b"ready"
     return proc
@@ -592,6 +596,11 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    # SIGTERM (a CI timeout, `kill`) stops the run as Ctrl-C does: the scenarios' `finally` blocks
+    # stop the worker processes and the Redis server they started, instead of leaving them running
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     # the worker runs in this process: floors and workers alike run with the worker's GC settings
     tune_gc()
     server = RedisServerProcess()
@@ -599,9 +608,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with OfflineModelServer() as model:
             bench = Bench(server.url, model.base_url, args.quick, args.runs)
-            for name in args.only or SCENARIOS:
-                print(f"== {name}", file=sys.stderr, flush=True)
-                await SCENARIOS[name](bench)
+            try:
+                for name in args.only or SCENARIOS:
+                    print(f"== {name}", file=sys.stderr, flush=True)
+                    await SCENARIOS[name](bench)
+            finally:
+                for proc in bench.consumers:
+                    if proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+                            proc.kill()
+                        await proc.wait()
     finally:
         server.close()
     summary = {
@@ -636,7 +652,10 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.quick:
         arguments.runs = 1
-    report = uvloop.run(main(arguments))
+    try:
+        report = uvloop.run(main(arguments))
+    except asyncio.CancelledError:
+        sys.exit("stopped (SIGTERM): no results written")
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
     arguments.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(table(report))
