@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection
 
 from tokenbus.redis_client import REDIS_UNAVAILABLE
 
@@ -80,7 +80,7 @@ class StreamReader:
         self._count = count
         self._backoff_s = tuple(backoff_s)
         self._read_timeout = blocking_read_timeout(redis, block_ms)
-        self._conn: Connection | None = None
+        self._conn: AbstractConnection | None = None
         self._resolved = False
         self._verify: list[str] = []  # streams whose position the next read checks for trimming
         self._sent: list[tuple[str, str]] | None = None  # a read on its way, and the positions it checks
@@ -136,7 +136,7 @@ class StreamReader:
         (each stream's first entry: see :func:`_gap`)."""
         if self._conn is None or not self._conn.is_connected:
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            assert isinstance(conn, Connection)
+            assert isinstance(conn, AbstractConnection)  # TCP, TLS or Unix socket
             await conn.connect()  # type: ignore[no-untyped-call]  # AUTH, SELECT, TLS, RESP3 as configured
             self._conn = conn
         checks = [(stream, self.positions[stream]) for stream in dict.fromkeys(self._verify)]

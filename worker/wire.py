@@ -18,7 +18,7 @@ from typing import Any
 import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
@@ -217,7 +217,7 @@ class Wire:
     def __init__(self, redis: Redis, *, timeout_s: float = 30.0) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
-        self._conn: Connection | None = None
+        self._conn: AbstractConnection | None = None
         self._replies: _Replies | None = None
         self._busy_since: float | None = None  # when the batch in flight was sent
         self._watchdog: asyncio.TimerHandle | None = None
@@ -267,7 +267,7 @@ class Wire:
         if self._conn is None or self._replies is None or self._replies.lost or not self._conn.is_connected:
             await self.close()
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            assert isinstance(conn, Connection)
+            assert isinstance(conn, AbstractConnection)  # TCP, TLS or Unix socket
             await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, SELECT as configured
             if conn._writer is None:
                 raise redis_errors.ConnectionError("connection closed")
