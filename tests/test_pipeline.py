@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
-
 import pytest
 from redis.asyncio import Redis
 
 from schemas.entries import EntryType
-from tests.conftest import RunWorker
-from tests.support import follow_job, read_stream, text_of
+from tests.support import read_stream, text_of
 from tokenbus.offline_model import script_for
-from tokenbus.redis_server import RedisServerProcess
 from tokenbus.settings import Settings
 from worker.client import TokenbusClient
 
@@ -111,32 +106,3 @@ async def test_many_concurrent_jobs_keep_per_job_order(
     poem = await read_stream(redis, settings.keys.tag("poem"))
     for job_id in ids:
         assert text_of([e for e in poem if e.job == job_id]) == POEM
-
-
-@pytest.fixture
-def unix_redis() -> Iterator[str]:
-    """A private server listening on a Unix socket only; yields its ``unix://`` URL."""
-    with tempfile.TemporaryDirectory(prefix="tb-") as directory:  # short: socket paths are capped
-        socket_path = f"{directory}/redis.sock"
-        server = RedisServerProcess(extra_args=("--unixsocket", socket_path, "--unixsocketperm", "700"))
-        server.start()
-        try:
-            yield f"unix://{socket_path}"
-        finally:
-            server.close()
-
-
-async def test_the_whole_flow_works_over_a_unix_socket(
-    unix_redis: str, settings: Settings, run_burst_worker: RunWorker
-) -> None:
-    """REDIS_URL=unix://...: enqueue, the worker's arq connection and publisher, and the reader."""
-    on_socket = settings.model_copy(update={"redis_url": unix_redis})
-    async with await TokenbusClient.connect(on_socket) as client:
-        job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"])
-    await run_burst_worker(redis_url=unix_redis)
-    reader = Redis.from_url(unix_redis, socket_timeout=5)
-    try:
-        view, _ = await follow_job(reader, settings.prefix, job_id)
-    finally:
-        await reader.aclose()
-    assert (view.status, view.text) == (EntryType.END, JOKE + POEM)
