@@ -9,6 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench.__main__ import paced_ceiling
+
 ROOT = Path(__file__).parent.parent
 
 pytestmark = pytest.mark.e2e
@@ -32,8 +34,15 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
         "ratio_joke_poem_http_without_arq_vs_floor", "pickup_announced_p50_ms", "pickup_polled_p50_ms",
         "ratio_joke_poem_http_vs_staggered_floor", "latency_nosink_without_astream_20jobs_from_due_p99_ms",
         "latency_tokenbus_20jobs_from_due_p99_ms",
-        "floor_custom_without_astream_chunks_per_s",
+        "floor_custom_without_astream_chunks_per_s", "paced_ceiling_tokenbus_jobs", "paced_ceiling_nosink_jobs",
+        "ratio_paced_ceiling_tokenbus_vs_nosink", "paced_ceiling_nosink_without_astream_from_due_jobs",
     ]:  # fmt: skip
         assert expected in names, f"{expected} missing from {sorted(names)}"
     assert all(r["min"] > 0 for name, r in report["results"].items() if not name.startswith("memory_"))
     assert (ROOT / "bench" / "results" / "profile.txt").exists()
+
+
+def test_a_paced_ceiling_is_the_load_before_the_first_that_falls_behind() -> None:
+    assert paced_ceiling({1: 0.2, 300: 24.9, 350: 25.1, 400: 12.0}) == 300  # a later pass does not count
+    assert paced_ceiling({1: 30.0, 20: 1.0}) == 0
+    assert paced_ceiling({20: 1.0, 1: 2.0}) == 20  # by load, whatever the order measured
