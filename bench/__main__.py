@@ -31,10 +31,11 @@ import httpx2
 import orjson
 import uvloop
 from arq.connections import RedisSettings, create_pool
+from langchain_core.messages import AIMessageChunk
 from redis.asyncio import Redis
 
 from bench.consumer import percentiles
-from bench.graphs import GRAPHS, custom, messages, paced
+from bench.graphs import GRAPHS, WORDS, custom, messages, paced
 from consumer.reader import BEGINNING
 from consumer.subscribe import subscribe
 from schemas.entries import Entry, chunk_fields
@@ -43,8 +44,10 @@ from tokenbus.redis_server import RedisServerProcess
 from tokenbus.settings import Settings
 from worker.app import JOB_FUNCTION, build_worker, stop_worker, tune_gc
 from worker.client import TokenbusClient
+from worker.emitter import JobEmitter, Outcome, StreamLimits
 from worker.graphs import joke_poem
 from worker.job import RESOURCES, run_graph
+from worker.publisher import Publisher
 from worker.serializer import job_serializer
 from worker.streaming import install_writer
 
@@ -232,6 +235,42 @@ async def tokenbus_e2e(
     }
 
 
+async def bus_alone(bench: Bench, mode: str, n: int) -> float:
+    """The bus with no graph at all: one job's chunks, made beforehand with the metadata and payloads
+    the bench graph's chunks carry, emitted in a loop (pausing as a model's token callback does)
+    through a publisher, Redis and a consumer process. What the bus can carry on this machine
+    whatever LangGraph costs: no worker can do better than this, so its ratio to the floor bounds
+    ``ratio_<mode>_vs_floor``."""
+    chunks: list[tuple[Any, ...]]
+    if mode == "messages":
+        made = [chunk async for chunk in messages.astream({"n": 1}, stream_mode=["messages"], subgraphs=True)]
+        _, _, (message, metadata) = made[0]
+        chunks = [(AIMessageChunk(content=WORDS[i % len(WORDS)], id=message.id), metadata) for i in range(n)]
+    else:
+        chunks = [({"content": WORDS[i % len(WORDS)], "tags": ["bench"]},) for i in range(n)]
+    settings = bench.settings()
+    consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", "1")
+    redis = Redis.from_url(bench.redis_url)
+    publisher = Publisher(redis, batch_max=settings.publish_batch_max, buffer_max=settings.publish_buffer_max).start()
+    limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
+    emitter = JobEmitter(publisher, settings.keys, limits, f"{settings.prefix}-alone", 1)
+    emit = emitter.message if mode == "messages" else emitter.custom
+    start = time.time()
+    emitter.start({})
+    for chunk in chunks:
+        emit(*chunk)
+        if publisher.congested:
+            await publisher.wait_writable()
+        elif publisher.should_yield():
+            await asyncio.sleep(0)
+    emitter.finish(Outcome())
+    await emitter.sink.flushed()
+    result = await consumer_result(consumer)
+    await publisher.close()
+    await redis.aclose()
+    return (result["entries"] - 1) / (result["last"] - start)
+
+
 async def naive_e2e(bench: Bench, graph: Any, inputs: dict[str, Any], mode: str) -> float:
     """The naive publisher: one awaited XADD per chunk and per tag, same fields as tokenbus."""
     prefix, job = f"n{uuid.uuid4().hex[:8]}", "naive"
@@ -266,10 +305,11 @@ async def throughput(bench: Bench) -> None:
             for mode, graph in (("messages", messages), ("custom", custom)):
                 # each measure is short (~1 s): best of `rounds`, floor and tokenbus alternating,
                 # so that CPU stolen from this VM for a moment does not decide the ratio
-                floor_rate, e2e = 0.0, None
+                floor_rate, alone_rate, e2e = 0.0, 0.0, None
                 for _ in range(rounds):
                     count, seconds = await floor(graph, {"n": n}, mode)
                     floor_rate = max(floor_rate, count / seconds)
+                    alone_rate = max(alone_rate, await bus_alone(bench, mode, n))
                     candidate = await tokenbus_e2e(bench, f"bench_{mode}", {"n": n}, mode)
                     if e2e is None or candidate["rate"] > e2e["rate"]:
                         e2e = candidate
@@ -278,6 +318,8 @@ async def throughput(bench: Bench) -> None:
                 bench.record(f"tokenbus_{mode}_chunks_per_s", e2e["rate"])
                 bench.record(f"ratio_{mode}_vs_floor", e2e["rate"] / floor_rate)
                 bench.record(f"ratio_{mode}_producer_vs_floor", e2e["producer_rate"] / floor_rate)
+                bench.record(f"bus_alone_{mode}_chunks_per_s", alone_rate)
+                bench.record(f"ratio_bus_alone_{mode}_vs_floor", alone_rate / floor_rate)
                 for part in ("worker", "redis", "consumer"):
                     bench.record(f"cpu_{part}_us_per_chunk_{mode}", e2e[f"{part}_us"])
                 if mode == "custom":

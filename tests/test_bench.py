@@ -36,7 +36,8 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
         "latency_tokenbus_20jobs_from_due_p99_ms",
         "floor_custom_without_astream_chunks_per_s", "paced_ceiling_tokenbus_jobs", "paced_ceiling_nosink_jobs",
         "ratio_paced_ceiling_tokenbus_vs_nosink", "paced_ceiling_nosink_without_astream_from_due_jobs",
-        "ratio_paced_ceiling_tokenbus_vs_nosink_of_medians",
+        "ratio_paced_ceiling_tokenbus_vs_nosink_of_medians", "ratio_bus_alone_messages_vs_floor",
+        "ratio_bus_alone_custom_vs_floor",
     ]:  # fmt: skip
         assert expected in names, f"{expected} missing from {sorted(names)}"
     assert all(r["min"] > 0 for name, r in report["results"].items() if not name.startswith("memory_"))
