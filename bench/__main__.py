@@ -256,21 +256,23 @@ async def bus_alone(bench: Bench, mode: str, n: int) -> dict[str, float]:
     limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
     emitter = JobEmitter(publisher, settings.keys, limits, f"{settings.prefix}-alone", 1)
     emit = emitter.message if mode == "messages" else emitter.custom
-    await redis.config_resetstat()  # the bench's own server: its command statistics from here
-    rcpu0, start = await redis_cpu(redis), time.time()
-    emitter.start({})
-    for chunk in chunks:
-        emit(*chunk)
-        if publisher.congested:
-            await publisher.wait_writable()
-        elif publisher.should_yield():
-            await asyncio.sleep(0)
-    emitter.finish(Outcome())
-    await emitter.sink.flushed()
-    result = await consumer_result(consumer)
-    rcpu1, stats = await redis_cpu(redis), await redis.info("commandstats")
-    await publisher.close()
-    await redis.aclose()
+    try:
+        await redis.config_resetstat()  # the bench's own server: its command statistics from here
+        rcpu0, start = await redis_cpu(redis), time.time()
+        emitter.start({})
+        for chunk in chunks:
+            emit(*chunk)
+            if publisher.congested:
+                await publisher.wait_writable()
+            elif publisher.should_yield():
+                await asyncio.sleep(0)
+        emitter.finish(Outcome())
+        await emitter.sink.flushed()
+        result = await consumer_result(consumer)
+        rcpu1, stats = await redis_cpu(redis), await redis.info("commandstats")
+    finally:
+        await publisher.close()
+        await redis.aclose()
     chunks_out = result["entries"] - 1  # less the terminal entry
     commands_s = sum(stats.get(f"cmdstat_{c}", {}).get("usec", 0) for c in ("xadd", "xread")) / 1e6
     return {
