@@ -90,25 +90,26 @@ class _Tap:
         namespace = tuple(get_config()["configurable"][CONFIG_KEY_CHECKPOINT_NS].split(NS_SEP)[:-1])
         self.emit(self.emitter.custom, chunk, namespace)
 
-    def emit(self, emit: Callable[..., None], *args: Any) -> None:
-        """``emit(*args)`` on the event loop's thread; from another thread, handed over to it."""
+    def emit(self, method: Callable[..., None], *args: Any) -> None:
+        """``method(*args)`` (an emitter's) on the event loop's thread; from another thread, handed
+        over to it."""
         if threading.get_ident() != self.thread:
-            self.loop.call_soon_threadsafe(self.from_thread, emit, *args)
+            self.loop.call_soon_threadsafe(self.from_thread, method, *args)
             return
         if self.failure is not None:
             raise self.failure
         try:
-            emit(*args)
+            method(*args)
             self.emitter.sink.check()
         except Exception as e:
             self.failure = e
             raise
 
-    def from_thread(self, emit: Callable[..., None], *args: Any) -> None:
+    def from_thread(self, method: Callable[..., None], *args: Any) -> None:
         """Emit a chunk made in a sync node's thread (a loop callback: it cannot fail the job)."""
         if self.failure is None:
             try:
-                emit(*args)
+                method(*args)
             except Exception as e:
                 self.failure = e
 
@@ -145,12 +146,13 @@ class _TokenHandler(StreamMessagesHandler):
             return
         self._emit(meta, chunk.message)  # through the tap, which raises what went wrong so far
         publisher = self._tap.publisher
-        if publisher.congested or publisher.should_yield():
-            if publisher.congested:
-                await publisher.wait_writable()
-            else:
-                await asyncio.sleep(0)
-            self._tap.emitter.sink.check()  # entries lost while the model waited
+        if publisher.congested:
+            await publisher.wait_writable()
+        elif publisher.should_yield():
+            await asyncio.sleep(0)
+        else:
+            return
+        self._tap.emitter.sink.check()  # entries lost while the model waited
 
     def _put(self, chunk: Any) -> None:
         """Where LangGraph's handler puts ``(namespace, "messages", (message, metadata))``."""

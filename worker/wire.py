@@ -151,8 +151,8 @@ class _Replies(asyncio.Protocol):
 
     Redis answers a large batch in many small packets (one per 16 KB of commands it reads); read
     through redis-py's stream reader, each packet woke the writer task (~58 wake-ups for a batch
-    of 1,024 chunks, ~0.5 us of CPU per chunk in all: BENCHMARKS.md). Whatever else the transport reports goes on to
-    redis-py's own protocol, which closes the connection as usual.
+    of 1,024 chunks, ~0.5 µs of CPU per chunk in all: BENCHMARKS.md). Whatever else the transport
+    reports goes on to redis-py's own protocol, which closes the connection as usual.
     """
 
     def __init__(self, inner: asyncio.BaseProtocol) -> None:
