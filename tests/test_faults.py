@@ -47,7 +47,7 @@ def fast_recovery(settings: Settings, paced_model: ThreadedModelServer) -> Setti
             "job_timeout_s": 4.0,
             "max_job_timeout_s": 4.0,
             "publish_give_up_s": 0.5,
-            "in_progress_margin_s": 0.5,
+            "lease_s": 2.0,
             "heartbeat_s": 0.3,
             "shutdown_grace_s": 0,
         }

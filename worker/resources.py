@@ -38,6 +38,8 @@ class WorkerResources:
     registry: GraphRegistry
     _stack: contextlib.AsyncExitStack
     _tracked: set[asyncio.Task[Any]] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
+    """Jobs whose final terminal entry this worker wrote and that arq has not finished yet."""
 
     @classmethod
     async def open(cls, settings: Settings, *, redis: Redis | None = None) -> WorkerResources:

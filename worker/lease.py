@@ -1,0 +1,220 @@
+"""Leases: a worker holds each job it runs by a short, renewed, fenced claim.
+
+The claim is arq's in-progress key (``arq:in-progress:<job id>``), so arq's other workers and
+clients see the job as running. Its value names the holder (a token unique to one claim), it
+lives ``lease_s`` seconds, and the holder renews it every heartbeat with a compare-and-set: a
+worker killed outright stops renewing, and its job runs again ``lease_s`` after the last renewal
+(rather than after arq's hard timeout, which is the longest job's time).
+
+A holder that finds a lease gone or taken — it stalled past ``lease_s`` (a long pause, a
+partition) and another worker claimed the job — is **fenced**: the attempt is cancelled and
+nothing more of it is written (its queued entries are dropped by the publisher). The holder
+also knows when it may have lost a lease without having heard so: ``lease_s`` after the last
+renewal it sent. Past that, the publisher writes nothing until a renewal confirms which leases
+still hold (:meth:`Leases.confirm`), so a worker that wakes from a stall cannot write a word
+for an attempt another worker has taken over.
+
+Every change of the key is conditional on the token (Lua scripts): a fenced attempt's end
+neither deletes the new holder's claim nor touches the job in arq's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from tokenbus.redis_client import REDIS_UNAVAILABLE
+from worker.publisher import Sink
+
+logger = logging.getLogger(__name__)
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# arq's Worker.finish_job, done only while the lease is still this holder's:
+# KEYS in-progress, job, retry, result, queue, abort set; ARGV token, finish, result, result ms, incr score, job id
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' then
+  if ARGV[3] ~= '' then
+    if ARGV[4] == '0' then redis.call('SET', KEYS[4], ARGV[3])
+    else redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4]) end
+  end
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[6], ARGV[6])
+  redis.call('ZREM', KEYS[5], ARGV[6])
+elseif ARGV[5] ~= '' then
+  redis.call('ZINCRBY', KEYS[5], ARGV[5], ARGV[6])
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+def claim_key(job_id: str) -> str:
+    return in_progress_key_prefix + job_id
+
+
+class Leases:
+    """The leases of one worker: claim tokens, renewal, fencing. ``on_lost(job_id)`` is called for
+    each job whose lease this worker no longer holds (the job must stop)."""
+
+    def __init__(
+        self, redis: Redis, *, lease_s: float, renew_every_s: float, give_up_s: float, on_lost: Callable[[str], None]
+    ) -> None:
+        self._redis = redis
+        self._give_up_s = give_up_s
+        self.lease_ms = max(1, int(lease_s * 1000))
+        self._renew_every_s = renew_every_s
+        self._on_lost = on_lost
+        self._holder = uuid.uuid4().hex
+        self._claims = 0
+        self.tokens: dict[str, bytes] = {}  # job id -> token of the lease held
+        self.sinks: dict[str, Sink] = {}  # job id -> the running attempt's sink (fenced if the lease is lost)
+        self.valid_until = float("inf")  # monotonic: past it, a lease may have lapsed unnoticed
+        self._confirming: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.lost = 0
+        self._fenced_live = 0  # sinks fenced whose attempt has not ended yet
+        self._renew: AsyncScript = redis.register_script(_RENEW)
+        self._release: AsyncScript = redis.register_script(_RELEASE)
+        self._finish: AsyncScript = redis.register_script(_FINISH)
+
+    # -- claims ----------------------------------------------------------------------------------
+    def new_token(self, job_id: str) -> bytes:
+        """The token of a claim about to be made on ``job_id`` (unique to this claim)."""
+        self._claims += 1
+        return f"{self._holder}:{self._claims}".encode()
+
+    def held(self, job_id: str, token: bytes, claimed_at: float) -> None:
+        """``job_id`` was claimed with ``token`` (a round trip sent at monotonic ``claimed_at``)."""
+        self.tokens[job_id] = token
+        if self.valid_until == float("inf"):
+            self.valid_until = claimed_at + self.lease_ms / 1000
+
+    def attach(self, job_id: str, sink: Sink) -> None:
+        """The attempt running under the lease: fenced if the lease is lost."""
+        self.sinks[job_id] = sink
+
+    def forget(self, job_id: str) -> None:
+        self.tokens.pop(job_id, None)
+        sink = self.sinks.pop(job_id, None)
+        if sink is not None and sink.fenced:
+            self._fenced_live -= 1
+        if not self.tokens:
+            self.valid_until = float("inf")
+
+    async def release(self, job_id: str) -> None:
+        """Give up the lease (a claim that was not used), if still held."""
+        token = self.tokens.get(job_id)
+        self.forget(job_id)
+        if token is not None:
+            await self._release(keys=[claim_key(job_id)], args=[token])
+
+    async def finish(
+        self, job_id: str, queue: str, *, finish: bool, result: bytes | None, result_ms: int, incr_score: int | None
+    ) -> bool:
+        """arq's end of a job (result, queue, retry counter), done only if the lease is still held.
+        False if it was not: the job belongs to another worker now, which is left alone."""
+        token = self.tokens.get(job_id)
+        self.forget(job_id)
+        if token is None:
+            return False
+        keys = [claim_key(job_id), job_key_prefix + job_id, retry_key_prefix + job_id]
+        keys += [result_key_prefix + job_id, queue, abort_jobs_ss]
+        args: list[bytes | str | int] = [token, int(finish), result or b"", result_ms]
+        args += ["" if incr_score is None else incr_score, job_id]
+        done = bool(await self._finish(keys=keys, args=args))
+        if not done:
+            logger.warning("job %s: its lease was lost before it ended; the job is left to its new holder", job_id)
+        return done
+
+    # -- renewal ---------------------------------------------------------------------------------
+    def start(self) -> Leases:
+        self._task = asyncio.create_task(self._loop(), name="tokenbus-leases")
+        return self
+
+    async def close(self) -> None:
+        for task in (self._task, self._confirming):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._confirming = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._renew_every_s)
+            try:
+                await self.renew()
+            except REDIS_UNAVAILABLE as e:  # the leases run out on their own; confirm() tells later
+                logger.warning("renewing %d job leases failed (%s); retrying", len(self.tokens), e)
+
+    async def renew(self) -> None:
+        """Renew every lease held (one round trip); fence the jobs whose lease is gone."""
+        held = list(self.tokens.items())
+        if not held:
+            return
+        sent = time.monotonic()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, token in held:
+                await self._renew(keys=[claim_key(job_id)], args=[token, self.lease_ms], client=pipe)
+            replies = await pipe.execute()
+        self._fence(job_id for (job_id, token), renewed in zip(held, replies, strict=True) if not renewed)
+        if self.tokens:
+            self.valid_until = sent + self.lease_ms / 1000
+
+    def fenced(self) -> int:
+        """How many running attempts are fenced (their entries are to be dropped)."""
+        return self._fenced_live
+
+    def expired(self) -> bool:
+        """True if a lease may have lapsed without this worker hearing of it."""
+        return time.monotonic() >= self.valid_until
+
+    async def confirm(self) -> None:
+        """Renew now (once, shared by concurrent callers): after it, every job whose lease is
+        gone is fenced. Retries while Redis is away (nothing may be written meanwhile anyway)."""
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.create_task(self._confirm())
+        await asyncio.shield(self._confirming)
+
+    async def _confirm(self) -> None:
+        """Past ``give_up_s`` without an answer from Redis, every lease counts as lost: they have
+        run out in Redis by then, if it is still there."""
+        delay, deadline = 0.05, time.monotonic() + self._give_up_s
+        while self.expired():
+            try:
+                await self.renew()
+            except REDIS_UNAVAILABLE as e:
+                if time.monotonic() >= deadline:
+                    logger.error("could not confirm job leases for %.0fs (%s); stopping their jobs", self._give_up_s, e)
+                    self._fence(list(self.tokens))
+                    return
+                logger.warning("confirming job leases failed (%s); retrying", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _fence(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            sink = self.sinks.get(job_id)
+            if sink is not None and not sink.fenced:
+                sink.fenced = True
+                self._fenced_live += 1
+            self.tokens.pop(job_id, None)
+            self.lost += 1
+            logger.error("job %s: this worker lost its lease (another may run it now); stopping the attempt", job_id)
+            self._on_lost(job_id)
+        if not self.tokens:
+            self.valid_until = float("inf")
