@@ -18,14 +18,14 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from schemas.entries import EntryType
+from schemas.entries import Entry, EntryType
 from schemas.errors import ClientStateError, InvalidJobId
 from schemas.keys import is_valid_job_id, validate_job_id, wake_channel
 from tokenbus.redis_client import REDIS_UNAVAILABLE, redis_url
 from tokenbus.settings import Settings
 from worker.job import LEASES, RESOURCES, run_graph
 from worker.lease import Leases
-from worker.orphans import WORKER_LOST, close_attempt
+from worker.orphans import WORKER_LOST, close_attempt, newest_entry
 from worker.resources import WorkerResources
 from worker.serializer import job_deserializer, job_serializer
 from worker.wakeups import Wakeups
@@ -215,7 +215,7 @@ class TokenbusWorker(Worker):
                 await pipe.execute()
             await self._leases().release(job_id)
             if is_valid_job_id(job_id):
-                await self._close_stream(job_id, f"the job could not be run: {reason}", "InvalidJob", attempt=1)
+                await self._close_stream(job_id, f"the job could not be run: {reason}", "InvalidJob")
         except _REDIS_FAILED:
             logger.warning("job %s: could not close it; it stays queued", short(job_id), exc_info=True)
 
@@ -229,14 +229,15 @@ class TokenbusWorker(Worker):
             await pipe.execute()
 
     async def _close_stream(
-        self, job_id: str, reason: str, error_type: str, *, attempt: int, kind: EntryType = EntryType.ERROR
+        self, job_id: str, reason: str, error_type: str, *, kind: EntryType = EntryType.ERROR
     ) -> None:
+        """The final entry of a job arq will not run (again)."""
         resources: WorkerResources | None = self.ctx.get(RESOURCES)
         if resources is None:
             return
         await close_attempt(
             resources.redis, resources.keys, resources.limits, job_id, retry=False, reason=reason,
-            kind=kind, error_type=error_type, unstarted_attempt=attempt,
+            kind=kind, error_type=error_type, unstarted=True,
         )  # fmt: skip
 
     async def finish_job(
@@ -267,17 +268,20 @@ class TokenbusWorker(Worker):
         """arq fails a job here without running it (aborted before it started, max tries reached,
         expired, an envelope it cannot read): give the job's followers its terminal entry now,
         rather than never."""
-        attempt = int(await self.pool.get(retry_key_prefix + job_id) or 1)  # super() deletes it
         await super().finish_failed_job(job_id, result_data)
         self._leases().forget(job_id)
+        resources: WorkerResources | None = self.ctx.get(RESOURCES)
+        if resources is None or not is_valid_job_id(job_id):
+            return
         reason = "arq did not run the job"
         with contextlib.suppress(Exception):
             reason = str(orjson.loads(result_data or b"{}").get("r") or reason)
         aborted = reason.startswith("CancelledError")
         try:
+            last = await newest_entry(resources.redis, resources.keys, job_id)
             await self._close_stream(
-                job_id, _not_run_reason(aborted, attempt, reason), "CancelledError" if aborted else "JobNotRun",
-                attempt=max(attempt - 1, 1), kind=EntryType.CANCELLED if aborted else EntryType.ERROR,
+                job_id, _not_run_reason(aborted, last, reason), "CancelledError" if aborted else "JobNotRun",
+                kind=EntryType.CANCELLED if aborted else EntryType.ERROR,
             )  # fmt: skip
         except _REDIS_FAILED:
             logger.warning("job %s: could not write its terminal entry; the sweeper will", job_id, exc_info=True)
@@ -300,10 +304,12 @@ def short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}…({len(text)} characters)"
 
 
-def _not_run_reason(aborted: bool, attempt: int, arq_reason: str) -> str:
+def _not_run_reason(aborted: bool, last: Entry | None, arq_reason: str) -> str:
+    """Why arq failed a job without running it, from what the job stream says happened before."""
+    started = last is not None and not last.is_terminal  # an attempt ran, and its worker stopped
     if aborted:
-        return "the job was aborted before it started"
-    if attempt > 1:  # an earlier attempt started and its worker died
+        return "the job was aborted while waiting to run again" if started else "the job was aborted before it started"
+    if started:
         return WORKER_LOST.format(attempt="{attempt}", why=arq_reason)
     return f"the job was not run ({arq_reason})"
 
@@ -314,6 +320,8 @@ def hard_timeout_s(settings: Settings) -> float:
     return settings.max_job_timeout_s + settings.publish_give_up_s + 2.0
 
 
+STARTUP_WAIT_S = 60
+"""Seconds a starting worker waits for Redis to come up (arq retries its connection each second)."""
 SHUTDOWN_MARGIN_S = 10.0
 """How long after a shutdown's cancellation a worker waits for its jobs' terminal entries, on
 top of the time the publisher may retry them (``TOKENBUS_PUBLISH_GIVE_UP``)."""
@@ -339,6 +347,7 @@ def arq_redis_settings(settings: Settings) -> RedisSettings:
     redis_settings = RedisSettings.from_dsn(redis_url(settings))
     redis_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
     redis_settings.retry_on_error = [redis_errors.ConnectionError, redis_errors.TimeoutError]
+    redis_settings.conn_retries = STARTUP_WAIT_S  # a worker started before Redis waits for it, a second apart
     return redis_settings
 
 

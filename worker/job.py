@@ -7,15 +7,12 @@ import logging
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
-from schemas.entries import Entry, EntryType
-from schemas.errors import InvalidJobRequest, MalformedEntry, TokenbusError
+from schemas.entries import EntryType
+from schemas.errors import InvalidJobRequest, TokenbusError
 from schemas.job import JobRequest, is_valid_graph_name
-from schemas.keys import StreamKeys
 from worker.emitter import JobEmitter, Outcome
 from worker.lease import Leases
-from worker.orphans import close_attempt, running_key
+from worker.orphans import close_attempt, newest_entry, running_key
 from worker.resources import WorkerResources
 from worker.streaming import stream_graph
 
@@ -116,19 +113,6 @@ def _graph_name(request: Any) -> str | None:
     """The request's graph name for the ``start`` entry, if it is one (it is validated later)."""
     graph = request.get("graph") if isinstance(request, dict) else None
     return graph if isinstance(graph, str) and is_valid_graph_name(graph) else None
-
-
-async def newest_entry(redis: Redis, keys: StreamKeys, job_id: str) -> Entry | None:
-    """The last entry of the job's stream (None if there is none, or it is not a tokenbus entry)."""
-    key = keys.job(job_id)
-    newest = await redis.xrevrange(key, count=1)
-    if not newest:
-        return None
-    try:
-        return Entry.decode(newest[0][1], id=newest[0][0].decode(), stream=key)
-    except MalformedEntry:
-        logger.warning("job %s: the last entry of %s is not a tokenbus entry", job_id, key)
-        return None
 
 
 async def _write_terminal(

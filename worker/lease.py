@@ -21,10 +21,11 @@ neither deletes the new holder's claim nor touches the job in arq's queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
@@ -65,6 +66,19 @@ return 1
 
 def claim_key(job_id: str) -> str:
     return in_progress_key_prefix + job_id
+
+
+@contextlib.asynccontextmanager
+async def claimed(redis: Redis, job_id: str, *, ms: int) -> AsyncIterator[bool]:
+    """Hold ``job_id``'s claim for a moment, as a lock no worker starts the job through (True if
+    it was free); released on exit if still held."""
+    token = f"lock:{uuid.uuid4().hex}".encode()
+    held = bool(await redis.set(claim_key(job_id), token, nx=True, px=ms))
+    try:
+        yield held
+    finally:
+        if held:
+            await redis.eval(_RELEASE, 1, claim_key(job_id), token.decode())  # type: ignore[misc]
 
 
 class Leases:
@@ -147,11 +161,12 @@ class Leases:
         return self
 
     async def close(self) -> None:
-        for task in (self._task, self._confirming):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._task = self._confirming = None
+        """Stop renewing. A confirmation in flight is left to finish: the publisher's last
+        batches may be waiting on it."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
     async def _loop(self) -> None:
         while True:

@@ -56,7 +56,9 @@ class WorkerResources:
             ).start()
             stack.push_async_callback(publisher.close)
             limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
-            sweeper = Sweeper(redis, settings.keys, limits, heartbeat_s=settings.heartbeat_s).start()
+            sweeper = Sweeper(
+                redis, settings.keys, limits, heartbeat_s=settings.heartbeat_s, max_tries=settings.max_tries
+            ).start()
             stack.push_async_callback(sweeper.close)
 
             base_url = settings.openai_base_url
