@@ -59,7 +59,7 @@ async def publisher(redis: Redis) -> AsyncIterator[Publisher]:
 
 
 def make_leases(redis: Redis, lost: list[str], *, lease_s: float = 30.0) -> Leases:
-    return Leases(redis, lease_s=lease_s, renew_every_s=3600, give_up_s=5.0, on_lost=lost.append)
+    return Leases(redis, lease_s=lease_s, renew_every_s=3600, on_lost=lost.append)
 
 
 async def claim(redis: Redis, leases: Leases, job_id: str) -> bytes:
@@ -80,7 +80,7 @@ async def test_a_lease_taken_over_fences_its_attempt(redis: Redis, publisher: Pu
     for job_id in (mine, theirs):
         await claim(redis, leases, job_id)
         sinks[job_id] = publisher.sink(job_id)
-        leases.attach(job_id, sinks[job_id])
+        leases.attach(job_id, sinks[job_id], 1)
     await redis.set(claim_key(theirs), b"another worker", px=30_000)  # this worker stalled; another took over
 
     await leases.renew()
@@ -105,7 +105,7 @@ async def test_after_a_stall_nothing_is_written_until_the_leases_are_confirmed(
     for job_id in (kept, taken):
         await claim(redis, leases, job_id)
         sinks[job_id] = publisher.sink(job_id)
-        leases.attach(job_id, sinks[job_id])
+        leases.attach(job_id, sinks[job_id], 1)
     await redis.set(claim_key(taken), b"another worker", px=30_000)
     leases.valid_until = time.monotonic() - 1  # a stall past the lease: no renewal has been heard of since
 
@@ -152,3 +152,20 @@ async def test_a_job_closed_for_good_after_a_retry_entry_gets_the_next_attempts_
         (EntryType.ERROR, 1, True),
         (EntryType.ERROR, 2, False),
     ]
+
+
+async def test_a_lease_that_ran_out_while_redis_was_away_is_taken_again_if_nobody_else_started(redis: Redis) -> None:
+    lost: list[str] = []
+    leases = make_leases(redis, lost)
+    alone, overtaken = f"j{uuid.uuid4().hex}", f"j{uuid.uuid4().hex}"
+    for job_id in (alone, overtaken):
+        await claim(redis, leases, job_id)
+        leases.attach(job_id, Publisher(redis).sink(job_id), 1)
+        await redis.set(retry_key_prefix + job_id, b"1")  # arq's count of attempts started
+    await redis.delete(claim_key(alone), claim_key(overtaken))  # both ran out during an outage
+    await redis.set(retry_key_prefix + overtaken, b"2")  # and another worker started attempt 2 of one
+
+    await leases.renew()
+    assert lost == [overtaken]
+    assert await redis.get(claim_key(alone)) == leases.tokens[alone]
+    assert await redis.exists(claim_key(overtaken)) == 0

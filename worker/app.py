@@ -369,9 +369,8 @@ def build_worker(
     async def startup(ctx: dict[str, Any]) -> None:
         resources = ctx[RESOURCES] = await WorkerResources.open(settings)
         worker.leases = ctx[LEASES] = Leases(
-            resources.redis, lease_s=settings.lease, renew_every_s=settings.heartbeat_s,
-            give_up_s=settings.publish_give_up_s, on_lost=worker.job_lost,
-        ).start()  # fmt: skip
+            resources.redis, lease_s=settings.lease, renew_every_s=settings.heartbeat_s, on_lost=worker.job_lost
+        ).start()
         resources.publisher.fence = worker.leases
         tune_gc()
 

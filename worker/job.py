@@ -51,7 +51,7 @@ async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str,
     emitter = resources.emitter(job_id, attempt)
     leases: Leases | None = ctx.get(LEASES)
     if leases is not None:
-        leases.attach(job_id, emitter.sink)
+        leases.attach(job_id, emitter.sink, int(ctx["job_try"]))
     resources.sweeper.running.add(job_id)
     resources.publisher.command(emitter.sink, ("ZADD", running_key(resources.keys), time.time() * 1000, job_id))
     emitter.start({"graph": _graph_name(request)})

@@ -15,7 +15,10 @@ still hold (:meth:`Leases.confirm`), so a worker that wakes from a stall cannot 
 for an attempt another worker has taken over.
 
 Every change of the key is conditional on the token (Lua scripts): a fenced attempt's end
-neither deletes the new holder's claim nor touches the job in arq's queue.
+neither deletes the new holder's claim nor touches the job in arq's queue. A lease that ran out
+while Redis was away (or was restarted) is taken again by its holder only if nobody claimed the
+job meanwhile and no other attempt started (arq's retry counter still names this attempt), so an
+outage longer than the lease does not by itself stop every running job.
 """
 
 from __future__ import annotations
@@ -36,8 +39,16 @@ from worker.publisher import Sink
 
 logger = logging.getLogger(__name__)
 
+# KEYS in-progress, retry counter; ARGV token, lease ms, the attempt's arq try ('' before it started).
+# A lease that ran out while Redis was away is taken again if nobody else has claimed the job and no
+# other attempt has started since (arq counts attempts in the retry key).
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not held and ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 _RELEASE = """
@@ -85,11 +96,8 @@ class Leases:
     """The leases of one worker: claim tokens, renewal, fencing. ``on_lost(job_id)`` is called for
     each job whose lease this worker no longer holds (the job must stop)."""
 
-    def __init__(
-        self, redis: Redis, *, lease_s: float, renew_every_s: float, give_up_s: float, on_lost: Callable[[str], None]
-    ) -> None:
+    def __init__(self, redis: Redis, *, lease_s: float, renew_every_s: float, on_lost: Callable[[str], None]) -> None:
         self._redis = redis
-        self._give_up_s = give_up_s
         self.lease_ms = max(1, int(lease_s * 1000))
         self._renew_every_s = renew_every_s
         self._on_lost = on_lost
@@ -97,8 +105,8 @@ class Leases:
         self._claims = 0
         self.tokens: dict[str, bytes] = {}  # job id -> token of the lease held
         self.sinks: dict[str, Sink] = {}  # job id -> the running attempt's sink (fenced if the lease is lost)
+        self.tries: dict[str, int] = {}  # job id -> the running attempt's arq try
         self.valid_until = float("inf")  # monotonic: past it, a lease may have lapsed unnoticed
-        self._confirming: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.lost = 0
         self._fenced_live = 0  # sinks fenced whose attempt has not ended yet
@@ -118,12 +126,14 @@ class Leases:
         if self.valid_until == float("inf"):
             self.valid_until = claimed_at + self.lease_ms / 1000
 
-    def attach(self, job_id: str, sink: Sink) -> None:
-        """The attempt running under the lease: fenced if the lease is lost."""
+    def attach(self, job_id: str, sink: Sink, job_try: int) -> None:
+        """The attempt running under the lease (arq's try ``job_try``): fenced if the lease is lost."""
         self.sinks[job_id] = sink
+        self.tries[job_id] = job_try
 
     def forget(self, job_id: str) -> None:
         self.tokens.pop(job_id, None)
+        self.tries.pop(job_id, None)
         sink = self.sinks.pop(job_id, None)
         if sink is not None and sink.fenced:
             self._fenced_live -= 1
@@ -161,8 +171,7 @@ class Leases:
         return self
 
     async def close(self) -> None:
-        """Stop renewing. A confirmation in flight is left to finish: the publisher's last
-        batches may be waiting on it."""
+        """Stop renewing (the publisher's last batches may still :meth:`confirm`)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -184,8 +193,13 @@ class Leases:
         sent = time.monotonic()
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id, token in held:
-                await self._renew(keys=[claim_key(job_id)], args=[token, self.lease_ms], client=pipe)
+                job_try = self.tries.get(job_id, "")
+                keys = [claim_key(job_id), retry_key_prefix + job_id]
+                await self._renew(keys=keys, args=[token, self.lease_ms, job_try], client=pipe)
             replies = await pipe.execute()
+        for (job_id, _), renewed in zip(held, replies, strict=True):
+            if renewed == 2:
+                logger.warning("job %s: its lease ran out while Redis was away; nobody took it over: going on", job_id)
         self._fence(job_id for (job_id, token), renewed in zip(held, replies, strict=True) if not renewed)
         if self.tokens:
             self.valid_until = sent + self.lease_ms / 1000
@@ -199,27 +213,9 @@ class Leases:
         return time.monotonic() >= self.valid_until
 
     async def confirm(self) -> None:
-        """Renew now (once, shared by concurrent callers): after it, every job whose lease is
-        gone is fenced. Retries while Redis is away (nothing may be written meanwhile anyway)."""
-        if self._confirming is None or self._confirming.done():
-            self._confirming = asyncio.create_task(self._confirm())
-        await asyncio.shield(self._confirming)
-
-    async def _confirm(self) -> None:
-        """Past ``give_up_s`` without an answer from Redis, every lease counts as lost: they have
-        run out in Redis by then, if it is still there."""
-        delay, deadline = 0.05, time.monotonic() + self._give_up_s
-        while self.expired():
-            try:
-                await self.renew()
-            except REDIS_UNAVAILABLE as e:
-                if time.monotonic() >= deadline:
-                    logger.error("could not confirm job leases for %.0fs (%s); stopping their jobs", self._give_up_s, e)
-                    self._fence(list(self.tokens))
-                    return
-                logger.warning("confirming job leases failed (%s); retrying", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        """Renew now: after it, every job whose lease is gone is fenced. Raises what redis-py
+        raises while Redis is away (the publisher retries, and gives up, as for any write)."""
+        await self.renew()
 
     def _fence(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:

@@ -211,20 +211,20 @@ class Publisher:
             taken = len(batch)
             if not self._writable.is_set() and len(self._queue) < self._buffer_max // 2:
                 self._writable.set()
-            if self.fence is not None:
-                batch = await self._fenced(batch, self.fence)
             try:
-                if batch:
-                    await self._write(batch)
+                await self._write(batch)
             except Exception as e:  # a bug or an unexpected reply: lose this batch, not the writer
                 logger.exception("publishing %d entries failed unexpectedly", len(batch))
                 self._lose(batch, e, 0.0)
             self._done += taken
             self._release_waiters()
 
-    async def _fenced(self, batch: list[_Item], fence: Fence) -> list[_Item]:
+    async def _unfenced(self, batch: list[_Item]) -> list[_Item]:
         """The batch without the entries of attempts that lost their lease. A lease that may have
-        lapsed unnoticed (the worker stalled) is confirmed first: nothing is written meanwhile."""
+        lapsed unnoticed (the worker stalled) is confirmed first: nothing is written before."""
+        fence = self.fence
+        if fence is None:
+            return batch
         if fence.expired():
             await fence.confirm()
         if fence.fenced():
@@ -234,10 +234,16 @@ class Publisher:
     async def _write(self, batch: list[_Item]) -> None:
         started = time.monotonic()
         attempt = 0
-        packed = b"".join([commands for _, commands, _ in batch])
-        count = sum([n for _, _, n in batch])
+        packed, count = b"", -1
         while True:
             try:
+                unfenced = await self._unfenced(batch)
+                if len(unfenced) != count:
+                    batch = unfenced
+                    packed = b"".join([commands for _, commands, _ in batch])
+                    count = sum([n for _, _, n in batch])
+                if not batch:
+                    return
                 refused = await self._wire.execute(packed, count)
             except REDIS_UNAVAILABLE as e:
                 waited = time.monotonic() - started
