@@ -16,6 +16,7 @@ from consumer.reader import BEGINNING, LATEST, latest_positions
 from consumer.subscribe import streams_for, subscribe
 from schemas.entries import Entry, EntryType
 from schemas.errors import InvalidJobRequest
+from tokenbus.acl import AclRequest, command_line, default_user, generate_password, setuser_command
 from tokenbus.offline_model import Fault, OfflineModelServer
 from tokenbus.redis_client import redis_from_settings
 from tokenbus.settings import Settings
@@ -144,6 +145,20 @@ async def demo(settings: Settings, args: argparse.Namespace) -> int:
     from tokenbus.demo import run_demo
 
     return await run_demo(settings, topic=args.topic, redis=args.redis, out=sys.stdout)
+
+
+async def acl(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the ``ACL SETUSER`` line of one role's user; a generated password goes to stderr."""
+    password = args.password or generate_password()
+    request = AclRequest(
+        role=args.role, user=args.user or default_user(args.role), password=password,
+        tags=tuple(args.tags), groups=args.groups,
+    )  # fmt: skip
+    line = command_line(setuser_command(request, keys=settings.keys, queue_name=settings.queue_name))
+    print(line, flush=True)
+    if not args.password:
+        print(f"tokenbus: password of user {request.user}: {password}", file=sys.stderr)
+    return EXIT_OK
 
 
 async def model_server(settings: Settings, args: argparse.Namespace) -> int:
