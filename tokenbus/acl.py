@@ -136,9 +136,9 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
     commands = (
         *_CONNECTION, *_TRANSACTIONS,
         "+info", "+dbsize",  # arq logs them at start
-        # arq's jobs: GET the job, INCR/EXPIRE/SETEX its try count, SET NX PX/PSETEX/PEXPIRE/EXISTS
+        # arq's jobs: GET the job, INCRBY (redis-py's incr)/EXPIRE/SETEX its try count, SET NX PX/PSETEX/PEXPIRE/EXISTS
         # its in-progress key, SET its result, DEL them when it ends; PSETEX/DEL the health check
-        "+get", "+set", "+psetex", "+setex", "+incr", "+expire", "+pexpire", "+exists", "+del",
+        "+get", "+set", "+psetex", "+setex", "+incrby", "+expire", "+pexpire", "+exists", "+del",
         # arq's queue and abort set; tokenbus's <prefix>:running heartbeats
         "+zadd", "+zrem", "+zincrby", "+zscore", "+zcard", "+zrange", "+zrangebyscore", "+zremrangebyscore",
         "+xadd", "+xrevrange",  # publishing; the sweeper reads a job's last attempt back
