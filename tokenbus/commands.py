@@ -16,7 +16,6 @@ from consumer.reader import BEGINNING, LATEST, latest_positions
 from consumer.subscribe import streams_for, subscribe
 from schemas.entries import Entry, EntryType
 from schemas.errors import InvalidJobRequest
-from tokenbus.acl import AclRequest, command_line, default_user, generate_password, setuser_command
 from tokenbus.offline_model import Fault, OfflineModelServer
 from tokenbus.redis_client import redis_from_settings
 from tokenbus.settings import Settings
@@ -149,6 +148,8 @@ async def demo(settings: Settings, args: argparse.Namespace) -> int:
 
 async def acl(settings: Settings, args: argparse.Namespace) -> int:
     """Print the ``ACL SETUSER`` line of one role's user; a generated password goes to stderr."""
+    from tokenbus.acl import AclRequest, command_line, default_user, generate_password, setuser_command
+
     password = args.password or generate_password()
     request = AclRequest(
         role=args.role, user=args.user or default_user(args.role), password=password,
