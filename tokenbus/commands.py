@@ -146,6 +146,22 @@ async def demo(settings: Settings, args: argparse.Namespace) -> int:
     return await run_demo(settings, topic=args.topic, redis=args.redis, out=sys.stdout)
 
 
+async def acl(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the ``ACL SETUSER`` line of one role's user; a generated password goes to stderr."""
+    from tokenbus.acl import AclRequest, command_line, default_user, generate_password, setuser_command
+
+    password = args.password or generate_password()
+    request = AclRequest(
+        role=args.role, user=args.user or default_user(args.role), password=password,
+        tags=tuple(args.tags), groups=args.groups,
+    )  # fmt: skip
+    line = command_line(setuser_command(request, keys=settings.keys, queue_name=settings.queue_name))
+    print(line, flush=True)
+    if not args.password:
+        print(f"tokenbus: password of user {request.user}: {password}", file=sys.stderr)
+    return EXIT_OK
+
+
 async def model_server(settings: Settings, args: argparse.Namespace) -> int:
     faults = [Fault.parse(spec) for spec in args.fault]
     server = OfflineModelServer(args.host, args.port, tokens_per_s=args.tokens_per_s, faults=faults)
