@@ -42,6 +42,9 @@ class _JobState:
     terminal: bool = False
     copies: dict[int, tuple[str, ...]] | None = None
     """Chunks passed on that carry 2+ followed tags: seq → followed streams a copy may still come from."""
+    first_copy: int = -1
+    """The first seq put in ``copies`` (-1: none yet): a stream may have lost the chunks before it
+    (trimmed from its head before they were read)."""
     forgotten: int = -1
     """The highest seq whose entry in ``copies`` was dropped before all its copies had come."""
 
@@ -132,14 +135,19 @@ class AttemptFilter:
             return False  # one followed stream holds it: no copies to expect
         last_seq = state.last_seq
         # Forgotten (bound, or the attempt ended)? Each stream holds the attempt's chunks of its tag
-        # in order, so a stream that has gone past this seq held this chunk too.
-        if seq <= state.forgotten and any(last_seq.get(s, -1) >= seq for s in others if s != stream):
+        # in order, and loses them from its head only, so one that has gone past this seq since the
+        # first remembered held this chunk too.
+        if state.first_copy <= seq <= state.forgotten and any(
+            last_seq.get(s, -1) >= seq for s in others if s != stream
+        ):
             return True
         # Passed on now; a copy may still come from each other stream not yet past this seq.
         waiting = tuple(s for s in others if s != stream and last_seq.get(s, -1) < seq)
         if waiting:
             if copies is None:
                 copies = state.copies = {}
+                if state.first_copy < 0:
+                    state.first_copy = seq
             copies[seq] = waiting
             if len(copies) > self._max_copies:
                 oldest = next(iter(copies))

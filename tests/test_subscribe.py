@@ -42,7 +42,9 @@ async def write(redis: Redis, key: str, *entries: Entry) -> list[str]:
     return [(await redis.xadd(key, e.encode())).decode() for e in entries]  # type: ignore[arg-type]
 
 
-async def collect(stream: AsyncIterator[Entry | Gap | Restart], n: int | None = None, within: float = 10.0) -> list[Any]:
+async def collect(
+    stream: AsyncIterator[Entry | Gap | Restart], n: int | None = None, within: float = 10.0
+) -> list[Any]:
     items: list[Any] = []
     async with asyncio.timeout(within):
         async for item in stream:
@@ -114,12 +116,22 @@ async def test_superseded_attempts_and_duplicates_are_hidden(any_redis: Redis, k
 
 
 async def test_a_retry_terminal_does_not_end_the_follow(any_redis: Redis, keys: StreamKeys) -> None:
-    await write(any_redis, keys.job("j"), entry(EntryType.START, "j", 0), entry(EntryType.CANCELLED, "j", 1, retry=True))
+    await write(
+        any_redis, keys.job("j"), entry(EntryType.START, "j", 0), entry(EntryType.CANCELLED, "j", 1, retry=True)
+    )
     follow = subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0", block_ms=100)
     items = await collect(follow, n=2)
-    await write(any_redis, keys.job("j"), entry(EntryType.START, "j", 0, attempt=2), entry(EntryType.END, "j", 1, attempt=2))
+    await write(
+        any_redis, keys.job("j"), entry(EntryType.START, "j", 0, attempt=2), entry(EntryType.END, "j", 1, attempt=2)
+    )
     items += await collect(follow)
-    assert [(i.attempt, i.type) for i in items] == [(1, "start"), (1, "cancelled"), (2, "restart"), (2, "start"), (2, "end")]
+    assert [(i.attempt, i.type) for i in items] == [
+        (1, "start"),
+        (1, "cancelled"),
+        (2, "restart"),
+        (2, "start"),
+        (2, "end"),
+    ]
 
 
 async def test_chunk_with_two_followed_tags_is_seen_once(any_redis: Redis, keys: StreamKeys) -> None:
