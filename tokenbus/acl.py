@@ -7,13 +7,16 @@ code that runs under it:
 - **worker** (``worker/app.py`` on arq, ``worker/publisher.py``, ``worker/orphans.py``): arq's job,
   in-progress, retry and result keys and its abort set, the queue and its health-check key, the
   ``<queue>:wake`` channel, ``INFO``/``DBSIZE`` (arq logs them at start); appends to job and tag
-  streams, reads job streams back (the sweeper), ``<prefix>:running`` and ``<prefix>:sweeping:*``.
+  streams, reads job streams back (the sweeper), ``<prefix>:running`` and ``<prefix>:sweeping:*``;
+  ``EVAL``/``EVALSHA`` of the lease scripts (:mod:`worker.lease`), whose commands Redis checks
+  against the same rules.
 - **enqueuer** (``worker/client.py``): arq's ``WATCH``/``MULTI`` enqueue of ``arq:job:<id>`` onto the
   queue, ``PUBLISH`` on the wake channel, ``ZADD arq:abort``, and reading job streams
   (``--follow``, ``abort(timeout_s=...)``, ``consumer.jobs.job_result``).
 - **reader** of given tags (``consumer/``): ``XREAD``/``XRANGE``/``XREVRANGE``/``XINFO`` on those tag
   streams only; no job streams, which hold every tag's tokens. With ``groups``, consumer groups too:
-  the group commands on those streams and ``XADD`` to ``<prefix>:dead`` only (a selector).
+  the group commands on those streams, ``XADD`` to ``<prefix>:dead`` only and the group's copy
+  claims under ``<prefix>:copies:*`` (selectors).
 - **gateway**: the enqueuer's rules, and reading tag streams (all, or the given ones).
 
 No role may write a stream it only reads, nor run ``KEYS``, ``FLUSHALL``, ``CONFIG`` or any
@@ -141,14 +144,16 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
         "+get", "+set", "+psetex", "+setex", "+incrby", "+expire", "+pexpire", "+exists", "+del",
         # arq's queue and abort set; tokenbus's <prefix>:running heartbeats
         "+zadd", "+zrem", "+zincrby", "+zscore", "+zcard", "+zrange", "+zrangebyscore", "+zremrangebyscore",
-        "+xadd", "+xrevrange",  # publishing; the sweeper reads a job's last attempt back
+        "+xadd", "+xrevrange",  # publishing; each attempt and the sweeper read a job's last entry back
         "+subscribe", "+unsubscribe",  # wake-ups
+        # leases (worker/lease.py): compare-and-set scripts, run with this user's rights on the keys above
+        "+eval", "+evalsha", "+script|load", "+script|exists",
     )  # fmt: skip
     key_patterns = (
         f"~{glob_escape(job_key_prefix)}*",
         f"~{glob_escape(in_progress_key_prefix)}*",
         f"~{glob_escape(retry_key_prefix)}*",
-        f"%W~{glob_escape(result_key_prefix)}*",
+        f"~{glob_escape(result_key_prefix)}*",  # written; but keys given to a script need read and write
         f"~{glob_escape(abort_jobs_ss)}",
         f"~{queue}",
         f"%W~{queue}{glob_escape(health_check_key_suffix)}",
@@ -186,7 +191,10 @@ def _tag_reader(keys: StreamKeys, tags: Sequence[str], groups: bool) -> list[str
     if not groups:
         return [*_READ_STREAMS, *(f"%R~{p}" for p in patterns)]
     dead_letter = f"(+xadd %W~{glob_escape(keys.dead_letter)})"
-    return [*_READ_STREAMS, *_GROUP_COMMANDS, "+multi", "+exec", "+discard", *(f"~{p}" for p in patterns), dead_letter]
+    # which consumer of a group handles a chunk that two of its tag streams hold (consumer/groups.py)
+    copies = f"(+hsetnx +hget +expire ~{glob_escape(keys.prefix)}:copies:*)"
+    commands = (*_READ_STREAMS, *_GROUP_COMMANDS, "+multi", "+exec", "+discard")
+    return [*commands, *(f"~{p}" for p in patterns), dead_letter, copies]
 
 
 def _merge(*rule_lists: Iterable[str]) -> list[str]:
