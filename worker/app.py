@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from schemas.errors import ClientStateError, InvalidJobId
 from schemas.keys import is_valid_job_id, validate_job_id, wake_channel
 from tokenbus.redis_client import REDIS_UNAVAILABLE, redis_url
 from tokenbus.settings import Settings
+from worker.background import stop
 from worker.job import LEASES, RESOURCES, run_graph
 from worker.lease import Leases
 from worker.orphans import WORKER_LOST, close_attempt, newest_entry
@@ -287,15 +289,20 @@ class TokenbusWorker(Worker):
             logger.warning("job %s: could not write its terminal entry; the sweeper will", job_id, exc_info=True)
 
     async def close(self) -> None:
-        """arq's close, bounded: jobs still running ``shutdown_margin_s`` after they were
-        cancelled (a terminal entry that Redis does not take) are left, and the worker exits."""
+        """arq's close, bounded and quiet: jobs still running ``shutdown_margin_s`` after they were
+        cancelled (a terminal entry that Redis does not take) are stopped, and a job task that
+        ended cancelled does not make the close raise (arq gathers them, and a cancelled one
+        raised ``CancelledError`` out of the worker: exit status 1 and a traceback)."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)  # as arq's close does first: cancel the running jobs now
         running = [t for t in self.tasks.values() if not t.done()]
         if running:
             _, late = await asyncio.wait(running, timeout=self.shutdown_margin_s)
-            for task in late:
-                logger.error("a job did not stop within %.0fs of shutdown; leaving it", self.shutdown_margin_s)
-                task.cancel()
-            self.tasks = {job_id: t for job_id, t in self.tasks.items() if t not in late}
+            if late:
+                margin = self.shutdown_margin_s
+                logger.error("%d jobs did not stop within %.0fs of shutdown; stopping them", len(late), margin)
+                await asyncio.gather(*(stop(task) for task in late))
+        self.tasks = {}  # all ended
         await super().close()
 
 

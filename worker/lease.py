@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from tokenbus.redis_client import REDIS_UNAVAILABLE
+from worker.background import stop
 from worker.publisher import Sink
 
 logger = logging.getLogger(__name__)
@@ -173,9 +174,8 @@ class Leases:
     async def close(self) -> None:
         """Stop renewing (the publisher's last batches may still :meth:`confirm`)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+            task, self._task = self._task, None
+            await stop(task)
 
     async def _loop(self) -> None:
         while True:
@@ -184,6 +184,8 @@ class Leases:
                 await self.renew()
             except REDIS_UNAVAILABLE as e:  # the leases run out on their own; confirm() tells later
                 logger.warning("renewing %d job leases failed (%s); retrying", len(self.tokens), e)
+            except Exception:  # Redis refused (at maxmemory, say): the same, but worth a traceback
+                logger.exception("renewing %d job leases failed; retrying", len(self.tokens))
 
     async def renew(self) -> None:
         """Renew every lease held (one round trip); fence the jobs whose lease is gone."""

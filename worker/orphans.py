@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from schemas.errors import MalformedEntry
 from schemas.keys import StreamKeys
+from worker.background import stop
 from worker.emitter import StreamLimits
 from worker.lease import claimed
 
@@ -137,9 +138,8 @@ class Sweeper:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+            task, self._task = self._task, None
+            await stop(task)
 
     async def _loop(self) -> None:
         while True:

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from schemas.errors import ClientStateError
 from tokenbus.redis_client import REDIS_UNAVAILABLE
+from worker.background import stop
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ class Wakeups:
     async def close(self) -> None:
         if self._task is not None:
             task, self._task = self._task, None
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
 
     def set(self) -> None:
         """Wake the worker from within (a job slot was freed)."""
