@@ -8,10 +8,12 @@ from redis.asyncio import Redis
 
 from schemas.entries import EntryType
 from schemas.errors import InvalidJobRequest, InvalidTag
-from tests.support import read_stream, text_of
+from tests.conftest import settings_env
+from tests.support import Process, read_stream, text_of
 from tokenbus.offline_model import script_for
+from tokenbus.redis_server import RedisServerProcess
 from tokenbus.settings import Settings
-from worker.app import JOB_FUNCTION
+from worker.app import JOB_FUNCTION, STARTUP_WAIT_S
 from worker.client import TokenbusClient
 
 POEM = script_for("Write a short poem about cats")
@@ -141,3 +143,48 @@ async def test_a_key_redis_refuses_fails_the_job_naming_it(
     assert job[-1].type is EntryType.ERROR
     assert f"XADD {settings.keys.tag('poem')}: WRONGTYPE" in job[-1].error, job[-1].error
     assert text_of(await read_stream(redis, settings.keys.tag("joke"))) != ""  # the other tag still got its chunks
+
+
+async def test_config_cannot_set_langgraph_or_worker_keys(client: TokenbusClient) -> None:
+    for key in ("__pregel_send", "tokenbus_job_id"):
+        with pytest.raises(InvalidJobRequest, match="are LangGraph's or the worker's"):
+            await client.enqueue("joke_poem", {}, config={key: 1})
+
+
+async def test_a_long_hostile_id_is_not_echoed_in_full(client: TokenbusClient) -> None:
+    with pytest.raises(InvalidJobRequest) as refused:
+        await client.enqueue("joke_poem", {}, job_id="x" * 10_000 + " ")
+    assert len(str(refused.value)) < 400 and "10003 characters" in str(refused.value)
+
+
+async def test_enqueue_without_the_right_to_announce_prints_the_id_and_warns(
+    settings: Settings, redis: Redis, redis_server: RedisServerProcess
+) -> None:
+    """An enqueuer that may not PUBLISH: the job is queued, so the id is printed (a retry would
+    enqueue it twice) and the missing wake-up is a warning."""
+    user = f"{settings.prefix}-nopublish"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">pw", "allkeys", "+@all", "-publish")
+    try:
+        env = settings_env(settings)
+        env["REDIS_URL"] = f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"
+        enqueue = await Process.start("enqueue", "joke_poem", env=env, name="enqueue")
+        assert await enqueue.wait() == 0, enqueue.output
+        (job_id,) = enqueue.stdout
+        assert await redis.zscore(settings.queue_name, job_id) is not None
+        assert any("announcing it on" in line and "no permissions" in line for line in enqueue.stderr), enqueue.output
+    finally:
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_worker_started_before_redis_waits_for_it(settings: Settings, client: TokenbusClient) -> None:
+    later = RedisServerProcess()
+    worker = await Process.start("worker", env=settings_env(settings.model_copy(update={"redis_url": later.url})))
+    try:
+        # arq retries once a second; past its default of 5 retries the worker used to exit
+        await worker.wait_line(f"{STARTUP_WAIT_S - 6} retries remaining", within=60)
+        later.start()
+        await worker.wait_line("worker serves graphs")
+        assert worker.proc.returncode is None
+    finally:
+        await worker.stop()
+        later.close()
