@@ -13,7 +13,7 @@ import pickle
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -102,13 +102,17 @@ async def raw_enqueue(redis: Redis, queue: str, job_id: bytes, envelope: bytes |
         await pipe.execute()
 
 
-async def view_within(redis: Redis, prefix: str, job_id: str, within: float) -> JobView:
-    """The job's result once it has ended (a follower), or fail after ``within`` seconds."""
+async def view_within(
+    redis: Redis, prefix: str, job_id: str, within: float, workers: Sequence[Process] = ()
+) -> JobView:
+    """The job's result once it has ended (a follower), or fail after ``within`` seconds (showing
+    what ``workers`` printed)."""
     try:
         async with asyncio.timeout(within):
             return await job_result(redis, job_id, prefix=prefix, wait=True)
     except TimeoutError:
-        raise AssertionError(f"the follower of job {job_id} did not return within {within}s") from None
+        output = "\n".join(f"=== {w.name}\n{w.output}" for w in workers)
+        raise AssertionError(f"the follower of job {job_id} did not return within {within}s\n{output}") from None
 
 
 # -- 1. poison envelopes ----------------------------------------------------------------------------
@@ -302,6 +306,20 @@ async def test_rolling_restart_ends_every_job_once_with_its_full_text(
     assert not problems, "\n".join(problems)
     assert interrupted, f"{restarts} restarts interrupted no job: the test proved nothing"
     print(f"rolling restart: {restarts} restarts, {interrupted} of {len(job_ids)} jobs interrupted and run again")
+
+
+async def test_sigterm_as_a_worker_starts_exits_within_grace(
+    redis_server: RedisServerProcess, model_server: ThreadedModelServer, prefix: str
+) -> None:
+    """SIGTERM the moment a worker serves, while its first Redis calls are in flight (its sweeper's
+    first pass on a new connection): a cancellation lost there kept a worker from ever exiting."""
+    settings = make_settings(redis_server.url, model_server.base_url, prefix, TOKENBUS_SHUTDOWN_GRACE=GRACE_S)
+    for round_ in range(3):
+        workers = await start_workers(settings, 4, name=f"round{round_}")
+        try:
+            await asyncio.gather(*(sigterm_and_wait(w, GRACE_S) for w in workers))
+        finally:
+            await stop_all(workers)
 
 
 # -- 3. SIGKILL with the default settings -----------------------------------------------------------
@@ -509,7 +527,7 @@ async def test_redis_out_of_memory_fails_the_job_once_and_the_worker_survives(
         )
         await redis.config_set("maxmemory", 0)
 
-        view = await view_within(redis, settings.prefix, job_id, 30)
+        view = await view_within(redis, settings.prefix, job_id, 30, workers)
         assert view.status is EntryType.ERROR, view
         assert "OOM" in view.error or "could not be written" in view.error, view.error
         assert "\n" not in view.error and len(view.error) < MAX_ERROR_CHARS, view.error
