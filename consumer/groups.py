@@ -5,6 +5,13 @@ Entries a crashed (or slow) consumer left pending longer than ``claim_idle_ms`` 
 another (``XPENDING ... IDLE`` + ``XCLAIM``, which works on Redis 7.0); an entry delivered
 ``max_deliveries`` times without success, or that is not a tokenbus entry at all, is moved to
 the dead-letter stream (``<prefix>:dead``) and acked, so one poison entry cannot block a group.
+So is an entry whose handler raised :class:`MalformedEntry` (its ``data`` or ``meta`` is broken
+JSON): delivering it again cannot mend it.
+
+A chunk carrying the tags of several of the group's streams has a copy in each: the group handles
+one. The first copy handed out (to any consumer of the group) claims the chunk in a hash,
+``<prefix>:copies:{<job>}:<group>`` (field ``<attempt>:<seq>``, kept ``copies_ttl_s``); the
+other copies are acked unhandled. Entries with one followed tag, the usual case, skip this.
 Reads block on a client of their own, whatever the given client's ``socket_timeout``.
 """
 
@@ -20,16 +27,17 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
 
-from consumer.attempts import AttemptFilter
-from consumer.reader import LATEST, blocking_read_timeout
+from consumer.attempts import AttemptFilter, Restart
+from consumer.reader import LATEST, as_text, blocking_read_timeout
 from schemas.entries import Entry
-from schemas.errors import MalformedEntry
-from schemas.keys import StreamKeys
+from schemas.errors import InvalidJobId, MalformedEntry
+from schemas.keys import StreamKeys, validate_job_id
 from tokenbus.redis_client import REDIS_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Entry], Awaitable[None]]
+RestartHandler = Callable[[Restart], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class GroupConsumer:
         count: int = 256,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
+        copies_ttl_s: int = 86_400,
     ) -> None:
         if not streams:
             raise ValueError("a group consumer needs at least one stream")
@@ -71,7 +80,11 @@ class GroupConsumer:
         self._count = count
         self._claim_idle_ms = claim_idle_ms
         self._max_deliveries = max_deliveries
+        self._copies_ttl_s = copies_ttl_s
+        tag_prefix = f"{keys.prefix}:tag:{{"
+        self._tags = {s[len(tag_prefix) : -1] for s in self.streams if s.startswith(tag_prefix) and s.endswith("}")}
         self._attempts = AttemptFilter(ordered=False)
+        self._on_restart: RestartHandler | None = None
         self.acked = 0
         self.dead = 0
         self.claimed = 0
@@ -85,9 +98,14 @@ class GroupConsumer:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    async def run(self, handler: Handler, *, stop: asyncio.Event | None = None) -> None:
+    async def run(
+        self, handler: Handler, *, stop: asyncio.Event | None = None, on_restart: RestartHandler | None = None
+    ) -> None:
         """Process entries until ``stop`` is set: first this consumer's own pending ones (after a
-        restart), then new ones, claiming others' stale ones every ``claim_idle_ms / 2``."""
+        restart), then new ones, claiming others' stale ones every ``claim_idle_ms / 2``.
+        ``on_restart`` is called before the first entry of a newer attempt of a job this consumer
+        has handled entries of (what it did with the older attempt is superseded)."""
+        self._on_restart = on_restart
         await self.ensure_groups()
         stop = stop or asyncio.Event()
         reader = _blocking_client(self._redis, self._block_ms)
@@ -158,17 +176,43 @@ class GroupConsumer:
         except MalformedEntry as e:
             await self._dead_letter(stream, entry_id, fields, str(e))
             return
-        if self._attempts.accept(entry):
+        verdict = self._attempts.accept(entry)
+        restart = verdict if isinstance(verdict, Restart) else None
+        if verdict and len(entry.tags) > 1 and len(self._tags.intersection(entry.tags)) > 1:
             try:
-                await handler(entry)
-            except Exception:
-                logger.exception(
-                    "group %s: handler failed on %s %s (job %s); it will be delivered again",
-                    self.group, stream, entry_id, entry.job,
-                )  # fmt: skip
+                if not await self._claim_copies(entry, stream, entry_id):
+                    verdict = False  # another copy of the chunk is the group's
+            except InvalidJobId as e:
+                await self._dead_letter(stream, entry_id, fields, str(e))
                 return
+        try:
+            if restart is not None and self._on_restart is not None:
+                await self._on_restart(restart)
+            if verdict:
+                await handler(entry)
+        except MalformedEntry as e:  # broken data or meta: no delivery will mend it
+            await self._dead_letter(stream, entry_id, fields, str(e))
+            return
+        except Exception:
+            logger.exception(
+                "group %s: handler failed on %s %s (job %s); it will be delivered again",
+                self.group, stream, entry_id, entry.job,
+            )  # fmt: skip
+            return
         await self._redis.xack(stream, self.group, entry_id)
         self.acked += 1
+
+    async def _claim_copies(self, entry: Entry, stream: str, entry_id: str) -> bool:
+        """Whether this copy of a chunk held by several of the group's streams is the one the
+        group handles: the first handed out claims the chunk, and keeps it through redeliveries."""
+        key = f"{self._keys.prefix}:copies:{{{validate_job_id(entry.job)}}}:{self.group}"
+        chunk, copy = f"{entry.attempt}:{entry.seq}", f"{stream} {entry_id}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(key, chunk, copy)
+            pipe.hget(key, chunk)
+            pipe.expire(key, self._copies_ttl_s)
+            _, holder, _ = await pipe.execute()
+        return holder is not None and as_text(holder) == copy
 
     async def _dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
         record = {
@@ -207,15 +251,11 @@ async def group_stats(redis: Redis, streams: Sequence[str]) -> list[GroupStats]:
             stats.append(
                 GroupStats(
                     stream=stream,
-                    group=_text(g["name"]),
+                    group=as_text(g["name"]),
                     consumers=int(g["consumers"]),
                     pending=int(g["pending"]),
                     lag=None if g.get("lag") is None else int(g["lag"]),
-                    last_delivered=_text(g["last-delivered-id"]),
+                    last_delivered=as_text(g["last-delivered-id"]),
                 )
             )
     return stats
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -2,19 +2,25 @@
 
 For consumers that join late or only want results: :func:`job_result` reads the job stream from
 its start and folds it into a :class:`JobView`; ``wait=True`` follows the job until it ends.
+A job stream capped by ``TOKENBUS_JOB_MAXLEN`` may have lost an attempt's first entries: the view
+then says so (``complete`` is false, ``missing`` counts them) rather than pass a part for the whole.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
 from consumer.attempts import AttemptFilter
-from consumer.reader import BEGINNING
+from consumer.reader import BEGINNING, as_text
 from consumer.subscribe import subscribe
 from schemas.entries import Entry, EntryType
+from schemas.errors import MalformedEntry
 from schemas.keys import DEFAULT_PREFIX, StreamKeys
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,18 +35,20 @@ class JobView:
     text: str = ""
     texts: dict[str, str] = field(default_factory=dict)
     chunks: int = 0
+    missing: int = 0
+    """Entries of the attempt that were not seen (trimmed from the job stream, or never written):
+    its ``seq``s are contiguous from 0, so each one skipped counts."""
+    next_seq: int = 0
+    """The ``seq`` the attempt's next entry has."""
 
     def apply(self, entry: Entry) -> None:
-        """Fold in the next entry of the job (in stream order, newest attempt only)."""
+        """Fold in the next entry of the job (in stream order, newest attempt only, each once)."""
         if entry.attempt > self.attempt:  # a new attempt starts over
-            self.attempt, self.status, self.error, self.text, self.texts, self.chunks = (
-                entry.attempt,
-                None,
-                "",
-                "",
-                {},
-                0,
-            )
+            self.attempt, self.status, self.error, self.text, self.texts = entry.attempt, None, "", "", {}
+            self.chunks = self.missing = self.next_seq = 0
+        if entry.seq > self.next_seq:
+            self.missing += entry.seq - self.next_seq
+        self.next_seq = max(self.next_seq, entry.seq + 1)
         if entry.is_chunk:
             self.chunks += 1
             self.text += entry.content
@@ -53,6 +61,11 @@ class JobView:
     def done(self) -> bool:
         return self.status is not None
 
+    @property
+    def complete(self) -> bool:
+        """Every entry of the attempt so far was seen, from its ``start`` on: the text is whole."""
+        return self.next_seq > 0 and self.missing == 0
+
 
 async def job_result(redis: Redis, job_id: str, *, prefix: str = DEFAULT_PREFIX, wait: bool = False) -> JobView:
     """The job's output so far (``wait=False``), or once it has ended (``wait=True``)."""
@@ -63,9 +76,16 @@ async def job_result(redis: Redis, job_id: str, *, prefix: str = DEFAULT_PREFIX,
                 view.apply(item)
         return view
     key = StreamKeys(prefix).job(job_id)
-    attempts = AttemptFilter()
+    entries = []
     for entry_id, fields in await redis.xrange(key):
-        entry = Entry.decode(fields, id=entry_id.decode(), stream=key)
+        try:
+            entries.append(Entry.decode(fields, id=as_text(entry_id), stream=key))
+        except MalformedEntry as e:
+            logger.warning("skipping entry %s of %s: %s", as_text(entry_id), key, e)
+    attempts = AttemptFilter()
+    if entries:
+        attempts.expect(job_id, max(e.attempt for e in entries))  # the superseded attempts are skipped
+    for entry in entries:
         if attempts.accept(entry):
             view.apply(entry)
     return view

@@ -1,4 +1,9 @@
-"""How ``tokenbus tail`` shows entries: text like the LangGraph how-to, or JSON lines."""
+"""How ``tokenbus tail`` shows entries: text like the LangGraph how-to, or JSON lines.
+
+Gaps go to stderr in both formats. A restarted job is a notice on stderr in text, and a
+``{"type": "restart", ...}`` line among the entries in JSONL, so that a program reading them
+knows to drop what it kept of the job's older attempt.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from typing import Any, Literal, TextIO
 
 import orjson
 
+from consumer.attempts import Restart
 from consumer.reader import Gap
 from schemas.entries import Entry, EntryType
 
@@ -17,6 +23,15 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     return entry.to_dict()
 
 
+def restart_json(restart: Restart) -> dict[str, Any]:
+    """A restart as one JSON object among the entries: ``type`` ``"restart"``, ``job``, ``attempt``,
+    ``previous_attempt``."""
+    return {
+        "type": restart.type, "job": restart.job, "attempt": restart.attempt,
+        "previous_attempt": restart.previous_attempt,
+    }  # fmt: skip
+
+
 class Printer:
     """Writes entries to ``out`` (tokens) and notices to ``err`` (lifecycle), flushing per token."""
 
@@ -25,21 +40,21 @@ class Printer:
         self._err = err
         self._format = format
         self._sep = sep
-        self._attempts: dict[str, int] = {}
 
-    def show(self, item: Entry | Gap) -> None:
+    def show(self, item: Entry | Gap | Restart) -> None:
+        """Print one item; an entry whose ``data`` or ``meta`` is broken JSON raises
+        :class:`MalformedEntry` before anything of it is written."""
         if isinstance(item, Gap):
             self.notice(str(item))
             return
         if self._format == "jsonl":
-            self._out.write(orjson.dumps(entry_json(item)).decode() + "\n")
+            line = orjson.dumps(restart_json(item) if isinstance(item, Restart) else entry_json(item))
+            self._out.write(line.decode() + "\n")
             self._out.flush()
             return
-        previous = self._attempts.get(item.job)
-        if previous is not None and item.attempt > previous:
-            self.notice(f"job {item.job}: attempt {previous} was interrupted; attempt {item.attempt} follows")
-        self._attempts[item.job] = item.attempt
-        if item.is_chunk:
+        if isinstance(item, Restart):
+            self.notice(str(item))
+        elif item.is_chunk:
             if item.content:
                 self._out.write(item.content + self._sep)
                 self._out.flush()

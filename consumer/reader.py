@@ -154,7 +154,7 @@ class StreamReader:
         gaps = []
         for stream, position in checks:
             first = await conn.read_response(disable_decoding=True)
-            gap = _gap(stream, position, _decode(first[0][0]) if first else None)
+            gap = _gap(stream, position, as_text(first[0][0]) if first else None)
             if gap is not None:
                 gaps.append(gap)
         return gaps, await conn.read_response(disable_decoding=True, timeout=self._read_timeout)
@@ -198,7 +198,7 @@ async def latest_positions(redis: Redis, streams: Sequence[str]) -> dict[str, st
         for stream in streams:
             pipe.xrevrange(stream, count=1)
         results = await pipe.execute()
-    return {s: _decode(r[0][0]) if r else BEGINNING for s, r in zip(streams, results, strict=True)}
+    return {s: as_text(r[0][0]) if r else BEGINNING for s, r in zip(streams, results, strict=True)}
 
 
 def _items(reply: Any) -> Iterable[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
@@ -206,5 +206,6 @@ def _items(reply: Any) -> Iterable[tuple[bytes, list[tuple[bytes, list[bytes]]]]
     return reply.items() if isinstance(reply, dict) else reply
 
 
-def _decode(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A reply's string, whether the client decodes responses or not."""
     return value.decode() if isinstance(value, bytes) else value

@@ -1,8 +1,14 @@
 """The consumer API: ``async for entry in subscribe(redis, tags=["poem"]): ...``.
 
-Yields typed :class:`schemas.Entry` objects (and :class:`Gap` notices), newest attempt of each
-job only, each entry once, filtered by job, node and type. Entries that are not tokenbus v1
+Yields typed :class:`schemas.Entry` objects, newest attempt of each job only, each entry once
+(however many followed streams hold a copy), filtered by job, node and type; and notices:
+:class:`Gap` (entries were trimmed before they were read) and :class:`Restart` (a newer attempt of
+a job begins: what came of the older one is superseded). Entries that are not tokenbus v1
 entries are logged and skipped (``on_malformed="raise"`` raises instead); nothing else is lost.
+
+A replay of a job stream from its start passes on only the attempt that was newest when it began
+(later ones follow as restarts), and reports a gap if that attempt's ``start`` entry is no
+longer held (the stream was trimmed: the output is incomplete).
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from consumer.attempts import AttemptFilter
-from consumer.reader import BEGINNING, LATEST, Gap, StreamReader
+from consumer.attempts import AttemptFilter, Restart
+from consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text
 from schemas.entries import TERMINAL_TYPES, Entry, EntryType
 from schemas.errors import MalformedEntry
 from schemas.keys import DEFAULT_PREFIX, StreamKeys
@@ -36,7 +42,8 @@ async def subscribe(
     until_final: bool | None = None,
     block_ms: int = 5000,
     on_malformed: Literal["skip", "raise"] = "skip",
-) -> AsyncIterator[Entry | Gap]:
+    parse_json: bool = False,
+) -> AsyncIterator[Entry | Gap | Restart]:
     """Follow tag streams (``tags``) or job streams (``jobs``).
 
     With both, the tag streams are read and only the given jobs' entries are passed on.
@@ -45,6 +52,10 @@ async def subscribe(
     ``until_final`` (default: on when following jobs) stops once every followed job has written
     its final terminal entry. The reader blocks on a connection of its own (made with the client's
     settings), whatever the client's ``socket_timeout``.
+
+    The JSON of ``data`` and ``meta`` is parsed when first accessed, and a broken one raises
+    :class:`MalformedEntry` then; ``parse_json=True`` parses it before an entry is passed on, so
+    that such an entry is skipped (or raised) like any other malformed entry.
     """
     keys = StreamKeys(prefix)
     tag_list, job_list = list(dict.fromkeys(tags)), list(dict.fromkeys(jobs))
@@ -54,6 +65,11 @@ async def subscribe(
     positions = {s: (resume or {}).get(s, initial) for s in streams}
     reader = StreamReader(redis, positions, block_ms=block_ms)
     attempts = AttemptFilter(tag_streams)
+    # job streams replayed from their start: the first entry passed on of each must be its start
+    replayed = {job: keys.job(job) for job in job_list if not tag_list and positions[keys.job(job)] == BEGINNING}
+    for job, attempt in (await newest_attempts(redis, replayed)).items():
+        attempts.expect(job, attempt)
+    unstarted = set(replayed)
     wanted_jobs = set(job_list)
     wanted_types = {EntryType(t) for t in types}
     wanted_nodes = set(nodes)
@@ -77,17 +93,60 @@ async def subscribe(
                     continue
                 if wanted_jobs and entry.job not in wanted_jobs:
                     continue
-                if not accept(entry):
+                verdict = accept(entry)
+                if not verdict:
                     continue
+                if verdict is not True:
+                    yield verdict  # a Restart
+                if unstarted and entry.job in unstarted:
+                    unstarted.discard(entry.job)
+                    if entry.seq != 0:  # the attempt's first entries were trimmed
+                        yield Gap(stream, BEGINNING, entry_id)
                 terminal = entry.type in TERMINAL_TYPES
                 if terminal and open_jobs is not None and not entry.retry:
                     open_jobs.discard(entry.job)
-                if (not wanted_types or entry.type in wanted_types) and (
-                    not wanted_nodes or entry.node in wanted_nodes or terminal
+                if (
+                    (not wanted_types or entry.type in wanted_types)
+                    and (not wanted_nodes or entry.node in wanted_nodes or terminal)
+                    and (not parse_json or _json_parses(entry, on_malformed))
                 ):
                     yield entry
             if open_jobs is not None and not open_jobs:
                 return
+
+
+def _json_parses(entry: Entry, on_malformed: Literal["skip", "raise"]) -> bool:
+    """Parse ``data`` and ``meta`` now (kept for later); False (logged) or raised if either is broken."""
+    try:
+        entry.data, entry.meta  # noqa: B018
+    except MalformedEntry as e:
+        if on_malformed == "raise":
+            raise
+        logger.warning("skipping entry %s of %s: %s", entry.id, entry.stream, e)
+        return False
+    return True
+
+
+async def newest_attempts(redis: Redis, streams: dict[str, str], *, look_back: int = 16) -> dict[str, int]:
+    """The newest attempt of each job (job → job stream) among the last entries of its stream
+    (a few, not one: the killed attempt's last entries can land after the next attempt's first)."""
+    if not streams:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams.values():
+            pipe.xrevrange(stream, count=look_back)
+        replies = await pipe.execute()
+    newest = {}
+    for (job, stream), reply in zip(streams.items(), replies, strict=True):
+        attempts = []
+        for entry_id, fields in reply:
+            try:
+                attempts.append(Entry.decode(fields, id=as_text(entry_id), stream=stream).attempt)
+            except MalformedEntry:
+                continue
+        if attempts:
+            newest[job] = max(attempts)
+    return newest
 
 
 def streams_for(keys: StreamKeys, tags: Iterable[str], jobs: Iterable[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import orjson
@@ -9,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import ContractError, InvalidJobRequest
 from schemas.keys import validate_job_id, validate_tag
+
+_GRAPH_NAME = r"^[A-Za-z0-9._:-]+$"
+RESERVED_CONFIG_PREFIXES = ("__pregel_", "tokenbus_")
+"""``config`` keys a request may not set: LangGraph's internals, and what the worker sets itself."""
 
 StreamMode = Literal["messages", "custom"]
 ALL_MODES: tuple[StreamMode, ...] = ("messages", "custom")
@@ -20,7 +25,7 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    graph: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    graph: str = Field(min_length=1, max_length=128, pattern=_GRAPH_NAME)
     """Name of a graph registered with the worker."""
     input: dict[str, Any] = Field(default_factory=dict)
     """The graph input. A JSON object, or a string holding one."""
@@ -59,6 +64,15 @@ class JobRequest(BaseModel):
     def _valid_tags(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None if value is None else tuple(_contract(validate_tag, tag) for tag in value)
 
+    @field_validator("config")
+    @classmethod
+    def _no_reserved_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(k for k in value if k.startswith(RESERVED_CONFIG_PREFIXES))
+        if reserved:
+            shown = ", ".join(repr(k[:60]) for k in reserved[:5])
+            raise ValueError(f"keys starting with __pregel_ or tokenbus_ are LangGraph's or the worker's: {shown}")
+        return value
+
     @field_validator("job_id")
     @classmethod
     def _valid_job_id(cls, value: str | None) -> str | None:
@@ -86,6 +100,10 @@ class JobRequest(BaseModel):
     def to_arg(self) -> dict[str, Any]:
         """The JSON-ready job argument."""
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {"graph": self.graph}
+
+
+def is_valid_graph_name(name: str) -> bool:
+    return 0 < len(name) <= 128 and re.fullmatch(_GRAPH_NAME, name) is not None
 
 
 def describe_validation_error(what: str, error: ValidationError) -> str:

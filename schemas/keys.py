@@ -32,9 +32,13 @@ def validate_tag(tag: object) -> str:
 
 
 def validate_job_id(job_id: object) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+    if not is_valid_job_id(job_id):
         raise InvalidJobId(job_id, "job ids are 1 to 128 characters of letters, digits and . _ : -")
-    return job_id
+    return job_id  # type: ignore[return-value]  # a str, as is_valid_job_id checked
+
+
+def is_valid_job_id(job_id: object) -> bool:
+    return isinstance(job_id, str) and _JOB_ID_RE.fullmatch(job_id) is not None
 
 
 def wake_channel(queue_name: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
+from consumer.attempts import Restart
 from consumer.jobs import JobView
 from consumer.subscribe import subscribe
 from schemas.entries import Entry
@@ -86,6 +87,8 @@ async def follow_job(
     view, entries = JobView(job_id), []
     async with asyncio.timeout(60):
         async for item in subscribe(redis, jobs=[job_id], prefix=prefix, start="0", block_ms=300):
+            if isinstance(item, Restart):
+                continue  # the view starts over by itself at the new attempt's entries
             assert isinstance(item, Entry)
             entries.append(item)
             view.apply(item)

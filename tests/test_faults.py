@@ -47,7 +47,7 @@ def fast_recovery(settings: Settings, paced_model: ThreadedModelServer) -> Setti
             "job_timeout_s": 4.0,
             "max_job_timeout_s": 4.0,
             "publish_give_up_s": 0.5,
-            "in_progress_margin_s": 0.5,
+            "lease_s": 2.0,
             "heartbeat_s": 0.3,
             "shutdown_grace_s": 0,
         }
@@ -141,10 +141,12 @@ async def test_killed_job_out_of_tries_is_closed_when_arq_gives_up(
     settings = fast_recovery.model_copy(update={"max_tries": 1})
     worker = await start_worker(settings)
     job_id = await fault_client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
+    killed = False
 
     async def on_chunk(entry: Entry) -> None:
-        nonlocal worker
-        if worker.proc.returncode is None:
+        nonlocal worker, killed
+        if not killed:  # once: chunks the killed worker wrote are still arriving, and the next worker must live
+            killed = True
             worker.proc.kill()
             await worker.wait()
             worker = await start_worker(settings)

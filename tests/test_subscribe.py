@@ -13,6 +13,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
+from consumer.attempts import Restart
 from consumer.reader import Gap, StreamReader, latest_positions
 from consumer.subscribe import subscribe
 from schemas.entries import ENTRY_CLASSES, Entry, EntryType
@@ -41,7 +42,9 @@ async def write(redis: Redis, key: str, *entries: Entry) -> list[str]:
     return [(await redis.xadd(key, e.encode())).decode() for e in entries]  # type: ignore[arg-type]
 
 
-async def collect(stream: AsyncIterator[Entry | Gap], n: int | None = None, within: float = 10.0) -> list[Any]:
+async def collect(
+    stream: AsyncIterator[Entry | Gap | Restart], n: int | None = None, within: float = 10.0
+) -> list[Any]:
     items: list[Any] = []
     async with asyncio.timeout(within):
         async for item in stream:
@@ -87,30 +90,48 @@ async def test_tag_stream_with_filters(any_redis: Redis, keys: StreamKeys) -> No
 
 
 async def test_superseded_attempts_and_duplicates_are_hidden(any_redis: Redis, keys: StreamKeys) -> None:
+    """A replay passes on the newest attempt only; a live reader is told when a new one begins."""
     job = keys.job("j")
-    await write(
-        any_redis, job,
-        entry(EntryType.START, "j", 0), token("j", 1, "A"),
-        token("j", 1, "A"),  # a retried batch wrote it twice
+    first_attempt = [entry(EntryType.START, "j", 0), token("j", 1, "A"), token("j", 1, "A")]  # a retried batch
+    second_attempt = [
+        entry(EntryType.ERROR, "j", 2, retry=True),  # attempt 2 closes attempt 1 first
         entry(EntryType.START, "j", 0, attempt=2), token("j", 1, "B", attempt=2),
         token("j", 2, "stale", attempt=1),  # the killed attempt's last pipeline landing late
         token("j", 2, "C", attempt=2), entry(EntryType.END, "j", 3, attempt=2),
-    )  # fmt: skip
-    items = await collect(subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0"))
-    assert [(i.attempt, i.type, i.content) for i in items] == [
-        (1, "start", ""), (1, "token", "A"),
-        (2, "start", ""), (2, "token", "B"), (2, "token", "C"), (2, "end", ""),
+    ]  # fmt: skip
+    await write(any_redis, job, *first_attempt)
+    live = subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0", block_ms=100)
+    seen = await collect(live, n=2)
+    await write(any_redis, job, *second_attempt)
+    seen += await collect(live)
+    assert [(i.type, i.attempt, getattr(i, "content", "")) for i in seen] == [
+        ("start", 1, ""), ("token", 1, "A"), ("error", 1, ""),
+        ("restart", 2, ""), ("start", 2, ""), ("token", 2, "B"), ("token", 2, "C"), ("end", 2, ""),
+    ]  # fmt: skip
+    assert seen[3] == Restart("j", 2, 1)
+    replay = await collect(subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0"))
+    assert [(i.type, i.attempt, i.content) for i in replay] == [
+        ("start", 2, ""), ("token", 2, "B"), ("token", 2, "C"), ("end", 2, ""),
     ]  # fmt: skip
 
 
 async def test_a_retry_terminal_does_not_end_the_follow(any_redis: Redis, keys: StreamKeys) -> None:
     await write(
-        any_redis, keys.job("j"),
-        entry(EntryType.START, "j", 0), entry(EntryType.CANCELLED, "j", 1, retry=True),
-        entry(EntryType.START, "j", 0, attempt=2), entry(EntryType.END, "j", 1, attempt=2),
-    )  # fmt: skip
-    items = await collect(subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0"))
-    assert [(i.attempt, i.type) for i in items] == [(1, "start"), (1, "cancelled"), (2, "start"), (2, "end")]
+        any_redis, keys.job("j"), entry(EntryType.START, "j", 0), entry(EntryType.CANCELLED, "j", 1, retry=True)
+    )
+    follow = subscribe(any_redis, jobs=["j"], prefix=keys.prefix, start="0", block_ms=100)
+    items = await collect(follow, n=2)
+    await write(
+        any_redis, keys.job("j"), entry(EntryType.START, "j", 0, attempt=2), entry(EntryType.END, "j", 1, attempt=2)
+    )
+    items += await collect(follow)
+    assert [(i.attempt, i.type) for i in items] == [
+        (1, "start"),
+        (1, "cancelled"),
+        (2, "restart"),
+        (2, "start"),
+        (2, "end"),
+    ]
 
 
 async def test_chunk_with_two_followed_tags_is_seen_once(any_redis: Redis, keys: StreamKeys) -> None:

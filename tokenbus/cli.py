@@ -1,4 +1,4 @@
-"""``tokenbus``: run workers, enqueue jobs, tail streams, run the demo."""
+"""``tokenbus``: run workers, enqueue jobs, tail streams, run the demo, print ACL roles."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis", choices=["auto", "server", "fake"], default="auto",
         help="without REDIS_URL: a private redis-server (auto: when installed) or embedded fakeredis",
     )  # fmt: skip
+
+    p = sub.add_parser("acl", help="print ACL SETUSER rules for a least-privilege Redis user (pipe into redis-cli)")
+    p.add_argument("role", metavar="ROLE", help="worker, enqueuer, reader (of --tag streams) or gateway")
+    p.add_argument("--user", help="the user's name (default: tokenbus-ROLE)")
+    p.add_argument("--password", help="the user's password (default: a new one, printed on stderr)")
+    p.add_argument(
+        "--tag", action="append", dest="tags", default=[], help="tag stream to read (repeatable; gateway: all)"
+    )
+    p.add_argument("--groups", action="store_true", help="reader, gateway: also read through consumer groups")
 
     p = sub.add_parser("model-server", help="serve the offline OpenAI-compatible model")
     p.add_argument("--host", default="127.0.0.1")

@@ -10,9 +10,10 @@ import sys
 
 import orjson
 
+from consumer.attempts import Restart
 from consumer.groups import GroupConsumer, group_stats
 from consumer.output import Printer
-from consumer.reader import BEGINNING, LATEST, latest_positions
+from consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from consumer.subscribe import streams_for, subscribe
 from schemas.entries import Entry, EntryType
 from schemas.errors import InvalidJobRequest
@@ -23,6 +24,8 @@ from tokenbus.settings import Settings
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_JOB_FAILED = 0, 1
+EXIT_INCOMPLETE = 3
+"""``tail``/``--follow``: entries were trimmed before they were read (a gap was reported)."""
 READ_BLOCK_MS = 5000
 
 
@@ -75,10 +78,11 @@ async def tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _follow(settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str) -> int:
-    """Print entries until interrupted, or until the followed jobs end; non-zero if one failed."""
+    """Print entries until interrupted, or until the followed jobs end; non-zero if one failed
+    (1) or if entries were trimmed unread (3)."""
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
     redis = redis_from_settings(settings)
-    failed = False
+    failed = incomplete = False
     until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
     streams = streams_for(settings.keys, tags, jobs)
     try:
@@ -95,13 +99,16 @@ async def _follow(settings: Settings, args: argparse.Namespace, *, jobs: list[st
             resume=resume,
             until_final=until_final,
             block_ms=READ_BLOCK_MS,
+            parse_json=True,  # an entry with broken data or meta is skipped with a warning, not printed
         ):
             printer.show(item)
-            if item.type in (EntryType.ERROR, EntryType.CANCELLED) and not getattr(item, "retry", False):
+            if isinstance(item, Gap):
+                incomplete = True
+            elif item.type in (EntryType.ERROR, EntryType.CANCELLED) and not getattr(item, "retry", False):
                 failed = True
     finally:
         await redis.aclose()
-    return EXIT_JOB_FAILED if failed else EXIT_OK
+    return EXIT_JOB_FAILED if failed else EXIT_INCOMPLETE if incomplete else EXIT_OK
 
 
 async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
@@ -111,17 +118,28 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
     keys = settings.keys
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
     redis = redis_from_settings(settings, socket_timeout=30)
+    open_jobs = set(args.jobs) if args.jobs and args.until_final else None
+    stop = asyncio.Event()
 
     async def show(entry: Entry) -> None:
-        if (not args.jobs or entry.job in args.jobs) and (not args.nodes or entry.node in args.nodes):
-            printer.show(entry)
+        wanted = not args.jobs or entry.job in args.jobs
+        if wanted and (not args.types or entry.type in args.types) and (not args.nodes or entry.node in args.nodes):
+            printer.show(entry)  # raises MalformedEntry on broken data or meta: the group dead-letters it
+        if wanted and open_jobs is not None and entry.is_final:
+            open_jobs.discard(entry.job)
+            if not open_jobs:
+                stop.set()
+
+    async def restarted(restart: Restart) -> None:
+        if not args.jobs or restart.job in args.jobs:
+            printer.show(restart)
 
     try:
         consumer = GroupConsumer(
             redis, [keys.tag(t) for t in args.tags], args.group, args.consumer, keys=keys,
             start="0" if args.from_start else LATEST,
         )  # fmt: skip
-        await consumer.run(show)
+        await consumer.run(show, stop=stop, on_restart=restarted)
     finally:
         await redis.aclose()
     return EXIT_OK
@@ -144,6 +162,22 @@ async def demo(settings: Settings, args: argparse.Namespace) -> int:
     from tokenbus.demo import run_demo
 
     return await run_demo(settings, topic=args.topic, redis=args.redis, out=sys.stdout)
+
+
+async def acl(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the ``ACL SETUSER`` line of one role's user; a generated password goes to stderr."""
+    from tokenbus.acl import AclRequest, command_line, default_user, generate_password, setuser_command
+
+    password = args.password or generate_password()
+    request = AclRequest(
+        role=args.role, user=args.user or default_user(args.role), password=password,
+        tags=tuple(args.tags), groups=args.groups,
+    )  # fmt: skip
+    line = command_line(setuser_command(request, keys=settings.keys, queue_name=settings.queue_name))
+    print(line, flush=True)
+    if not args.password:
+        print(f"tokenbus: password of user {request.user}: {password}", file=sys.stderr)
+    return EXIT_OK
 
 
 async def model_server(settings: Settings, args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.keys import StreamKeys
@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     poll_delay_s: float = Field(default=0.05, gt=0, validation_alias="TOKENBUS_POLL_DELAY")
     max_tries: int = Field(default=5, ge=1, validation_alias="TOKENBUS_MAX_TRIES")
     shutdown_grace_s: int = Field(default=30, ge=0, validation_alias="TOKENBUS_SHUTDOWN_GRACE")
-    in_progress_margin_s: float = Field(default=10.0, gt=0, validation_alias="TOKENBUS_IN_PROGRESS_MARGIN")
     heartbeat_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEARTBEAT")
+    lease_s: float | None = Field(default=None, gt=0, validation_alias="TOKENBUS_LEASE")
     max_request_bytes: int = Field(default=1 << 20, ge=1024, validation_alias="TOKENBUS_MAX_REQUEST_BYTES")
 
     publish_batch_max: int = Field(default=4096, ge=1, validation_alias="TOKENBUS_PUBLISH_BATCH")
@@ -47,9 +47,24 @@ class Settings(BaseSettings):
         StreamKeys(value)
         return value
 
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> Settings:
+        if self.lease_s is not None and self.lease_s <= self.heartbeat_s:
+            raise ValueError(
+                f"TOKENBUS_LEASE ({self.lease_s:g}s) must be longer than TOKENBUS_HEARTBEAT ({self.heartbeat_s:g}s), "
+                "which renews it; three heartbeats is the default"
+            )
+        return self
+
     @property
     def keys(self) -> StreamKeys:
         return StreamKeys(self.prefix)
+
+    @property
+    def lease(self) -> float:
+        """Seconds a worker's claim on a running job lasts unless renewed (default: three
+        heartbeats): how soon a killed worker's job runs again."""
+        return self.lease_s if self.lease_s is not None else 3 * self.heartbeat_s
 
     @property
     def offline(self) -> bool:

@@ -6,22 +6,26 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from typing import Any
 
+import orjson
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix, retry_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from schemas.entries import EntryType
-from schemas.keys import wake_channel
+from schemas.entries import Entry, EntryType
+from schemas.errors import ClientStateError, InvalidJobId
+from schemas.keys import is_valid_job_id, validate_job_id, wake_channel
 from tokenbus.redis_client import REDIS_UNAVAILABLE, redis_url
 from tokenbus.settings import Settings
-from worker.job import RESOURCES, run_graph
-from worker.orphans import WORKER_LOST, close_attempt
+from worker.job import LEASES, RESOURCES, run_graph
+from worker.lease import Leases
+from worker.orphans import WORKER_LOST, close_attempt, newest_entry
 from worker.resources import WorkerResources
 from worker.serializer import job_deserializer, job_serializer
 from worker.wakeups import Wakeups
@@ -34,19 +38,25 @@ _REDIS_FAILED = (*REDIS_UNAVAILABLE, redis_errors.WatchError)  # or a WATCHed ke
 
 
 class TokenbusWorker(Worker):
-    """arq's worker, kept alive through Redis restarts, woken by enqueuers, and claiming each
-    poll's jobs at once.
+    """arq's worker, kept alive through Redis restarts and bad jobs, woken by enqueuers, claiming
+    each poll's jobs at once, and holding each job by a lease (:mod:`worker.lease`).
 
-    arq 0.28 lets a connection error in its poll loop end the worker; here it is logged and the
-    poll retried. Between polls the worker waits up to ``poll_delay_s`` for a wake-up (a job
-    announced, or a job slot freed while the worker was full; see :mod:`worker.wakeups`); arq's
-    own poll delay is 0. A failed claim gives its job slots back (arq's leaked them).
+    arq 0.28 lets any exception in its poll loop end the worker (a connection error, or a job
+    envelope it cannot read); here it is logged and the poll retried, and a job that cannot be
+    run is closed and taken off the queue. Between polls the worker waits up to
+    ``poll_delay_s`` for a wake-up (a job announced, or a job slot freed while the worker was
+    full; see :mod:`worker.wakeups`); arq's own poll delay is 0. A failed claim gives its job
+    slots back (arq's leaked them).
     """
 
-    def __init__(self, *args: Any, poll_delay_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, poll_delay_s: float, shutdown_margin_s: float, **kwargs: Any) -> None:
         super().__init__(*args, poll_delay=0, **kwargs)
         self.idle_poll_s = poll_delay_s
+        self.shutdown_margin_s = shutdown_margin_s
         self._wakeups: Wakeups | None = None
+        self.leases: Leases | None = None
+        self.jobs_unrunnable = 0
+        """Jobs closed without running because their envelope or id could not be used."""
 
     async def main(self) -> None:
         try:
@@ -62,6 +72,10 @@ class TokenbusWorker(Worker):
             logger.warning("polling queue %s failed (%s); retrying", self.queue_name, e)
             await asyncio.sleep(POLL_RETRY_DELAY_S)
             return
+        except Exception:  # a bug, or a job that slipped past the checks: never the end of the worker
+            logger.exception("polling queue %s failed unexpectedly; retrying", self.queue_name)
+            await asyncio.sleep(POLL_RETRY_DELAY_S)
+            return
         if self.idle_poll_s > 0:
             if self._wakeups is None:
                 self._wakeups = Wakeups(self.pool, wake_channel(self.queue_name), retry_s=POLL_RETRY_DELAY_S).start()
@@ -73,27 +87,38 @@ class TokenbusWorker(Worker):
         if full and self._wakeups is not None:
             self._wakeups.set()  # jobs may be waiting for the slot
 
+    def job_lost(self, job_id: str) -> None:
+        """The lease on ``job_id`` is gone (this worker stalled past it): stop the attempt."""
+        task = self.job_tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim the jobs of one poll in one round trip, then start them.
 
         arq claims jobs one after another, four round trips each (WATCH, EXISTS, ZSCORE,
         MULTI/EXEC); on a worker busy streaming, each waits its turn in the event loop, and the
         last job of a poll started hundreds of milliseconds after the first (BENCHMARKS.md).
-        Here each claim is ``SET <in-progress key> NX PX`` (arq's key, so arq's other workers see
-        it) and the job's queue score, all pipelined, for as many jobs as there are free slots.
-        A job claimed but no longer due (removed from the queue, or re-queued for later) has its
-        claim dropped, as arq would never have set it. Jobs beyond the free slots wait.
+        Here each claim is ``SET <in-progress key> <token> NX PX <lease>`` (arq's key, so arq's
+        other workers see it; a lease, see :mod:`worker.lease`) and the job's queue score, all
+        pipelined, for as many jobs as there are free slots. A job claimed but no longer due
+        (removed from the queue, or re-queued for later) has its claim dropped, as arq would never
+        have set it. Jobs beyond the free slots wait.
 
         arq keeps a running job in the queue until it ends, so a poll lists the jobs running here
         and elsewhere before the new ones. Those running here are skipped. If a claim fails
         (most likely a job running elsewhere) while more jobs are listed, one ``EXISTS`` round
         trip leaves out those claimed elsewhere and the freed slots go to the jobs behind them.
         """
-        candidates = [
-            job_id
-            for job_id in (raw_id.decode() for raw_id in job_ids)
-            if (task := self.tasks.get(job_id)) is None or task.done()
-        ]
+        candidates = []
+        for raw_id in job_ids:
+            try:
+                job_id = raw_id.decode()
+            except UnicodeDecodeError:
+                await self._drop_undecodable(raw_id)
+                continue
+            if (task := self.tasks.get(job_id)) is None or task.done():
+                candidates.append(job_id)
         looked_ahead = False
         while claims := await self._take_slots(candidates):
             if await self._claim(claims) or looked_ahead or not candidates:
@@ -124,10 +149,13 @@ class TokenbusWorker(Worker):
     async def _claim(self, claims: list[str]) -> bool:
         """Claim and start ``claims`` (their slots taken); give back the slots of those that could
         not be claimed. True if every one started."""
+        leases = self._leases()
+        tokens = [leases.new_token(job_id) for job_id in claims]
+        sent = time.monotonic()
         try:
             async with self.pool.pipeline(transaction=False) as pipe:
-                for job_id in claims:
-                    pipe.set(in_progress_key_prefix + job_id, b"1", px=int(self.in_progress_timeout_s * 1000), nx=True)
+                for job_id, token in zip(claims, tokens, strict=True):
+                    pipe.set(in_progress_key_prefix + job_id, token, px=leases.lease_ms, nx=True)
                     pipe.zscore(self.queue_name, job_id)
                 replies = await pipe.execute()
         except BaseException:
@@ -135,47 +163,153 @@ class TokenbusWorker(Worker):
                 self._release_sem_dec_counter_on_complete()
             raise
         now, not_due, started = timestamp_ms(), [], 0
-        for job_id, claimed, score in zip(claims, replies[::2], replies[1::2], strict=True):
+        for job_id, token, claimed, score in zip(claims, tokens, replies[::2], replies[1::2], strict=True):
+            if claimed:
+                leases.held(job_id, token, sent)
             if not claimed or not score or score > now:  # running elsewhere, done, or not due yet
                 self._release_sem_dec_counter_on_complete()
                 if claimed:
-                    not_due.append(in_progress_key_prefix + job_id)
+                    not_due.append(job_id)
                 continue
             task = self.loop.create_task(self.run_job(job_id, int(score)))
             task.add_done_callback(lambda _: self._job_done())
             self.tasks[job_id] = task
             started += 1
-        if not_due:
-            await self.pool.delete(*not_due)
+        for job_id in not_due:
+            await leases.release(job_id)
         return started == len(claims)
 
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        """arq fails a job here without running it (aborted before it started, max tries reached,
-        expired): give the job's followers its terminal entry now, rather than never."""
-        attempt = int(await self.pool.get(retry_key_prefix + job_id) or 1)  # super() deletes it
-        await super().finish_failed_job(job_id, result_data)
+    def _leases(self) -> Leases:
+        if self.leases is None:
+            raise ClientStateError("the worker's leases are made at startup")
+        return self.leases
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run of one job; a job that cannot be run (an id or envelope arq fails on) is
+        closed and taken off the queue instead of ending the worker."""
+        try:
+            validate_job_id(job_id)
+        except InvalidJobId as e:
+            await self._close_unrunnable(job_id, str(e))
+            return
+        try:
+            await super().run_job(job_id, score)
+        except _REDIS_FAILED as e:
+            logger.warning("job %s: Redis failed around its run (%s); it stays queued", job_id, e)
+            with contextlib.suppress(*_REDIS_FAILED):
+                await self._leases().release(job_id)
+        except Exception as e:
+            logger.exception("job %s could not be run", job_id)
+            await self._close_unrunnable(job_id, f"{type(e).__name__}: {e}")
+
+    async def _close_unrunnable(self, job_id: str, reason: str) -> None:
+        """Take a job that cannot be run off the queue, and end its stream (if its id allows one)."""
+        self.jobs_unrunnable += 1
+        self.jobs_failed += 1
+        logger.error("job %s: closed without running: %s", short(job_id), reason)
+        try:
+            async with self.pool.pipeline(transaction=False) as pipe:  # no MULTI: Redis at maxmemory takes these
+                pipe.delete(job_key_prefix + job_id, retry_key_prefix + job_id)
+                pipe.zrem(self.queue_name, job_id)
+                pipe.zrem(abort_jobs_ss, job_id)
+                await pipe.execute()
+            await self._leases().release(job_id)
+            if is_valid_job_id(job_id):
+                await self._close_stream(job_id, f"the job could not be run: {reason}", "InvalidJob")
+        except _REDIS_FAILED:
+            logger.warning("job %s: could not close it; it stays queued", short(job_id), exc_info=True)
+
+    async def _drop_undecodable(self, raw_id: bytes) -> None:
+        """A queued id that is not UTF-8 cannot name a stream or a task: drop it from the queue."""
+        self.jobs_unrunnable += 1
+        logger.error("queue %s: dropped job id %r (not UTF-8)", self.queue_name, raw_id[:80])
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.queue_name, raw_id)
+            pipe.delete(job_key_prefix.encode() + raw_id)
+            await pipe.execute()
+
+    async def _close_stream(
+        self, job_id: str, reason: str, error_type: str, *, kind: EntryType = EntryType.ERROR
+    ) -> None:
+        """The final entry of a job arq will not run (again)."""
         resources: WorkerResources | None = self.ctx.get(RESOURCES)
         if resources is None:
             return
+        await close_attempt(
+            resources.redis, resources.keys, resources.limits, job_id, retry=False, reason=reason,
+            kind=kind, error_type=error_type, unstarted=True,
+        )  # fmt: skip
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's end of a job, under the job's lease. A job whose final terminal entry is written
+        is finished, whatever arq decided: a cancellation that lands as the job ends (a shutdown's
+        grace running out) would otherwise re-queue a job that has ended."""
+        resources: WorkerResources | None = self.ctx.get(RESOURCES)
+        if resources is not None and job_id in resources.ended:
+            resources.ended.discard(job_id)
+            if not finish:
+                logger.info("job %s ended before its cancellation landed: not running it again", job_id)
+                finish, incr_score = True, None
+        result_ms = 0 if keep_result_forever or result_timeout_s is None else round(result_timeout_s * 1000)
+        await self._leases().finish(
+            job_id, self.queue_name, finish=finish, result=result_data, result_ms=result_ms, incr_score=incr_score
+        )
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq fails a job here without running it (aborted before it started, max tries reached,
+        expired, an envelope it cannot read): give the job's followers its terminal entry now,
+        rather than never."""
+        await super().finish_failed_job(job_id, result_data)
+        self._leases().forget(job_id)
+        resources: WorkerResources | None = self.ctx.get(RESOURCES)
+        if resources is None or not is_valid_job_id(job_id):
+            return
         reason = "arq did not run the job"
         with contextlib.suppress(Exception):
-            reason = str(job_deserializer(result_data or b"{}").get("r") or reason)
+            reason = str(orjson.loads(result_data or b"{}").get("r") or reason)
         aborted = reason.startswith("CancelledError")
         try:
-            await close_attempt(
-                resources.redis, resources.keys, resources.limits, job_id, retry=False,
-                reason=_not_run_reason(aborted, attempt, reason),
+            last = await newest_entry(resources.redis, resources.keys, job_id)
+            await self._close_stream(
+                job_id, _not_run_reason(aborted, last, reason), "CancelledError" if aborted else "JobNotRun",
                 kind=EntryType.CANCELLED if aborted else EntryType.ERROR,
-                error_type="CancelledError" if aborted else "JobNotRun", unstarted_attempt=max(attempt - 1, 1),
             )  # fmt: skip
         except _REDIS_FAILED:
             logger.warning("job %s: could not write its terminal entry; the sweeper will", job_id, exc_info=True)
 
+    async def close(self) -> None:
+        """arq's close, bounded: jobs still running ``shutdown_margin_s`` after they were
+        cancelled (a terminal entry that Redis does not take) are left, and the worker exits."""
+        running = [t for t in self.tasks.values() if not t.done()]
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.shutdown_margin_s)
+            for task in late:
+                logger.error("a job did not stop within %.0fs of shutdown; leaving it", self.shutdown_margin_s)
+                task.cancel()
+            self.tasks = {job_id: t for job_id, t in self.tasks.items() if t not in late}
+        await super().close()
 
-def _not_run_reason(aborted: bool, attempt: int, arq_reason: str) -> str:
+
+def short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters for a log line or an error (ids can be any size)."""
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} characters)"
+
+
+def _not_run_reason(aborted: bool, last: Entry | None, arq_reason: str) -> str:
+    """Why arq failed a job without running it, from what the job stream says happened before."""
+    started = last is not None and not last.is_terminal  # an attempt ran, and its worker stopped
     if aborted:
-        return "the job was aborted before it started"
-    if attempt > 1:  # an earlier attempt started and its worker died
+        return "the job was aborted while waiting to run again" if started else "the job was aborted before it started"
+    if started:
         return WORKER_LOST.format(attempt="{attempt}", why=arq_reason)
     return f"the job was not run ({arq_reason})"
 
@@ -186,9 +320,11 @@ def hard_timeout_s(settings: Settings) -> float:
     return settings.max_job_timeout_s + settings.publish_give_up_s + 2.0
 
 
-def in_progress_timeout_s(settings: Settings) -> float:
-    """How long a killed worker's job stays claimed before another worker runs it again."""
-    return hard_timeout_s(settings) + settings.in_progress_margin_s
+STARTUP_WAIT_S = 60
+"""Seconds a starting worker waits for Redis to come up (arq retries its connection each second)."""
+SHUTDOWN_MARGIN_S = 10.0
+"""How long after a shutdown's cancellation a worker waits for its jobs' terminal entries, on
+top of the time the publisher may retry them (``TOKENBUS_PUBLISH_GIVE_UP``)."""
 
 
 GC_THRESHOLDS = (50_000, 20, 100)
@@ -211,6 +347,7 @@ def arq_redis_settings(settings: Settings) -> RedisSettings:
     redis_settings = RedisSettings.from_dsn(redis_url(settings))
     redis_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
     redis_settings.retry_on_error = [redis_errors.ConnectionError, redis_errors.TimeoutError]
+    redis_settings.conn_retries = STARTUP_WAIT_S  # a worker started before Redis waits for it, a second apart
     return redis_settings
 
 
@@ -230,10 +367,17 @@ def build_worker(
     """
 
     async def startup(ctx: dict[str, Any]) -> None:
-        ctx[RESOURCES] = await WorkerResources.open(settings)
+        resources = ctx[RESOURCES] = await WorkerResources.open(settings)
+        worker.leases = ctx[LEASES] = Leases(
+            resources.redis, lease_s=settings.lease, renew_every_s=settings.heartbeat_s, on_lost=worker.job_lost
+        ).start()
+        resources.publisher.fence = worker.leases
         tune_gc()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        leases: Leases | None = ctx.pop(LEASES, None)
+        if leases is not None:
+            await leases.close()  # stops renewing; the publisher's last batches may still confirm
         resources: WorkerResources | None = ctx.pop(RESOURCES, None)
         if resources is not None:
             await resources.close()
@@ -249,6 +393,7 @@ def build_worker(
         burst=burst,
         handle_signals=handle_signals,
         poll_delay_s=settings.poll_delay_s if poll_delay_s is None else poll_delay_s,
+        shutdown_margin_s=settings.publish_give_up_s + SHUTDOWN_MARGIN_S,
         max_jobs=settings.max_jobs,
         job_timeout=hard_timeout_s(settings),
         job_completion_wait=settings.shutdown_grace_s,
@@ -258,7 +403,6 @@ def build_worker(
         job_deserializer=job_deserializer,
     )
     ctx["worker"] = worker  # the job asks it whether a cancellation was an abort
-    worker.in_progress_timeout_s = in_progress_timeout_s(settings)  # arq's default: timeout + 10 s
     return worker
 
 

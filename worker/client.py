@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -10,15 +11,18 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
+from redis import exceptions as redis_errors
 
 from consumer.jobs import job_result
 from schemas.entries import EntryType
 from schemas.job import ALL_MODES, JobRequest, StreamMode
-from schemas.keys import DEFAULT_PREFIX, wake_channel
+from schemas.keys import DEFAULT_PREFIX, StreamKeys, wake_channel
 from tokenbus.redis_client import redis_url
 from tokenbus.settings import Settings
 from worker.app import JOB_FUNCTION
 from worker.serializer import job_deserializer, job_serializer
+
+logger = logging.getLogger(__name__)
 
 
 class TokenbusClient:
@@ -65,8 +69,10 @@ class TokenbusClient:
     ) -> str:
         """Validate and enqueue a job; return its id.
 
-        With ``job_id``, enqueueing is idempotent: while that job is queued, running or its result
-        is kept, enqueueing it again does nothing and returns the same id.
+        With ``job_id``, enqueueing is idempotent: while that job is queued or running, or its
+        stream is kept (``TOKENBUS_JOB_TTL`` after it ended), enqueueing it again does nothing and
+        returns the same id. (A worker never runs a job whose stream holds a final entry either,
+        whoever enqueued it.)
         Raises :class:`schemas.errors.InvalidJobRequest` for a request the worker would reject.
         """
         request = JobRequest.parse(
@@ -84,9 +90,17 @@ class TokenbusClient:
 
     async def enqueue_request(self, request: JobRequest) -> str:
         job_id = request.job_id or uuid.uuid4().hex
+        if request.job_id is not None and await self._pool.exists(StreamKeys(self._prefix).job(job_id)):
+            return job_id  # it ran, or runs: its stream is its idempotency record (TOKENBUS_JOB_TTL)
         job = await self._pool.enqueue_job(JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name)
         if job is not None:  # None: the job was already queued (an idempotent enqueue)
-            await self._pool.publish(wake_channel(self._queue_name), b"")
+            try:
+                await self._pool.publish(wake_channel(self._queue_name), b"")
+            except redis_errors.ResponseError as e:  # no PUBLISH right, say: the job is queued all the same
+                logger.warning(
+                    "job %s is queued, but announcing it on %s failed (%s): workers start it at their next poll",
+                    job_id, wake_channel(self._queue_name), e,
+                )  # fmt: skip
         return job_id
 
     async def abort(self, job_id: str, *, timeout_s: float | None = None) -> bool:

@@ -8,10 +8,11 @@ import time
 from typing import Any
 
 from schemas.entries import EntryType
-from schemas.errors import TokenbusError
-from schemas.job import JobRequest
+from schemas.errors import InvalidJobRequest, TokenbusError
+from schemas.job import JobRequest, is_valid_graph_name
 from worker.emitter import JobEmitter, Outcome
-from worker.orphans import close_attempt, running_key
+from worker.lease import Leases
+from worker.orphans import close_attempt, newest_entry, running_key
 from worker.resources import WorkerResources
 from worker.streaming import stream_graph
 
@@ -19,26 +20,41 @@ logger = logging.getLogger(__name__)
 
 RESOURCES = "tokenbus"
 """Key of the :class:`WorkerResources` in arq's ``ctx``."""
-TERMINAL_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+LEASES = "tokenbus_leases"
+"""Key of the worker's :class:`worker.lease.Leases` in arq's ``ctx``."""
+TERMINAL_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class JobFailed(TokenbusError):
     """Raised to arq after the job's ``error`` entry is written, so arq records a failure."""
 
 
-async def run_graph(ctx: dict[str, Any], request: Any) -> dict[str, Any]:
+async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One attempt of a job: ``args`` is the job request (one JSON object). Anything else in the
+    envelope fails the job with an ``error`` entry, as a bad request does."""
     resources: WorkerResources = ctx[RESOURCES]
     job_id: str = ctx["job_id"]
+    last = await newest_entry(resources.redis, resources.keys, job_id)
+    if last is not None and last.is_final:
+        # ended already: arq re-queued it as it ended (a shutdown), or the id was enqueued again
+        logger.warning("job %s ended already (attempt %d: %s); not running it again", job_id, last.attempt, last.type)
+        return {"status": "ended-already", "attempt": last.attempt}
     attempt = int(ctx["job_try"])
-    if attempt > 1:  # a killed worker left the previous attempt open: close it first
-        await close_attempt(
-            resources.redis, resources.keys, resources.limits, job_id, retry=True,
-            reason=f"attempt {{attempt}} was interrupted (its worker stopped); attempt {attempt} follows",
-        )  # fmt: skip
+    if last is not None:
+        attempt = max(attempt, last.attempt + 1)  # arq's count restarts once its retry key expires
+        if not last.is_terminal:  # a killed worker left the previous attempt open: close it first
+            await close_attempt(
+                resources.redis, resources.keys, resources.limits, job_id, retry=True,
+                reason=f"attempt {{attempt}} was interrupted (its worker stopped); attempt {attempt} follows",
+            )  # fmt: skip
+    request: Any = args[0] if len(args) == 1 and not kwargs else _Envelope(len(args), sorted(kwargs))
     emitter = resources.emitter(job_id, attempt)
+    leases: Leases | None = ctx.get(LEASES)
+    if leases is not None:
+        leases.attach(job_id, emitter.sink, int(ctx["job_try"]))
     resources.sweeper.running.add(job_id)
     resources.publisher.command(emitter.sink, ("ZADD", running_key(resources.keys), time.time() * 1000, job_id))
-    emitter.start({"graph": request.get("graph") if isinstance(request, dict) else None})
+    emitter.start({"graph": _graph_name(request)})
     started = time.monotonic()
     outcome = Outcome(EntryType.CANCELLED, "the job was interrupted", "CancelledError", retry=True)
     try:
@@ -47,6 +63,8 @@ async def run_graph(ctx: dict[str, Any], request: Any) -> dict[str, Any]:
         worker = ctx.get("worker")
         if worker is not None and job_id in worker.aborting_tasks:
             outcome = Outcome(EntryType.CANCELLED, "the job was aborted", "CancelledError")
+        elif emitter.sink.fenced:
+            outcome = Outcome(EntryType.CANCELLED, "this worker lost the job's lease", "LeaseLost", retry=True)
         else:
             outcome = Outcome(
                 EntryType.CANCELLED, "the worker shut down; the job will run again", "CancelledError", retry=True
@@ -55,11 +73,46 @@ async def run_graph(ctx: dict[str, Any], request: Any) -> dict[str, Any]:
     finally:
         elapsed_ms = round((time.monotonic() - started) * 1000)
         terminal = resources.track(_write_terminal(resources, emitter, outcome, elapsed_ms))
-        outcome = await asyncio.shield(terminal)  # a cancelled job still writes it; shutdown waits for it
+        outcome = await _until_done(terminal)
         logger.info("job %s attempt %d: %s after %d chunks", job_id, attempt, outcome.type, emitter.chunks)
     if outcome.type is EntryType.ERROR:
         raise JobFailed(outcome.error)
     return {"status": outcome.type.value, "chunks": emitter.chunks, "attempt": attempt}
+
+
+async def _until_done(terminal: asyncio.Task[Outcome]) -> Outcome:
+    """Wait for the terminal entry even through cancellations (a shutdown's grace ending as the
+    job ends), then pass a cancellation on: arq then decides with the entry written, and
+    :meth:`worker.app.TokenbusWorker.finish_job` sees that the job has ended."""
+    cancelled = False
+    while True:
+        try:
+            outcome = await asyncio.shield(terminal)
+        except asyncio.CancelledError:
+            if terminal.cancelled():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return outcome
+
+
+class _Envelope:
+    """A job envelope whose arguments are not the one request ``run_graph`` takes."""
+
+    def __init__(self, args: int, kwargs: list[str]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def problem(self) -> str:
+        extra = f" and keyword arguments {', '.join(kwargs)[:200]}" if (kwargs := self.kwargs) else ""
+        return f"invalid job: run_graph takes one argument, the job request; the envelope has {self.args}{extra}"
+
+
+def _graph_name(request: Any) -> str | None:
+    """The request's graph name for the ``start`` entry, if it is one (it is validated later)."""
+    graph = request.get("graph") if isinstance(request, dict) else None
+    return graph if isinstance(graph, str) and is_valid_graph_name(graph) else None
 
 
 async def _write_terminal(
@@ -68,21 +121,26 @@ async def _write_terminal(
     """Write the terminal entry, retrying past the publisher's give-up until Redis takes it.
 
     If entries of the job were lost on the way, an ``end`` becomes an ``error`` that says how many.
-    The sweeper closes the attempt if even this fails (the worker dies, or Redis never returns).
+    A terminal entry Redis refused (``OOM`` at ``maxmemory``, say) or lost is written again, with
+    backoff, for about 15 s more. The sweeper closes the attempt if even this fails (the worker
+    dies, or Redis never returns).
     """
     sink = emitter.sink
     backoff = iter(TERMINAL_BACKOFF_S)
     while True:
-        if sink.lost and outcome.type is EntryType.END:
+        if (sink.lost or sink.errors) and outcome.type is EntryType.END:
             outcome = Outcome(EntryType.ERROR, str(sink.failure()), "PublishError")
-        lost_before = sink.lost
-        emitter.finish(outcome, {"elapsed_ms": elapsed_ms, "lost": sink.lost})
+        lost_before, refused_before = sink.lost, len(sink.errors)
+        emitter.finish(outcome, {"elapsed_ms": elapsed_ms, "lost": sink.lost + len(sink.errors)})
         resources.publisher.command(sink, ("ZREM", running_key(resources.keys), emitter.job_id))
         await sink.flushed()
-        if sink.lost == lost_before or (delay := next(backoff, None)) is None:
+        written = sink.lost == lost_before and len(sink.errors) == refused_before
+        if written or sink.fenced or (delay := next(backoff, None)) is None:
             break
-        await asyncio.sleep(delay)  # the terminal entry itself was lost: Redis is still away
+        await asyncio.sleep(delay)  # the terminal entry itself was lost or refused: try again
     resources.sweeper.running.discard(emitter.job_id)
+    if written and not outcome.retry and not sink.fenced:
+        resources.ended.add(emitter.job_id)
     return outcome
 
 
@@ -92,6 +150,8 @@ async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Out
     timeout = settings.job_timeout_s
     deadline: asyncio.Timeout | None = None
     try:
+        if isinstance(raw, _Envelope):
+            raise InvalidJobRequest(raw.problem())
         request = JobRequest.parse(raw, max_bytes=settings.max_request_bytes)
         if request.tags is not None:
             emitter.tag_filter = frozenset(request.tags)

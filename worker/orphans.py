@@ -5,9 +5,11 @@ power) skips it. Two things close such an attempt, so no reader waits forever:
 
 - the job's **next attempt**, before it starts, closes the previous one with an ``error`` entry
   marked ``retry`` (another attempt follows);
-- the **sweeper**, for a job arq will not run again (max tries reached, or expired): every worker
-  keeps the jobs it runs in ``<prefix>:running`` with a heartbeat, and any worker that finds a
-  stale one that arq no longer holds (no in-progress key, no job key) closes it for good.
+- the **sweeper**: every worker keeps the jobs it runs in ``<prefix>:running`` with a heartbeat,
+  and any worker that finds a stale one whose lease lapsed (no in-progress key) closes it: with
+  ``retry`` when arq will run the job again (its job key is there), so followers hear of it as
+  soon as the lease lapses rather than when the next attempt starts; for good when arq will not
+  (max tries reached, or expired).
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import asyncio
 import logging
 import time
 
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
 from schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from schemas.errors import MalformedEntry
 from schemas.keys import StreamKeys
 from worker.emitter import StreamLimits
+from worker.lease import claimed
 
 logger = logging.getLogger(__name__)
 
 SCAN_PAGE = 500
+LEASE_LAPSED = "attempt {attempt} was interrupted (its worker stopped renewing its lease); the job will run again"
 WORKER_LOST = "the worker running attempt {attempt} stopped without ending it, and the job will not run again ({why})"
 
 
@@ -33,21 +38,34 @@ def running_key(keys: StreamKeys) -> str:
     return f"{keys.prefix}:running"
 
 
-async def last_attempt(redis: Redis, keys: StreamKeys, job_id: str) -> tuple[Entry | None, set[str]]:
-    """The newest entry of the job stream, and the tags its attempt wrote to (if it did not end)."""
+async def newest_entry(redis: Redis, keys: StreamKeys, job_id: str) -> Entry | None:
+    """The last entry of the job's stream (None if there is none, or it is not a tokenbus entry)."""
     key = keys.job(job_id)
     newest = await redis.xrevrange(key, count=1)
     if not newest:
-        return None, set()
-    last = Entry.decode(newest[0][1], id=newest[0][0].decode(), stream=key)
+        return None
+    try:
+        return Entry.decode(newest[0][1], id=newest[0][0].decode(), stream=key)
+    except MalformedEntry:
+        logger.warning("job %s: the last entry of %s is not a tokenbus entry", job_id, key)
+        return None
+
+
+async def last_attempt(redis: Redis, keys: StreamKeys, job_id: str) -> tuple[Entry | None, set[str]]:
+    """The newest entry of the job stream, and the tags its attempt wrote to (if it did not end)."""
+    key = keys.job(job_id)
+    last = await newest_entry(redis, keys, job_id)
     tags: set[str] = set()
-    if last.is_terminal:
+    if last is None or last.is_terminal:
         return last, tags
     end = "+"
     while True:  # walk back through this attempt's entries for the tags it fanned out to
         page = await redis.xrevrange(key, max=end, count=SCAN_PAGE)
         for entry_id, fields in page:
-            entry = Entry.decode(fields, id=entry_id.decode(), stream=key)
+            try:
+                entry = Entry.decode(fields, id=entry_id.decode(), stream=key)
+            except MalformedEntry:
+                continue
             if entry.attempt != last.attempt:
                 return last, tags
             tags.update(entry.tags)
@@ -58,23 +76,28 @@ async def last_attempt(redis: Redis, keys: StreamKeys, job_id: str) -> tuple[Ent
 
 async def close_attempt(
     redis: Redis, keys: StreamKeys, limits: StreamLimits, job_id: str, *, retry: bool, reason: str,
-    kind: EntryType = EntryType.ERROR, error_type: str = "WorkerLost", unstarted_attempt: int | None = None,
+    kind: EntryType = EntryType.ERROR, error_type: str = "WorkerLost", unstarted: bool = False,
 ) -> Entry | None:  # fmt: skip
     """Write the terminal entry of the job's newest attempt if it has none.
 
-    ``unstarted_attempt``: the job never started (arq failed it before tokenbus code ran); write
-    that attempt's terminal entry even though the job stream is empty.
+    Closing for good (``retry=False``) a job whose newest attempt ended with ``retry`` writes the
+    final entry of the attempt that was to follow. ``unstarted``: the job may never have started
+    (arq failed it before tokenbus code ran): write attempt 1's entry if the stream is empty.
     """
     last, tags = await last_attempt(redis, keys, job_id)
-    if unstarted_attempt is not None and (last is None or last.attempt < unstarted_attempt):
-        attempt, seq, tags = unstarted_attempt, 0, set()
-    elif last is None or last.is_terminal:
+    if last is None:
+        if not unstarted:
+            return None
+        attempt, seq = 1, 0
+    elif last.is_final or (last.is_terminal and retry):
         return None
+    elif last.is_terminal:  # the attempt after a retry never ran
+        attempt, seq = last.attempt + 1, 0
     else:
         attempt, seq = last.attempt, last.seq + 1
     entry = ENTRY_CLASSES[kind](
         type=kind, job=job_id, attempt=attempt, seq=seq, ts=time.time_ns() // 1_000_000,
-        data={"chunks": None}, error=reason.format(attempt=attempt), error_type=error_type, retry=retry,
+        data={"chunks": None}, error=one_line(reason.format(attempt=attempt)), error_type=error_type, retry=retry,
     )  # fmt: skip
     fields = entry.encode()
     async with redis.pipeline(transaction=True) as pipe:
@@ -88,11 +111,20 @@ async def close_attempt(
     return entry
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """An error for an entry: one line, at most ``limit`` characters (it may quote anything)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Sweeper:
     """Heartbeats for this worker's running jobs, and terminal entries for jobs nobody will finish."""
 
-    def __init__(self, redis: Redis, keys: StreamKeys, limits: StreamLimits, *, heartbeat_s: float = 5.0) -> None:
+    def __init__(
+        self, redis: Redis, keys: StreamKeys, limits: StreamLimits, *, heartbeat_s: float = 5.0, max_tries: int = 5
+    ) -> None:
         self._redis = redis
+        self._max_tries = max_tries  # the workers' TOKENBUS_MAX_TRIES: past it arq will not run a job again
         self._keys = keys
         self._limits = limits
         self._heartbeat_s = heartbeat_s
@@ -124,7 +156,8 @@ class Sweeper:
             await self._redis.zadd(running_key(self._keys), dict.fromkeys(self.running, now))
 
     async def sweep(self) -> list[str]:
-        """Close the jobs whose heartbeat stopped and that arq will not run again; return their ids."""
+        """Close the attempts whose heartbeat stopped and whose lease lapsed: for good if arq will
+        not run the job again, else with ``retry`` (the next attempt follows); return their ids."""
         stale_before = time.time() * 1000 - 3 * self._heartbeat_s * 1000
         stale = await self._redis.zrangebyscore(running_key(self._keys), "-inf", stale_before, start=0, num=100)
         closed = []
@@ -135,16 +168,27 @@ class Sweeper:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.exists(in_progress_key_prefix + job_id)
                 pipe.exists(job_key_prefix + job_id)
-                in_progress, queued = await pipe.execute()
-            if in_progress or queued:
-                continue  # still running elsewhere, or arq will run it again (that attempt closes this one)
-            lock = f"{self._keys.prefix}:sweeping:{{{job_id}}}"
-            if not await self._redis.set(lock, b"1", nx=True, ex=60):
-                continue
-            entry = await close_attempt(
-                self._redis, self._keys, self._limits, job_id, retry=False,
-                reason=WORKER_LOST.format(attempt="{attempt}", why="max tries reached or expired"),
-            )  # fmt: skip
+                pipe.get(retry_key_prefix + job_id)
+                in_progress, queued, tries = await pipe.execute()
+            if in_progress:
+                continue  # still running elsewhere (its lease is live)
+            if queued and int(tries or 0) < self._max_tries:
+                # its worker stopped and the lease lapsed: arq runs it again; tell followers now
+                async with claimed(self._redis, job_id, ms=60_000) as held:  # no attempt starts meanwhile
+                    entry = None
+                    if held:
+                        entry = await close_attempt(
+                            self._redis, self._keys, self._limits, job_id, retry=True, reason=LEASE_LAPSED
+                        )
+            else:
+                lock = f"{self._keys.prefix}:sweeping:{{{job_id}}}"
+                if not await self._redis.set(lock, b"1", nx=True, ex=60):
+                    continue
+                why = f"max {self._max_tries} tries reached, or expired"
+                entry = await close_attempt(
+                    self._redis, self._keys, self._limits, job_id, retry=False,
+                    reason=WORKER_LOST.format(attempt="{attempt}", why=why),
+                )  # fmt: skip
             await self._redis.zrem(running_key(self._keys), job_id)
             if entry is not None:
                 closed.append(job_id)

@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -38,7 +38,7 @@ _Item = tuple["Sink", bytes, int]
 class Sink:
     """What one job has queued, written and lost; the job waits on it with :meth:`flushed`."""
 
-    __slots__ = ("_publisher", "errors", "job_id", "last_index", "lost")
+    __slots__ = ("_publisher", "errors", "fenced", "job_id", "last_index", "lost")
 
     def __init__(self, publisher: Publisher, job_id: str) -> None:
         self._publisher = publisher
@@ -46,6 +46,8 @@ class Sink:
         self.last_index = 0
         self.lost = 0
         self.errors: list[str] = []
+        self.fenced = False
+        """The attempt lost its lease (:mod:`worker.lease`): nothing more of it is written."""
 
     async def flushed(self) -> None:
         """Wait until every command queued so far for this job has been written (or counted lost)."""
@@ -63,6 +65,14 @@ class Sink:
             f"{self.lost + len(self.errors)} stream entries of job {self.job_id} could not be written to Redis{detail}",
             lost=self.lost + len(self.errors),
         )
+
+
+class Fence(Protocol):
+    """What the writer asks before each batch whether the jobs it writes for still own them."""
+
+    def expired(self) -> bool: ...
+    async def confirm(self) -> None: ...
+    def fenced(self) -> int: ...
 
 
 class Publisher:
@@ -93,6 +103,7 @@ class Publisher:
         self._next_yield = yield_every
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self.fence: Fence | None = None
         self.batches = 0
         self.retries = 0
         self.lost_total = 0
@@ -168,12 +179,23 @@ class Publisher:
     async def wait_done(self, index: int) -> None:
         if index <= self._done:
             return
+        if self._task is None or self._task.done():
+            raise ClientStateError("the publisher stopped before writing this job's entries")
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (index, id(future), future))
         await future
 
     # -- the writer ------------------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._write_forever()
+        finally:  # stopped (cancelled, say) with jobs waiting: they must not wait forever
+            for _, _, future in self._waiters:
+                if not future.done():
+                    future.set_exception(ClientStateError("the publisher stopped before writing this job's entries"))
+            self._waiters.clear()
+
+    async def _write_forever(self) -> None:
         while True:
             if not self._queue:
                 if self._closing:
@@ -186,6 +208,7 @@ class Publisher:
             else:
                 batch = self._queue[: self._batch_max]
                 del self._queue[: self._batch_max]
+            taken = len(batch)
             if not self._writable.is_set() and len(self._queue) < self._buffer_max // 2:
                 self._writable.set()
             try:
@@ -193,16 +216,34 @@ class Publisher:
             except Exception as e:  # a bug or an unexpected reply: lose this batch, not the writer
                 logger.exception("publishing %d entries failed unexpectedly", len(batch))
                 self._lose(batch, e, 0.0)
-            self._done += len(batch)
+            self._done += taken
             self._release_waiters()
+
+    async def _unfenced(self, batch: list[_Item]) -> list[_Item]:
+        """The batch without the entries of attempts that lost their lease. A lease that may have
+        lapsed unnoticed (the worker stalled) is confirmed first: nothing is written before."""
+        fence = self.fence
+        if fence is None:
+            return batch
+        if fence.expired():
+            await fence.confirm()
+        if fence.fenced():
+            return [item for item in batch if not item[0].fenced]
+        return batch
 
     async def _write(self, batch: list[_Item]) -> None:
         started = time.monotonic()
         attempt = 0
-        packed = b"".join([commands for _, commands, _ in batch])
-        count = sum([n for _, _, n in batch])
+        packed, count = b"", -1
         while True:
             try:
+                unfenced = await self._unfenced(batch)
+                if len(unfenced) != count:
+                    batch = unfenced
+                    packed = b"".join([commands for _, commands, _ in batch])
+                    count = sum([n for _, _, n in batch])
+                if not batch:
+                    return
                 refused = await self._wire.execute(packed, count)
             except REDIS_UNAVAILABLE as e:
                 waited = time.monotonic() - started

@@ -38,6 +38,8 @@ class WorkerResources:
     registry: GraphRegistry
     _stack: contextlib.AsyncExitStack
     _tracked: set[asyncio.Task[Any]] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
+    """Jobs whose final terminal entry this worker wrote and that arq has not finished yet."""
 
     @classmethod
     async def open(cls, settings: Settings, *, redis: Redis | None = None) -> WorkerResources:
@@ -54,7 +56,9 @@ class WorkerResources:
             ).start()
             stack.push_async_callback(publisher.close)
             limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
-            sweeper = Sweeper(redis, settings.keys, limits, heartbeat_s=settings.heartbeat_s).start()
+            sweeper = Sweeper(
+                redis, settings.keys, limits, heartbeat_s=settings.heartbeat_s, max_tries=settings.max_tries
+            ).start()
             stack.push_async_callback(sweeper.close)
 
             base_url = settings.openai_base_url
