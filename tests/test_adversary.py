@@ -132,7 +132,6 @@ def poison_corpus(prefix: str) -> tuple[dict[str, bytes | None], dict[bytes, byt
     expired), and well-formed envelopes under ids outside the job-id alphabet."""
     envelopes: dict[str, bytes | None] = {
         "t-string": _envelope(t="5"),
-        "t-null": _envelope(t=None),
         "t-huge": _envelope(t=10**12),
         "et-word": _envelope(et="yesterday"),
         "et-missing": _envelope(et=_MISSING),
@@ -177,6 +176,8 @@ async def test_poison_envelopes_fail_their_own_job_only(
             await raw_enqueue(redis, queue, job_id.encode(), envelope)
         for raw_id, envelope in invalid.items():
             await raw_enqueue(redis, queue, raw_id, envelope)
+        arq_style = f"{settings.prefix}-t-null"  # arq's own enqueue_job writes "t": null: not poison
+        await raw_enqueue(redis, queue, arq_style.encode(), _envelope(t=None))
         good = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
 
         async def settled(job_id: str) -> bool:
@@ -196,8 +197,9 @@ async def test_poison_envelopes_fail_their_own_job_only(
             left += [f"invalid id {raw[:40]!r}" for raw in invalid if await redis.zscore(queue, raw) is not None]
             raise AssertionError(f"poison jobs not ended and removed from the queue: {left}") from None
 
-        view = await view_within(redis, settings.prefix, good, 30)
-        assert (view.status, view.text) == (EntryType.END, JOKE + POEM), "a good job after the poison failed"
+        for job_id in (good, arq_style):
+            view = await view_within(redis, settings.prefix, job_id, 30, workers)
+            assert (view.status, view.text) == (EntryType.END, JOKE + POEM), f"good job {job_id} failed: {view}"
         assert_alive(workers)
 
         problems = []
