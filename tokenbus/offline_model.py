@@ -103,6 +103,8 @@ class OfflineModelServer:
         self.requests = 0
         self.streams_abandoned = 0
         """Streams the client closed before their end (an aborted job closes its HTTP stream)."""
+        self.streams_finished = 0
+        """Streams sent to their end."""
 
     @property
     def base_url(self) -> str:
@@ -248,6 +250,7 @@ class OfflineModelServer:
         _write_chunk(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+        self.streams_finished += 1
         return True
 
     async def _fail_stream(self, fault: Fault, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
