@@ -11,15 +11,19 @@ import os
 import random
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
 from schemas.entries import Entry, EntryType
 from tests.conftest import settings_env
-from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_until
+from tests.support import Process, ThreadedModelServer, follow_job, read_stream, text_of, wait_until
 from tokenbus.offline_model import script_for
 from tokenbus.settings import Settings
+from worker import job as job_module
+from worker.app import build_worker
 from worker.client import TokenbusClient
 from worker.emitter import StreamLimits
 from worker.orphans import Sweeper, running_key
@@ -133,6 +137,43 @@ async def test_sigterm_with_grace_lets_the_job_finish(
     view, _ = await follow_job(redis, settings.prefix, job_id, on_chunk)
     assert (view.status, view.attempt, view.text) == (EntryType.END, 1, JOKE + POEM)
     assert await stopping[0] == 0, worker.output
+
+
+async def test_a_shutdown_that_lands_while_the_end_is_written_does_not_run_the_job_again(
+    settings: Settings, client: TokenbusClient, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst moment for SIGTERM's grace to run out: the job has finished and its final entry is
+    being written. The entry lands, and arq must not re-queue the job (it re-queues what a
+    shutdown cancels)."""
+    writing, gate = asyncio.Event(), asyncio.Event()
+    write_terminal = job_module._write_terminal
+
+    async def held_terminal(*args: Any) -> Any:
+        writing.set()
+        await gate.wait()
+        return await write_terminal(*args)
+
+    monkeypatch.setattr(job_module, "_write_terminal", held_terminal)
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.01)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
+        async with asyncio.timeout(30):
+            await writing.wait()
+        graph_task = worker.job_tasks[job_id]
+        closing = asyncio.create_task(worker.close())  # cancels running jobs at once, as a grace's end does
+        await wait_until(graph_task.cancelling, what="the cancellation to reach the job")
+        gate.set()
+        async with asyncio.timeout(30):
+            await closing
+    finally:
+        gate.set()
+        await asyncio.gather(running, return_exceptions=True)
+    stream = await read_stream(redis, settings.keys.job(job_id))
+    assert [(e.type, e.retry) for e in stream if e.is_terminal] == [(EntryType.END, False)]
+    assert text_of(stream) == JOKE + POEM
+    assert await redis.zscore(settings.queue_name, job_id) is None, "arq re-queued a job that had ended"
+    assert not await redis.exists(job_key_prefix + job_id, in_progress_key_prefix + job_id)
 
 
 async def test_killed_job_out_of_tries_is_closed_when_arq_gives_up(
