@@ -21,7 +21,7 @@ from tests.support import read_stream
 from worker.emitter import StreamLimits
 from worker.lease import Leases, claim_key
 from worker.orphans import close_attempt
-from worker.publisher import Publisher
+from worker.publisher import Publisher, Sink
 from worker.serializer import InvalidEnvelope, job_deserializer
 
 GOOD = {"t": 1, "f": "run_graph", "a": [{"graph": "joke_poem"}], "k": {}, "et": 1}
@@ -70,18 +70,28 @@ async def claim(redis: Redis, leases: Leases, job_id: str) -> bytes:
     return token
 
 
-async def test_a_lease_taken_over_fences_its_attempt(redis: Redis, publisher: Publisher) -> None:
+async def two_jobs_one_taken_over(
+    redis: Redis, publisher: Publisher
+) -> tuple[Leases, list[str], tuple[str, str], dict[str, Sink]]:
+    """A worker's leases on two running jobs, one of them since claimed by another worker (this
+    one stalled); its publisher fenced by them. Returns the leases, the jobs reported lost, the two
+    job ids (kept, taken over) and their sinks."""
     lost: list[str] = []
     leases = make_leases(redis, lost)
     publisher.fence = leases
-    mine, theirs = f"j{uuid.uuid4().hex}", f"j{uuid.uuid4().hex}"
-    stream = f"s{uuid.uuid4().hex}"
+    kept, taken = f"j{uuid.uuid4().hex}", f"j{uuid.uuid4().hex}"
     sinks = {}
-    for job_id in (mine, theirs):
+    for job_id in (kept, taken):
         await claim(redis, leases, job_id)
         sinks[job_id] = publisher.sink(job_id)
         leases.attach(job_id, sinks[job_id], 1)
-    await redis.set(claim_key(theirs), b"another worker", px=30_000)  # this worker stalled; another took over
+    await redis.set(claim_key(taken), b"another worker", px=30_000)
+    return leases, lost, (kept, taken), sinks
+
+
+async def test_a_lease_taken_over_fences_its_attempt(redis: Redis, publisher: Publisher) -> None:
+    leases, lost, (mine, theirs), sinks = await two_jobs_one_taken_over(redis, publisher)
+    stream = f"s{uuid.uuid4().hex}"
 
     await leases.renew()
     assert lost == [theirs] and sinks[theirs].fenced and not sinks[mine].fenced
@@ -96,17 +106,8 @@ async def test_a_lease_taken_over_fences_its_attempt(redis: Redis, publisher: Pu
 async def test_after_a_stall_nothing_is_written_until_the_leases_are_confirmed(
     redis: Redis, publisher: Publisher
 ) -> None:
-    lost: list[str] = []
-    leases = make_leases(redis, lost)
-    publisher.fence = leases
-    kept, taken = f"j{uuid.uuid4().hex}", f"j{uuid.uuid4().hex}"
+    leases, lost, (kept, taken), sinks = await two_jobs_one_taken_over(redis, publisher)
     stream = f"s{uuid.uuid4().hex}"
-    sinks = {}
-    for job_id in (kept, taken):
-        await claim(redis, leases, job_id)
-        sinks[job_id] = publisher.sink(job_id)
-        leases.attach(job_id, sinks[job_id], 1)
-    await redis.set(claim_key(taken), b"another worker", px=30_000)
     leases.valid_until = time.monotonic() - 1  # a stall past the lease: no renewal has been heard of since
 
     for job_id, sink in sinks.items():  # queued before anyone renewed: the writer must confirm first

@@ -1,10 +1,12 @@
-"""Stopping the worker's background tasks (sweeper, leases, wake-ups) for sure."""
+"""The worker's background loops (sweeper, leases, wake-ups): started, and stopped for sure."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, ClassVar, Self
+
+from schemas.errors import ClientStateError
 
 RECANCEL_S = 0.1
 
@@ -23,3 +25,25 @@ async def stop(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         with contextlib.suppress(Exception):
             task.result()  # retrieved: an error of a stopped loop was logged by the loop itself
+
+
+class Background:
+    """A component that runs one loop in a task of its own (:meth:`_loop`), from :meth:`start`
+    until :meth:`close`."""
+
+    task_name: ClassVar[str] = "tokenbus-background"
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> Self:
+        if self._task is not None:
+            raise ClientStateError(f"{self.task_name} already started")
+        self._task = asyncio.create_task(self._loop(), name=self.task_name)
+        return self
+
+    async def close(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            await stop(task)
+
+    async def _loop(self) -> None:
+        raise NotImplementedError

@@ -35,7 +35,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from tokenbus.redis_client import REDIS_UNAVAILABLE
-from worker.background import stop
+from worker.background import Background
 from worker.publisher import Sink
 
 logger = logging.getLogger(__name__)
@@ -93,9 +93,11 @@ async def claimed(redis: Redis, job_id: str, *, ms: int) -> AsyncIterator[bool]:
             await redis.eval(_RELEASE, 1, claim_key(job_id), token.decode())  # type: ignore[misc]
 
 
-class Leases:
+class Leases(Background):
     """The leases of one worker: claim tokens, renewal, fencing. ``on_lost(job_id)`` is called for
     each job whose lease this worker no longer holds (the job must stop)."""
+
+    task_name = "tokenbus-leases"
 
     def __init__(self, redis: Redis, *, lease_s: float, renew_every_s: float, on_lost: Callable[[str], None]) -> None:
         self._redis = redis
@@ -108,7 +110,6 @@ class Leases:
         self.sinks: dict[str, Sink] = {}  # job id -> the running attempt's sink (fenced if the lease is lost)
         self.tries: dict[str, int] = {}  # job id -> the running attempt's arq try
         self.valid_until = float("inf")  # monotonic: past it, a lease may have lapsed unnoticed
-        self._task: asyncio.Task[None] | None = None
         self.lost = 0
         self._fenced_live = 0  # sinks fenced whose attempt has not ended yet
         self._renew: AsyncScript = redis.register_script(_RENEW)
@@ -166,17 +167,7 @@ class Leases:
             logger.warning("job %s: its lease was lost before it ended; the job is left to its new holder", job_id)
         return done
 
-    # -- renewal ---------------------------------------------------------------------------------
-    def start(self) -> Leases:
-        self._task = asyncio.create_task(self._loop(), name="tokenbus-leases")
-        return self
-
-    async def close(self) -> None:
-        """Stop renewing (the publisher's last batches may still :meth:`confirm`)."""
-        if self._task is not None:
-            task, self._task = self._task, None
-            await stop(task)
-
+    # -- renewal (until close(); the publisher's last batches may still confirm() after it) ---------
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._renew_every_s)

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from schemas.errors import MalformedEntry
 from schemas.keys import StreamKeys
-from worker.background import stop
+from worker.background import Background
 from worker.emitter import StreamLimits
 from worker.lease import claimed
 
@@ -118,8 +118,10 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class Sweeper:
+class Sweeper(Background):
     """Heartbeats for this worker's running jobs, and terminal entries for jobs nobody will finish."""
+
+    task_name = "tokenbus-sweeper"
 
     def __init__(
         self, redis: Redis, keys: StreamKeys, limits: StreamLimits, *, heartbeat_s: float = 5.0, max_tries: int = 5
@@ -130,16 +132,6 @@ class Sweeper:
         self._limits = limits
         self._heartbeat_s = heartbeat_s
         self.running: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> Sweeper:
-        self._task = asyncio.create_task(self._loop(), name="tokenbus-sweeper")
-        return self
-
-    async def close(self) -> None:
-        if self._task is not None:
-            task, self._task = self._task, None
-            await stop(task)
 
     async def _loop(self) -> None:
         while True:

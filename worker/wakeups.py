@@ -15,34 +15,23 @@ import logging
 
 from redis.asyncio import Redis
 
-from schemas.errors import ClientStateError
 from tokenbus.redis_client import REDIS_UNAVAILABLE
-from worker.background import stop
+from worker.background import Background
 
 logger = logging.getLogger(__name__)
 
 
-class Wakeups:
+class Wakeups(Background):
     """Listens on ``channel``; :meth:`wait` returns at the first wake-up since the last one, or
     after ``timeout_s``."""
+
+    task_name = "tokenbus-wakeups"
 
     def __init__(self, redis: Redis, channel: str, *, retry_s: float = 0.5) -> None:
         self._redis = redis
         self.channel = channel
         self._retry_s = retry_s
         self._event = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> Wakeups:
-        if self._task is not None:
-            raise ClientStateError("wake-ups already started")
-        self._task = asyncio.create_task(self._listen(), name="tokenbus-wakeups")
-        return self
-
-    async def close(self) -> None:
-        if self._task is not None:
-            task, self._task = self._task, None
-            await stop(task)
 
     def set(self) -> None:
         """Wake the worker from within (a job slot was freed)."""
@@ -55,7 +44,7 @@ class Wakeups:
                     await self._event.wait()
         self._event.clear()
 
-    async def _listen(self) -> None:
+    async def _loop(self) -> None:
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
