@@ -37,6 +37,14 @@ logger = logging.getLogger(__name__)
 JOB_FUNCTION = "run_graph"
 POLL_RETRY_DELAY_S = 0.5
 _REDIS_FAILED = (*REDIS_UNAVAILABLE, redis_errors.WatchError)  # or a WATCHed key changed under arq
+_REDIS_REFUSING = (
+    *_REDIS_FAILED,
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.ExecAbortError,
+)
+"""Redis refused for now (at ``maxmemory``, a replica, a transaction refused for either): the job
+is fine and stays queued."""
 
 
 class TokenbusWorker(Worker):
@@ -70,7 +78,7 @@ class TokenbusWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-        except _REDIS_FAILED as e:
+        except _REDIS_REFUSING as e:
             logger.warning("polling queue %s failed (%s); retrying", self.queue_name, e)
             await asyncio.sleep(POLL_RETRY_DELAY_S)
             return
@@ -196,9 +204,9 @@ class TokenbusWorker(Worker):
             return
         try:
             await super().run_job(job_id, score)
-        except _REDIS_FAILED as e:
+        except _REDIS_REFUSING as e:
             logger.warning("job %s: Redis failed around its run (%s); it stays queued", job_id, e)
-            with contextlib.suppress(*_REDIS_FAILED):
+            with contextlib.suppress(*_REDIS_REFUSING):
                 await self._leases().release(job_id)
         except Exception as e:
             logger.exception("job %s could not be run", job_id)

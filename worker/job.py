@@ -106,7 +106,8 @@ class _Envelope:
 
     def problem(self) -> str:
         extra = f" and keyword arguments {', '.join(kwargs)[:200]}" if (kwargs := self.kwargs) else ""
-        return f"invalid job: run_graph takes one argument, the job request; the envelope has {self.args}{extra}"
+        given = f"{self.args} positional arguments{extra}"
+        return f"invalid job: run_graph takes one argument, the job request ('a': [request], 'k': {{}}); got {given}"
 
 
 def _graph_name(request: Any) -> str | None:
