@@ -27,12 +27,12 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
 
-from consumer.attempts import AttemptFilter, Restart
-from consumer.reader import LATEST, as_text, blocking_read_timeout
-from schemas.entries import Entry
-from schemas.errors import InvalidJobId, MalformedEntry
-from schemas.keys import StreamKeys, validate_job_id
+from tokenbus.consumer.attempts import AttemptFilter, Restart
+from tokenbus.consumer.reader import LATEST, as_text, blocking_read_timeout
 from tokenbus.redis_client import REDIS_UNAVAILABLE
+from tokenbus.schemas.entries import Entry
+from tokenbus.schemas.errors import InvalidJobId, MalformedEntry
+from tokenbus.schemas.keys import StreamKeys, validate_job_id
 
 logger = logging.getLogger(__name__)
 

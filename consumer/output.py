@@ -11,9 +11,9 @@ from typing import Any, Literal, TextIO
 
 import orjson
 
-from consumer.attempts import Restart
-from consumer.reader import Gap
-from schemas.entries import Entry, EntryType
+from tokenbus.consumer.attempts import Restart
+from tokenbus.consumer.reader import Gap
+from tokenbus.schemas.entries import Entry, EntryType
 
 Format = Literal["text", "jsonl"]
 

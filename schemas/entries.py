@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from schemas.errors import MalformedEntry, UnsupportedVersion
+from tokenbus.schemas.errors import MalformedEntry, UnsupportedVersion
 
 CONTRACT_VERSION = "1"
 _V = CONTRACT_VERSION.encode()

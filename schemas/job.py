@@ -8,8 +8,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas.errors import ContractError, InvalidJobRequest
-from schemas.keys import validate_job_id, validate_tag
+from tokenbus.schemas.errors import ContractError, InvalidJobRequest
+from tokenbus.schemas.keys import validate_job_id, validate_tag
 
 _GRAPH_NAME = r"^[A-Za-z0-9._:-]+$"
 RESERVED_CONFIG_PREFIXES = ("__pregel_", "tokenbus_")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from schemas.errors import InvalidJobId, InvalidTag
+from tokenbus.schemas.errors import InvalidJobId, InvalidTag
 
 _TAG_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Job ids become part of a key too; the same alphabet keeps them out of other keys' namespaces.

@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from consumer.attempts import Restart
-from consumer.jobs import JobView
-from consumer.subscribe import subscribe
-from schemas.entries import Entry
+from tokenbus.consumer.attempts import Restart
+from tokenbus.consumer.jobs import JobView
+from tokenbus.consumer.subscribe import subscribe
 from tokenbus.offline_model import Fault, OfflineModelServer
+from tokenbus.schemas.entries import Entry
 
 T = TypeVar("T")
 

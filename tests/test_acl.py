@@ -13,19 +13,19 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from consumer.groups import GroupConsumer
-from consumer.jobs import job_result
-from consumer.subscribe import subscribe
-from schemas.entries import Entry, EntryType
-from schemas.keys import wake_channel
 from tests.conftest import RunWorker, settings_env
 from tests.support import Process, follow_job, read_stream, wait_for, wait_until
+from tokenbus.consumer.groups import GroupConsumer
+from tokenbus.consumer.jobs import job_result
+from tokenbus.consumer.subscribe import subscribe
 from tokenbus.offline_model import script_for
 from tokenbus.redis_server import RedisServerProcess
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.keys import wake_channel
 from tokenbus.settings import Settings
-from worker.client import TokenbusClient
-from worker.emitter import StreamLimits
-from worker.orphans import Sweeper, running_key
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.orphans import Sweeper, running_key
 
 JOKE = script_for("Write a joke about cats")
 POEM = script_for("Write a short poem about cats")

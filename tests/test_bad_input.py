@@ -6,15 +6,15 @@ import pytest
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from schemas.entries import EntryType
-from schemas.errors import InvalidJobRequest, InvalidTag
 from tests.conftest import settings_env
 from tests.support import Process, read_stream, text_of
 from tokenbus.offline_model import script_for
 from tokenbus.redis_server import RedisServerProcess
+from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.errors import InvalidJobRequest, InvalidTag
 from tokenbus.settings import Settings
-from worker.app import JOB_FUNCTION, STARTUP_WAIT_S
-from worker.client import TokenbusClient
+from tokenbus.worker.app import JOB_FUNCTION, STARTUP_WAIT_S
+from tokenbus.worker.client import TokenbusClient
 
 POEM = script_for("Write a short poem about cats")
 

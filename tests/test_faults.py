@@ -17,16 +17,16 @@ import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
-from schemas.entries import Entry, EntryType
 from tests.conftest import settings_env
 from tests.support import Process, ThreadedModelServer, follow_job, read_stream, text_of, wait_until
 from tokenbus.offline_model import script_for
+from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.settings import Settings
-from worker import job as job_module
-from worker.app import build_worker
-from worker.client import TokenbusClient
-from worker.emitter import StreamLimits
-from worker.orphans import Sweeper, running_key
+from tokenbus.worker import job as job_module
+from tokenbus.worker.app import build_worker
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.orphans import Sweeper, running_key
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 

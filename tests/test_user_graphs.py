@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from consumer.reader import parse_id
-from schemas.entries import EntryType
-from schemas.errors import GraphLoadError
 from tests.graphs import every_chunk
 from tests.support import read_stream, text_of
+from tokenbus.consumer.reader import parse_id
+from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.errors import GraphLoadError
 from tokenbus.settings import Settings
-from worker.client import TokenbusClient
-from worker.emitter import JobEmitter
-from worker.registry import load_graph
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.emitter import JobEmitter
+from tokenbus.worker.registry import load_graph
 
 GRAPHS = {
     "burst": "tests.graphs:burst",

@@ -8,7 +8,7 @@ code that runs under it:
   in-progress, retry and result keys and its abort set, the queue and its health-check key, the
   ``<queue>:wake`` channel, ``INFO``/``DBSIZE`` (arq logs them at start); appends to job and tag
   streams, reads job streams back (the sweeper), ``<prefix>:running`` and ``<prefix>:sweeping:*``;
-  ``EVAL``/``EVALSHA`` of the lease scripts (:mod:`worker.lease`), whose commands Redis checks
+  ``EVAL``/``EVALSHA`` of the lease scripts (:mod:`tokenbus.worker.lease`), whose commands Redis checks
   against the same rules.
 - **enqueuer** (``worker/client.py``): arq's ``WATCH``/``MULTI`` enqueue of ``arq:job:<id>`` onto the
   queue, ``PUBLISH`` on the wake channel, ``ZADD arq:abort``, and reading job streams
@@ -41,9 +41,9 @@ from arq.constants import (
     retry_key_prefix,
 )
 
-from schemas.errors import TokenbusError
-from schemas.keys import StreamKeys, validate_tag, wake_channel
-from worker.orphans import running_key
+from tokenbus.schemas.errors import TokenbusError
+from tokenbus.schemas.keys import StreamKeys, validate_tag, wake_channel
+from tokenbus.worker.orphans import running_key
 
 ROLES = ("worker", "enqueuer", "reader", "gateway")
 

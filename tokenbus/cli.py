@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.errors import TokenbusError
+from tokenbus.schemas.errors import TokenbusError
 
 logger = logging.getLogger(__name__)
 

@@ -10,15 +10,15 @@ import sys
 
 import orjson
 
-from consumer.attempts import Restart
-from consumer.groups import GroupConsumer, group_stats
-from consumer.output import Printer
-from consumer.reader import BEGINNING, LATEST, Gap, latest_positions
-from consumer.subscribe import streams_for, subscribe
-from schemas.entries import Entry, EntryType
-from schemas.errors import InvalidJobRequest
+from tokenbus.consumer.attempts import Restart
+from tokenbus.consumer.groups import GroupConsumer, group_stats
+from tokenbus.consumer.output import Printer
+from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
+from tokenbus.consumer.subscribe import streams_for, subscribe
 from tokenbus.offline_model import Fault, OfflineModelServer
 from tokenbus.redis_client import redis_from_settings
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.errors import InvalidJobRequest
 from tokenbus.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ READ_BLOCK_MS = 5000
 
 
 async def worker(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.app import build_worker
+    from tokenbus.worker.app import build_worker
 
     arq_worker = build_worker(settings, burst=args.burst)
     try:
@@ -46,7 +46,7 @@ async def worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.client import TokenbusClient
+    from tokenbus.worker.client import TokenbusClient
 
     try:
         config = orjson.loads(args.config)

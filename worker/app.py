@@ -19,18 +19,18 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from schemas.entries import Entry, EntryType
-from schemas.errors import ClientStateError, InvalidJobId
-from schemas.keys import is_valid_job_id, validate_job_id, wake_channel
 from tokenbus.redis_client import REDIS_UNAVAILABLE, redis_url
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.errors import ClientStateError, InvalidJobId
+from tokenbus.schemas.keys import is_valid_job_id, validate_job_id, wake_channel
 from tokenbus.settings import Settings
-from worker.background import stop
-from worker.job import LEASES, RESOURCES, run_graph
-from worker.lease import Leases
-from worker.orphans import WORKER_LOST, close_attempt, newest_entry
-from worker.resources import WorkerResources
-from worker.serializer import job_deserializer, job_serializer
-from worker.wakeups import Wakeups
+from tokenbus.worker.background import stop
+from tokenbus.worker.job import LEASES, RESOURCES, run_graph
+from tokenbus.worker.lease import Leases
+from tokenbus.worker.orphans import WORKER_LOST, close_attempt, newest_entry
+from tokenbus.worker.resources import WorkerResources
+from tokenbus.worker.serializer import job_deserializer, job_serializer
+from tokenbus.worker.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,13 @@ is fine and stays queued."""
 
 class TokenbusWorker(Worker):
     """arq's worker, kept alive through Redis restarts and bad jobs, woken by enqueuers, claiming
-    each poll's jobs at once, and holding each job by a lease (:mod:`worker.lease`).
+    each poll's jobs at once, and holding each job by a lease (:mod:`tokenbus.worker.lease`).
 
     arq 0.28 lets any exception in its poll loop end the worker (a connection error, or a job
     envelope it cannot read); here it is logged and the poll retried, and a job that cannot be
     run is closed and taken off the queue. Between polls the worker waits up to
     ``poll_delay_s`` for a wake-up (a job announced, or a job slot freed while the worker was
-    full; see :mod:`worker.wakeups`); arq's own poll delay is 0. A failed claim gives its job
+    full; see :mod:`tokenbus.worker.wakeups`); arq's own poll delay is 0. A failed claim gives its job
     slots back (arq's leaked them).
     """
 
@@ -110,7 +110,7 @@ class TokenbusWorker(Worker):
         MULTI/EXEC); on a worker busy streaming, each waits its turn in the event loop, and the
         last job of a poll started hundreds of milliseconds after the first (BENCHMARKS.md).
         Here each claim is ``SET <in-progress key> <token> NX PX <lease>`` (arq's key, so arq's
-        other workers see it; a lease, see :mod:`worker.lease`) and the job's queue score, all
+        other workers see it; a lease, see :mod:`tokenbus.worker.lease`) and the job's queue score, all
         pipelined, for as many jobs as there are free slots. A job claimed but no longer due
         (removed from the queue, or re-queued for later) has its claim dropped, as arq would never
         have set it. Jobs beyond the free slots wait.

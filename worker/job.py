@@ -7,21 +7,21 @@ import logging
 import time
 from typing import Any
 
-from schemas.entries import EntryType
-from schemas.errors import InvalidJobRequest, TokenbusError
-from schemas.job import JobRequest, is_valid_graph_name
-from worker.emitter import JobEmitter, Outcome
-from worker.lease import Leases
-from worker.orphans import close_attempt, newest_entry, running_key
-from worker.resources import WorkerResources
-from worker.streaming import stream_graph
+from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.errors import InvalidJobRequest, TokenbusError
+from tokenbus.schemas.job import JobRequest, is_valid_graph_name
+from tokenbus.worker.emitter import JobEmitter, Outcome
+from tokenbus.worker.lease import Leases
+from tokenbus.worker.orphans import close_attempt, newest_entry, running_key
+from tokenbus.worker.resources import WorkerResources
+from tokenbus.worker.streaming import stream_graph
 
 logger = logging.getLogger(__name__)
 
 RESOURCES = "tokenbus"
 """Key of the :class:`WorkerResources` in arq's ``ctx``."""
 LEASES = "tokenbus_leases"
-"""Key of the worker's :class:`worker.lease.Leases` in arq's ``ctx``."""
+"""Key of the worker's :class:`tokenbus.worker.lease.Leases` in arq's ``ctx``."""
 TERMINAL_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -83,7 +83,7 @@ async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str,
 async def _until_done(terminal: asyncio.Task[Outcome]) -> Outcome:
     """Wait for the terminal entry even through cancellations (a shutdown's grace ending as the
     job ends), then pass a cancellation on: arq then decides with the entry written, and
-    :meth:`worker.app.TokenbusWorker.finish_job` sees that the job has ended."""
+    :meth:`tokenbus.worker.app.TokenbusWorker.finish_job` sees that the job has ended."""
     cancelled = False
     while True:
         try:

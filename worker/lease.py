@@ -35,8 +35,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from tokenbus.redis_client import REDIS_UNAVAILABLE
-from worker.background import Background
-from worker.publisher import Sink
+from tokenbus.worker.background import Background
+from tokenbus.worker.publisher import Sink
 
 logger = logging.getLogger(__name__)
 

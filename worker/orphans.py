@@ -21,12 +21,12 @@ import time
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from schemas.entries import ENTRY_CLASSES, Entry, EntryType
-from schemas.errors import MalformedEntry
-from schemas.keys import StreamKeys
-from worker.background import Background
-from worker.emitter import StreamLimits
-from worker.lease import claimed
+from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from tokenbus.schemas.errors import MalformedEntry
+from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.background import Background
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.lease import claimed
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from schemas.errors import ClientStateError, PublishError
 from tokenbus.redis_client import REDIS_UNAVAILABLE
-from worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
+from tokenbus.schemas.errors import ClientStateError, PublishError
+from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Sink:
         self.lost = 0
         self.errors: list[str] = []
         self.fenced = False
-        """The attempt lost its lease (:mod:`worker.lease`): nothing more of it is written."""
+        """The attempt lost its lease (:mod:`tokenbus.worker.lease`): nothing more of it is written."""
 
     async def flushed(self) -> None:
         """Wait until every command queued so far for this job has been written (or counted lost)."""

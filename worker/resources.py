@@ -12,15 +12,15 @@ from typing import Any, TypeVar
 import httpx2
 from redis.asyncio import Redis
 
-from schemas.keys import StreamKeys
 from tokenbus.offline_model import OfflineModelServer
 from tokenbus.redis_client import redis_from_settings
+from tokenbus.schemas.keys import StreamKeys
 from tokenbus.settings import Settings
-from worker.emitter import JobEmitter, StreamLimits
-from worker.graphs import joke_poem
-from worker.orphans import Sweeper
-from worker.publisher import Publisher
-from worker.registry import Graph, GraphRegistry, load_graph
+from tokenbus.worker.emitter import JobEmitter, StreamLimits
+from tokenbus.worker.graphs import joke_poem
+from tokenbus.worker.orphans import Sweeper
+from tokenbus.worker.publisher import Publisher
+from tokenbus.worker.registry import Graph, GraphRegistry, load_graph
 
 logger = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ from langgraph.pregel._messages import StreamMessagesHandler
 from langgraph.pregel.protocol import StreamProtocol
 from langgraph.runtime import Runtime
 
-from schemas.job import JobRequest
-from worker.emitter import JobEmitter
-from worker.publisher import Publisher
-from worker.registry import Graph
+from tokenbus.schemas.job import JobRequest
+from tokenbus.worker.emitter import JobEmitter
+from tokenbus.worker.publisher import Publisher
+from tokenbus.worker.registry import Graph
 
 _NO_STREAM = StreamProtocol(lambda chunk: None, set())
 """The "parent stream" that makes LangGraph use the runtime's writer: it takes no mode itself."""
