@@ -38,17 +38,18 @@ from bench.consumer import percentiles
 from bench.graphs import GRAPHS, WORDS, custom, messages, paced
 from tokenbus.consumer.reader import BEGINNING
 from tokenbus.consumer.subscribe import subscribe
-from tokenbus.offline_model import OfflineModelServer
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, chunk_fields
-from tokenbus.settings import Settings
-from tokenbus.worker.app import JOB_FUNCTION, build_worker, stop_worker, tune_gc
+from tokenbus.schemas.job import JOB_FUNCTION
+from tokenbus.worker.app import build_worker, stop_worker, tune_gc
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import JobEmitter, Outcome, StreamLimits
 from tokenbus.worker.graphs import joke_poem
 from tokenbus.worker.job import RESOURCES, run_graph
+from tokenbus.worker.offline_model import OfflineModelServer
 from tokenbus.worker.publisher import Publisher
 from tokenbus.worker.serializer import job_serializer
+from tokenbus.worker.settings import Settings
 from tokenbus.worker.streaming import install_writer
 
 ROOT = Path(__file__).parent.parent

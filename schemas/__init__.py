@@ -10,6 +10,7 @@ from tokenbus.schemas.entries import (
     Entry,
     EntryType,
     ErrorEntry,
+    ErrorType,
     StartEntry,
     TokenEntry,
 )
@@ -27,7 +28,7 @@ from tokenbus.schemas.errors import (
     UnknownGraph,
     UnsupportedVersion,
 )
-from tokenbus.schemas.job import ALL_MODES, JobRequest, StreamMode
+from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, JobRequest, StreamMode
 from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys, validate_job_id, validate_tag
 
 __all__ = [
@@ -44,7 +45,9 @@ __all__ = [
     "Entry",
     "EntryType",
     "ErrorEntry",
+    "ErrorType",
     "GraphLoadError",
+    "JOB_FUNCTION",
     "InvalidJobId",
     "InvalidJobRequest",
     "InvalidTag",

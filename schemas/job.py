@@ -15,6 +15,9 @@ _GRAPH_NAME = r"^[A-Za-z0-9._:-]+$"
 RESERVED_CONFIG_PREFIXES = ("__pregel_", "tokenbus_")
 """``config`` keys a request may not set: LangGraph's internals, and what the worker sets itself."""
 
+JOB_FUNCTION = "run_graph"
+"""The arq function name of a tokenbus job (the envelope's ``f``)."""
+
 StreamMode = Literal["messages", "custom"]
 ALL_MODES: tuple[StreamMode, ...] = ("messages", "custom")
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20

@@ -25,14 +25,13 @@ from redis.asyncio import Redis
 from tests.conftest import make_settings, settings_env
 from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_for, wait_until
 from tokenbus.consumer.jobs import JobView, job_result
-from tokenbus.offline_model import script_for
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, EntryType
-from tokenbus.schemas.job import StreamMode
+from tokenbus.schemas.job import JOB_FUNCTION, StreamMode
 from tokenbus.schemas.keys import wake_channel
-from tokenbus.settings import Settings
-from tokenbus.worker.app import JOB_FUNCTION
 from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 

@@ -15,7 +15,7 @@ from tokenbus.consumer.groups import GroupConsumer, group_stats
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, TokenEntry
 from tokenbus.schemas.keys import StreamKeys
-from tokenbus.settings import Settings
+from tokenbus.worker.settings import Settings
 
 
 async def fill(redis: Redis, key: str, n: int, job: str = "j") -> list[str]:

@@ -27,8 +27,8 @@ from tokenbus.consumer.reader import Gap
 from tokenbus.consumer.subscribe import subscribe
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
-from tokenbus.settings import Settings
 from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.settings import Settings
 
 
 async def _two_tags(state: State, config: RunnableConfig) -> State:

@@ -13,10 +13,10 @@ from tests.support import read_stream, text_of
 from tokenbus.consumer.reader import parse_id
 from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.errors import GraphLoadError
-from tokenbus.settings import Settings
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import JobEmitter
 from tokenbus.worker.registry import load_graph
+from tokenbus.worker.settings import Settings
 
 GRAPHS = {
     "burst": "tests.graphs:burst",

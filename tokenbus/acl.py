@@ -43,7 +43,6 @@ from arq.constants import (
 
 from tokenbus.schemas.errors import TokenbusError
 from tokenbus.schemas.keys import StreamKeys, validate_tag, wake_channel
-from tokenbus.worker.orphans import running_key
 
 ROLES = ("worker", "enqueuer", "reader", "gateway")
 
@@ -159,7 +158,7 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
         f"%W~{queue}{glob_escape(health_check_key_suffix)}",
         f"~{prefix}:job:*",
         f"%W~{prefix}:tag:*",
-        f"~{glob_escape(running_key(keys))}",
+        f"~{glob_escape(keys.running)}",
         f"%W~{prefix}:sweeping:*",
     )
     return [*commands, *key_patterns, f"&{glob_escape(wake_channel(queue_name))}"]

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("INFO" if args.command in ("worker", "model-server") else "WARNING"))
     from tokenbus import commands
-    from tokenbus.settings import Settings
+    from tokenbus.worker.settings import Settings
 
     try:
         settings = Settings()

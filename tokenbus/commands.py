@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 import orjson
 
@@ -15,11 +16,11 @@ from tokenbus.consumer.groups import GroupConsumer, group_stats
 from tokenbus.consumer.output import Printer
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from tokenbus.consumer.subscribe import streams_for, subscribe
-from tokenbus.offline_model import Fault, OfflineModelServer
-from tokenbus.redis_client import redis_from_settings
 from tokenbus.schemas.entries import Entry, EntryType
-from tokenbus.schemas.errors import InvalidJobRequest
-from tokenbus.settings import Settings
+from tokenbus.schemas.errors import InvalidJobRequest, TokenbusError
+from tokenbus.worker.offline_model import Fault, OfflineModelServer
+from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,22 @@ EXIT_INCOMPLETE = 3
 READ_BLOCK_MS = 5000
 
 
+class MissingExtra(TokenbusError):
+    """A command needs a part of tokenbus that is installed separately (a pip extra)."""
+
+
+@contextlib.contextmanager
+def needs_extra(extra: str) -> Iterator[None]:
+    """Turn the import error of a module of a pip extra into one line that says what to install."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise MissingExtra(f"this command needs {e.name}: pip install 'tokenbus[{extra}]'") from e
+
+
 async def worker(settings: Settings, args: argparse.Namespace) -> int:
-    from tokenbus.worker.app import build_worker
+    with needs_extra("worker"):
+        from tokenbus.worker.app import build_worker
 
     arq_worker = build_worker(settings, burst=args.burst)
     try:
@@ -159,7 +174,8 @@ async def groups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def demo(settings: Settings, args: argparse.Namespace) -> int:
-    from tokenbus.demo import run_demo
+    with needs_extra("demo"):
+        from tokenbus.demo import run_demo
 
     return await run_demo(settings, topic=args.topic, redis=args.redis, out=sys.stdout)
 

@@ -19,22 +19,23 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from tokenbus.redis_client import REDIS_UNAVAILABLE, redis_url
-from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.schemas.entries import Entry, EntryType, ErrorType
 from tokenbus.schemas.errors import ClientStateError, InvalidJobId
+from tokenbus.schemas.job import JOB_FUNCTION
 from tokenbus.schemas.keys import is_valid_job_id, validate_job_id, wake_channel
-from tokenbus.settings import Settings
 from tokenbus.worker.background import stop
 from tokenbus.worker.job import LEASES, RESOURCES, run_graph
 from tokenbus.worker.lease import Leases
 from tokenbus.worker.orphans import WORKER_LOST, close_attempt, newest_entry
+from tokenbus.worker.redis_client import redis_url
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.serializer import job_deserializer, job_serializer
+from tokenbus.worker.settings import Settings
 from tokenbus.worker.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
 
-JOB_FUNCTION = "run_graph"
 POLL_RETRY_DELAY_S = 0.5
 _REDIS_FAILED = (*REDIS_UNAVAILABLE, redis_errors.WatchError)  # or a WATCHed key changed under arq
 _REDIS_REFUSING = (
@@ -225,7 +226,7 @@ class TokenbusWorker(Worker):
                 await pipe.execute()
             await self._leases().release(job_id)
             if is_valid_job_id(job_id):
-                await self._close_stream(job_id, f"the job could not be run: {reason}", "InvalidJob")
+                await self._close_stream(job_id, f"the job could not be run: {reason}", ErrorType.INVALID_JOB)
         except _REDIS_FAILED:
             logger.warning("job %s: could not close it; it stays queued", short(job_id), exc_info=True)
 
@@ -289,10 +290,9 @@ class TokenbusWorker(Worker):
         aborted = reason.startswith("CancelledError")
         try:
             last = await newest_entry(resources.redis, resources.keys, job_id)
-            await self._close_stream(
-                job_id, _not_run_reason(aborted, last, reason), "CancelledError" if aborted else "JobNotRun",
-                kind=EntryType.CANCELLED if aborted else EntryType.ERROR,
-            )  # fmt: skip
+            error_type = ErrorType.CANCELLED if aborted else ErrorType.JOB_NOT_RUN
+            kind = EntryType.CANCELLED if aborted else EntryType.ERROR
+            await self._close_stream(job_id, _not_run_reason(aborted, last, reason), error_type, kind=kind)
         except _REDIS_FAILED:
             logger.warning("job %s: could not write its terminal entry; the sweeper will", job_id, exc_info=True)
 

@@ -14,13 +14,12 @@ from arq.utils import timestamp_ms
 from redis import exceptions as redis_errors
 
 from tokenbus.consumer.jobs import job_result
-from tokenbus.redis_client import redis_url
 from tokenbus.schemas.entries import EntryType
-from tokenbus.schemas.job import ALL_MODES, JobRequest, StreamMode
+from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, JobRequest, StreamMode
 from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys, wake_channel
-from tokenbus.settings import Settings
-from tokenbus.worker.app import JOB_FUNCTION
+from tokenbus.worker.redis_client import redis_url
 from tokenbus.worker.serializer import job_deserializer, job_serializer
+from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 

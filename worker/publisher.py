@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from tokenbus.redis_client import REDIS_UNAVAILABLE
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.schemas.errors import ClientStateError, PublishError
 from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
 

@@ -12,15 +12,15 @@ from typing import Any, TypeVar
 import httpx2
 from redis.asyncio import Redis
 
-from tokenbus.offline_model import OfflineModelServer
-from tokenbus.redis_client import redis_from_settings
 from tokenbus.schemas.keys import StreamKeys
-from tokenbus.settings import Settings
 from tokenbus.worker.emitter import JobEmitter, StreamLimits
 from tokenbus.worker.graphs import joke_poem
+from tokenbus.worker.offline_model import OfflineModelServer
 from tokenbus.worker.orphans import Sweeper
 from tokenbus.worker.publisher import Publisher
+from tokenbus.worker.redis_client import redis_from_settings
 from tokenbus.worker.registry import Graph, GraphRegistry, load_graph
+from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 
 from redis.asyncio import Redis
 
-from tokenbus.redis_client import REDIS_UNAVAILABLE
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.worker.background import Background
 
 logger = logging.getLogger(__name__)
