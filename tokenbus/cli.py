@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run an arq worker that runs graph jobs")
+    p.add_argument(
+        "--app-dir", default=".", help="directory put first on the import path for TOKENBUS_GRAPHS (default: here)"
+    )
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
 
     p = sub.add_parser("enqueue", help="enqueue a graph job and print its id")
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         commands, args.command.replace("-", "_")
     )
     try:
+        if args.command == "worker":
+            commands.use_app_dir(args.app_dir)
         return run(handler(settings, args))
     except TokenbusError as e:
         print(f"tokenbus: {e}", file=sys.stderr)
