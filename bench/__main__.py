@@ -41,6 +41,7 @@ from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, chunk_fields
 from tokenbus.schemas.job import JOB_FUNCTION
+from tokenbus.worker._langgraph import install_writer
 from tokenbus.worker.app import build_worker, stop_worker, tune_gc
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import JobEmitter, Outcome, StreamLimits
@@ -50,7 +51,6 @@ from tokenbus.worker.offline_model import OfflineModelServer
 from tokenbus.worker.publisher import Publisher
 from tokenbus.worker.serializer import job_serializer
 from tokenbus.worker.settings import Settings
-from tokenbus.worker.streaming import install_writer
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"

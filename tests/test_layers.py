@@ -84,3 +84,31 @@ def test_clients_and_readers_load_no_graph_library() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+PRIVATE_USES = {
+    "langgraph._internal": "_langgraph.py",
+    "langgraph.pregel._messages": "_langgraph.py",
+    "._emit(": "_langgraph.py",
+    "._writer": "_redis.py",
+    "_poll_iteration": "_arq.py",
+    "_release_sem_dec_counter_on_complete": "_arq.py",
+    "_handle_signals": "_arq.py",
+    "log_redis_info": "_arq.py",
+}
+"""The private names of LangGraph, redis-py and arq that tokenbus uses, and the one module of
+``worker/`` that may use each (it checks the library's version at import)."""
+
+
+def test_private_parts_of_a_library_are_used_in_its_adapter_only() -> None:
+    sources = [p for d in ("schemas", "consumer", "worker", "tokenbus") for p in python_files(d)]
+    stray = [
+        f"{path.relative_to(ROOT)} uses {name} (only worker/{adapter} may)"
+        for path in sources
+        if path.parent.name not in LAYERS or path.parent.parent == ROOT
+        for name, adapter in PRIVATE_USES.items()
+        if name in path.read_text() and path.name != adapter
+    ]
+    assert stray == []
+    for adapter in set(PRIVATE_USES.values()):
+        assert "WRITTEN_FOR" in (ROOT / "worker" / adapter).read_text(), f"{adapter} checks no version"

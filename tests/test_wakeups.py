@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 from tests.support import follow_job, wait_for
 from tokenbus.schemas.job import JOB_FUNCTION
 from tokenbus.schemas.keys import wake_channel
-from tokenbus.worker.app import TokenbusWorker, build_worker, stop_worker
+from tokenbus.worker._arq import TokenbusWorker
+from tokenbus.worker.app import build_worker, stop_worker
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.settings import Settings
 

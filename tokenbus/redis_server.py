@@ -6,7 +6,6 @@ whoever starts one stops it. Nothing here ever touches a server it did not start
 
 from __future__ import annotations
 
-import functools
 import shutil
 import socket
 import subprocess
@@ -138,7 +137,9 @@ class FakeRedisServer:
     def start(self) -> None:
         import fakeredis
 
-        _tolerate_missing_info()
+        from tokenbus.worker._arq import tolerate_missing_info
+
+        tolerate_missing_info()
         self._server = fakeredis.TcpFakeServer(("127.0.0.1", self.port), server_type="redis", server_version=(7, 0))
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakeredis", daemon=True)
         self._thread.start()
@@ -168,17 +169,3 @@ def _pings(port: int) -> bool:
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
-
-
-@functools.cache
-def _tolerate_missing_info() -> None:
-    """arq logs the server's INFO when a worker starts; fakeredis has no INFO command (and its TCP
-    server drops the connection on an unknown command). Only the embedded fallback needs this:
-    the worker's start-up log line changes, nothing else.
-    """
-    import arq.worker
-
-    async def log_redis_info(redis: Any, log_func: Any) -> None:
-        log_func(f"redis: embedded fakeredis, db_keys={await redis.dbsize()}")
-
-    arq.worker.log_redis_info = log_redis_info  # type: ignore[attr-defined]
