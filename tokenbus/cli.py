@@ -15,7 +15,7 @@ from tokenbus.schemas.errors import TokenbusError
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ def configure_logging(level: str) -> None:
                 }
             },
             "root": {"handlers": ["stderr"], "level": level.upper()},
-            "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+            "loggers": {name: {"level": "WARNING"} for name in ("httpx", "httpcore", "httpx2", "httpcore2")},
         }
     )
 

@@ -13,20 +13,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 START_TIMEOUT_S = 10.0
-
-
-class PrivateRedis(Protocol):
-    kind: str
-
-    @property
-    def url(self) -> str: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 def free_port() -> int:
@@ -72,10 +61,6 @@ class RedisServerProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     def start(self) -> None:
         args = [

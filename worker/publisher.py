@@ -104,7 +104,6 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.fence: Fence | None = None
-        self.batches = 0
         self.retries = 0
         self.lost_total = 0
 
@@ -256,7 +255,6 @@ class Publisher:
                 logger.warning("publishing %d entries failed (%s); retry %d in %.2fs", len(batch), e, attempt, delay)
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
-            self.batches += 1
             if refused:
                 self._refused(batch, refused)
             return
