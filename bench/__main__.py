@@ -36,20 +36,21 @@ from redis.asyncio import Redis
 
 from bench.consumer import percentiles
 from bench.graphs import GRAPHS, WORDS, custom, messages, paced
-from consumer.reader import BEGINNING
-from consumer.subscribe import subscribe
-from schemas.entries import Entry, chunk_fields
-from tokenbus.offline_model import OfflineModelServer
+from tokenbus.consumer.reader import BEGINNING
+from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.settings import Settings
-from worker.app import JOB_FUNCTION, build_worker, stop_worker, tune_gc
-from worker.client import TokenbusClient
-from worker.emitter import JobEmitter, Outcome, StreamLimits
-from worker.graphs import joke_poem
-from worker.job import RESOURCES, run_graph
-from worker.publisher import Publisher
-from worker.serializer import job_serializer
-from worker.streaming import install_writer
+from tokenbus.schemas.entries import Entry, chunk_fields
+from tokenbus.schemas.job import JOB_FUNCTION
+from tokenbus.worker._langgraph import install_writer
+from tokenbus.worker.app import build_worker, stop_worker, tune_gc
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.emitter import JobEmitter, Outcome, StreamLimits
+from tokenbus.worker.graphs import joke_poem
+from tokenbus.worker.job import RESOURCES, run_graph
+from tokenbus.worker.offline_model import OfflineModelServer
+from tokenbus.worker.publisher import Publisher
+from tokenbus.worker.serializer import job_serializer
+from tokenbus.worker.settings import Settings
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -17,9 +17,9 @@ import orjson
 import uvloop
 from redis.asyncio import Redis
 
-from consumer.reader import LATEST, latest_positions
-from consumer.subscribe import subscribe
-from schemas.entries import Entry
+from tokenbus.consumer.reader import LATEST, latest_positions
+from tokenbus.consumer.subscribe import subscribe
+from tokenbus.schemas.entries import Entry
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from schemas.entries import TERMINAL_TYPES, Entry
+from tokenbus.schemas.entries import TERMINAL_TYPES, Entry
 
 MAX_COPIES_PER_JOB = 1024
 """Chunks of one attempt remembered while a copy of them may still come from another stream."""

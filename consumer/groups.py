@@ -27,12 +27,12 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
 
-from consumer.attempts import AttemptFilter, Restart
-from consumer.reader import LATEST, as_text, blocking_read_timeout
-from schemas.entries import Entry
-from schemas.errors import InvalidJobId, MalformedEntry
-from schemas.keys import StreamKeys, validate_job_id
-from tokenbus.redis_client import REDIS_UNAVAILABLE
+from tokenbus.consumer.attempts import AttemptFilter, Restart
+from tokenbus.consumer.reader import LATEST, as_text, blocking_read_timeout
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.schemas.entries import Entry
+from tokenbus.schemas.errors import InvalidJobId, MalformedEntry
+from tokenbus.schemas.keys import StreamKeys
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class GroupConsumer:
     async def _claim_copies(self, entry: Entry, stream: str, entry_id: str) -> bool:
         """Whether this copy of a chunk held by several of the group's streams is the one the
         group handles: the first handed out claims the chunk, and keeps it through redeliveries."""
-        key = f"{self._keys.prefix}:copies:{{{validate_job_id(entry.job)}}}:{self.group}"
+        key = self._keys.copies(entry.job, self.group)
         chunk, copy = f"{entry.attempt}:{entry.seq}", f"{stream} {entry_id}"
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hsetnx(key, chunk, copy)

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from consumer.attempts import AttemptFilter
-from consumer.reader import BEGINNING, as_text
-from consumer.subscribe import subscribe
-from schemas.entries import Entry, EntryType
-from schemas.errors import MalformedEntry
-from schemas.keys import DEFAULT_PREFIX, StreamKeys
+from tokenbus.consumer.attempts import AttemptFilter
+from tokenbus.consumer.reader import BEGINNING, as_text
+from tokenbus.consumer.subscribe import subscribe
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.errors import MalformedEntry
+from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys
 
 logger = logging.getLogger(__name__)
 

@@ -11,16 +11,11 @@ from typing import Any, Literal, TextIO
 
 import orjson
 
-from consumer.attempts import Restart
-from consumer.reader import Gap
-from schemas.entries import Entry, EntryType
+from tokenbus.consumer.attempts import Restart
+from tokenbus.consumer.reader import Gap
+from tokenbus.schemas.entries import Entry, EntryType
 
 Format = Literal["text", "jsonl"]
-
-
-def entry_json(entry: Entry) -> dict[str, Any]:
-    """An entry as one JSON object: every contract field plus ``id`` and ``stream``."""
-    return entry.to_dict()
 
 
 def restart_json(restart: Restart) -> dict[str, Any]:
@@ -48,7 +43,7 @@ class Printer:
             self.notice(str(item))
             return
         if self._format == "jsonl":
-            line = orjson.dumps(restart_json(item) if isinstance(item, Restart) else entry_json(item))
+            line = orjson.dumps(restart_json(item) if isinstance(item, Restart) else item.to_dict())
             self._out.write(line.decode() + "\n")
             self._out.flush()
             return

@@ -23,7 +23,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
-from tokenbus.redis_client import REDIS_UNAVAILABLE
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The consumer API: ``async for entry in subscribe(redis, tags=["poem"]): ...``.
 
-Yields typed :class:`schemas.Entry` objects, newest attempt of each job only, each entry once
+Yields typed :class:`tokenbus.schemas.Entry` objects, newest attempt of each job only, each entry once
 (however many followed streams hold a copy), filtered by job, node and type; and notices:
 :class:`Gap` (entries were trimmed before they were read) and :class:`Restart` (a newer attempt of
 a job begins: what came of the older one is superseded). Entries that are not tokenbus v1
@@ -20,11 +20,11 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from consumer.attempts import AttemptFilter, Restart
-from consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text
-from schemas.entries import TERMINAL_TYPES, Entry, EntryType
-from schemas.errors import MalformedEntry
-from schemas.keys import DEFAULT_PREFIX, StreamKeys
+from tokenbus.consumer.attempts import AttemptFilter, Restart
+from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text
+from tokenbus.schemas.entries import TERMINAL_TYPES, Entry, EntryType
+from tokenbus.schemas.errors import MalformedEntry
+from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys
 
 logger = logging.getLogger(__name__)
 

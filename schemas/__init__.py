@@ -1,6 +1,6 @@
 """The wire contract of tokenbus: stream keys, entries and job requests (contract v1)."""
 
-from schemas.entries import (
+from tokenbus.schemas.entries import (
     CHUNK_TYPES,
     CONTRACT_VERSION,
     TERMINAL_TYPES,
@@ -10,10 +10,11 @@ from schemas.entries import (
     Entry,
     EntryType,
     ErrorEntry,
+    ErrorType,
     StartEntry,
     TokenEntry,
 )
-from schemas.errors import (
+from tokenbus.schemas.errors import (
     ClientStateError,
     ContractError,
     GraphLoadError,
@@ -27,14 +28,15 @@ from schemas.errors import (
     UnknownGraph,
     UnsupportedVersion,
 )
-from schemas.job import ALL_MODES, JobRequest, StreamMode
-from schemas.keys import DEFAULT_PREFIX, StreamKeys, validate_job_id, validate_tag
+from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, JobRequest, StreamMode
+from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys, validate_job_id, validate_tag
 
 __all__ = [
     "ALL_MODES",
     "CHUNK_TYPES",
     "CONTRACT_VERSION",
     "DEFAULT_PREFIX",
+    "JOB_FUNCTION",
     "TERMINAL_TYPES",
     "CancelledEntry",
     "ClientStateError",
@@ -44,6 +46,7 @@ __all__ = [
     "Entry",
     "EntryType",
     "ErrorEntry",
+    "ErrorType",
     "GraphLoadError",
     "InvalidJobId",
     "InvalidJobRequest",

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from schemas.errors import MalformedEntry, UnsupportedVersion
+from tokenbus.schemas.errors import MalformedEntry, UnsupportedVersion
 
 CONTRACT_VERSION = "1"
 _V = CONTRACT_VERSION.encode()
@@ -31,6 +31,19 @@ class EntryType(StrEnum):
     END = "end"
     ERROR = "error"
     CANCELLED = "cancelled"
+
+
+class ErrorType(StrEnum):
+    """``error_type`` values of tokenbus's own; others are the graph's exception class names."""
+
+    INVALID_JOB_REQUEST = "InvalidJobRequest"  # the request does not validate
+    INVALID_JOB = "InvalidJob"  # an envelope arq cannot run
+    JOB_NOT_RUN = "JobNotRun"  # arq failed the job before it ran (max tries, expired)
+    JOB_TIMEOUT = "JobTimeout"
+    PUBLISH_ERROR = "PublishError"  # entries lost or refused by Redis
+    WORKER_LOST = "WorkerLost"  # the attempt's worker stopped without ending it
+    LEASE_LOST = "LeaseLost"  # the attempt's worker lost its lease
+    CANCELLED = "CancelledError"  # aborted, or the worker shut down
 
 
 CHUNK_TYPES = frozenset({EntryType.TOKEN, EntryType.CUSTOM})

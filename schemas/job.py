@@ -8,12 +8,15 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas.errors import ContractError, InvalidJobRequest
-from schemas.keys import validate_job_id, validate_tag
+from tokenbus.schemas.errors import ContractError, InvalidJobRequest
+from tokenbus.schemas.keys import validate_job_id, validate_tag
 
 _GRAPH_NAME = r"^[A-Za-z0-9._:-]+$"
 RESERVED_CONFIG_PREFIXES = ("__pregel_", "tokenbus_")
 """``config`` keys a request may not set: LangGraph's internals, and what the worker sets itself."""
+
+JOB_FUNCTION = "run_graph"
+"""The arq function name of a tokenbus job (the envelope's ``f``)."""
 
 StreamMode = Literal["messages", "custom"]
 ALL_MODES: tuple[StreamMode, ...] = ("messages", "custom")

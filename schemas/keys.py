@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from schemas.errors import InvalidJobId, InvalidTag
+from tokenbus.schemas.errors import InvalidJobId, InvalidTag
 
 _TAG_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Job ids become part of a key too; the same alphabet keeps them out of other keys' namespaces.
@@ -65,3 +65,16 @@ class StreamKeys:
     @property
     def dead_letter(self) -> str:
         return f"{self.prefix}:dead"
+
+    @property
+    def running(self) -> str:
+        """The sorted set of running jobs, scored by their last heartbeat (ms)."""
+        return f"{self.prefix}:running"
+
+    def copies(self, job_id: str, group: str) -> str:
+        """Which copy of a multi-tag chunk consumer group ``group`` handles (a hash)."""
+        return f"{self.prefix}:copies:{{{validate_job_id(job_id)}}}:{group}"
+
+    def sweeping(self, job_id: str) -> str:
+        """The sweeper's short lock on a job it closes."""
+        return f"{self.prefix}:sweeping:{{{validate_job_id(job_id)}}}"

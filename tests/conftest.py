@@ -16,10 +16,10 @@ from redis.asyncio import Redis
 
 from tests.support import FAULTS, ThreadedModelServer
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.settings import Settings
-from worker.app import build_worker
-from worker.client import TokenbusClient
-from worker.serializer import job_deserializer, job_serializer
+from tokenbus.worker.app import build_worker
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.serializer import job_deserializer, job_serializer
+from tokenbus.worker.settings import Settings
 
 _ENV_PREFIXES = ("TOKENBUS_", "OPENAI_", "REDIS_URL")
 

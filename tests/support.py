@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from consumer.attempts import Restart
-from consumer.jobs import JobView
-from consumer.subscribe import subscribe
-from schemas.entries import Entry
-from tokenbus.offline_model import Fault, OfflineModelServer
+from tokenbus.consumer.attempts import Restart
+from tokenbus.consumer.jobs import JobView
+from tokenbus.consumer.subscribe import subscribe
+from tokenbus.schemas.entries import Entry
+from tokenbus.worker.offline_model import Fault, OfflineModelServer
 
 T = TypeVar("T")
 
@@ -121,9 +121,9 @@ class Process:
         ]
 
     @classmethod
-    async def start(cls, *args: str, env: dict[str, str], name: str = "tokenbus") -> Process:
+    async def start(cls, *args: str, env: dict[str, str], name: str = "tokenbus", cwd: Path | None = None) -> Process:
         proc = await asyncio.create_subprocess_exec(
-            TOKENBUS, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+            TOKENBUS, *args, env=env, stdin=asyncio.subprocess.DEVNULL, cwd=cwd,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         return cls(proc, name)

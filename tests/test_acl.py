@@ -13,19 +13,19 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from consumer.groups import GroupConsumer
-from consumer.jobs import job_result
-from consumer.subscribe import subscribe
-from schemas.entries import Entry, EntryType
-from schemas.keys import wake_channel
 from tests.conftest import RunWorker, settings_env
 from tests.support import Process, follow_job, read_stream, wait_for, wait_until
-from tokenbus.offline_model import script_for
+from tokenbus.consumer.groups import GroupConsumer
+from tokenbus.consumer.jobs import job_result
+from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.settings import Settings
-from worker.client import TokenbusClient
-from worker.emitter import StreamLimits
-from worker.orphans import Sweeper, running_key
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.keys import wake_channel
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.orphans import Sweeper
+from tokenbus.worker.settings import Settings
 
 JOKE = script_for("Write a joke about cats")
 POEM = script_for("Write a short poem about cats")
@@ -164,7 +164,7 @@ async def test_worker_user_of_a_queue_named_with_glob_characters_runs_and_sweeps
     # the sweeper's part: close an attempt whose worker vanished (see test_faults.py)
     keys, orphan = settings.keys, f"{settings.prefix}-orphan"
     await redis.xadd(keys.job(orphan), Entry(type="start", job=orphan, attempt=1, seq=0, ts=1).encode())  # type: ignore[arg-type]
-    await redis.zadd(running_key(keys), {orphan: 0})
+    await redis.zadd(keys.running, {orphan: 0})
     limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
     worker_redis = connect(worker_settings)
     assert await Sweeper(worker_redis, keys, limits, heartbeat_s=0.1).sweep() == [orphan]

@@ -22,17 +22,16 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 
-from consumer.jobs import JobView, job_result
-from schemas.entries import Entry, EntryType
-from schemas.job import StreamMode
-from schemas.keys import wake_channel
 from tests.conftest import make_settings, settings_env
 from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_for, wait_until
-from tokenbus.offline_model import script_for
+from tokenbus.consumer.jobs import JobView, job_result
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.settings import Settings
-from worker.app import JOB_FUNCTION
-from worker.client import TokenbusClient
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.job import JOB_FUNCTION, StreamMode
+from tokenbus.schemas.keys import wake_channel
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 

@@ -6,15 +6,16 @@ import pytest
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from schemas.entries import EntryType
-from schemas.errors import InvalidJobRequest, InvalidTag
 from tests.conftest import settings_env
 from tests.support import Process, read_stream, text_of
-from tokenbus.offline_model import script_for
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.settings import Settings
-from worker.app import JOB_FUNCTION, STARTUP_WAIT_S
-from worker.client import TokenbusClient
+from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.errors import InvalidJobRequest, InvalidTag
+from tokenbus.schemas.job import JOB_FUNCTION
+from tokenbus.worker.app import STARTUP_WAIT_S
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.settings import Settings
 
 POEM = script_for("Write a short poem about cats")
 

@@ -10,9 +10,9 @@ from redis.asyncio import Redis
 
 from tests.graphs import GATE
 from tests.support import follow_job, wait_for, wait_until
-from tokenbus.settings import Settings
-from worker.app import build_worker, stop_worker
-from worker.client import TokenbusClient
+from tokenbus.worker.app import build_worker, stop_worker
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.settings import Settings
 
 
 async def test_a_poll_starts_its_due_jobs_and_leaves_the_others(

@@ -15,8 +15,8 @@ import yaml
 from tests.conftest import settings_env
 from tests.support import Process
 from tokenbus.cli import build_parser
-from tokenbus.offline_model import script_for
-from tokenbus.settings import Settings
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.settings import Settings
 
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
 POEM = script_for("Write a short poem about cats")

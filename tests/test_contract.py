@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from schemas import (
+from tokenbus.schemas import (
     CustomEntry,
     Entry,
     EntryType,

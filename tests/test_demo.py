@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 from tests.support import Process
-from tokenbus.offline_model import script_for, tokenize
+from tokenbus.worker.offline_model import script_for, tokenize
 
 pytestmark = pytest.mark.e2e
 
@@ -34,3 +35,17 @@ async def test_demo_shows_joke_and_poem_tokens_by_tag(redis: str) -> None:
         assert printed["joke"].strip() == joke.strip()
         assert printed["poem"].strip() == poem.strip()
     assert "XLEN tokenbus:tag:{poem} = 148" in out
+
+
+async def test_an_application_with_its_own_schemas_worker_and_consumer_modules_does_not_shadow_tokenbus(
+    tmp_path: Path,
+) -> None:
+    """Run from a project directory on the import path (as uvicorn and celery put it) that holds a
+    ``schemas.py``, ``worker.py`` and ``consumer.py`` of its own: tokenbus imports none of them."""
+    for name in ("schemas", "worker", "consumer"):
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('the application\\'s own {name}.py was imported')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENBUS_", "OPENAI_", "REDIS_URL"))}
+    env |= {"TOKENBUS_OFFLINE_TOKENS_PER_S": "0", "PYTHONPATH": str(tmp_path)}
+    demo = await Process.start("demo", "--redis", "fake", env=env, name="demo", cwd=tmp_path)
+    assert await demo.wait(within=120) == 0, demo.output
+    assert "XLEN tokenbus:tag:{poem} = 148" in "\n".join(demo.stdout)

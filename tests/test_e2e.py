@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import settings_env
 from tests.support import Process
-from tokenbus.offline_model import script_for
-from tokenbus.settings import Settings
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
 

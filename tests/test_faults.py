@@ -17,16 +17,16 @@ import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
-from schemas.entries import Entry, EntryType
 from tests.conftest import settings_env
 from tests.support import Process, ThreadedModelServer, follow_job, read_stream, text_of, wait_until
-from tokenbus.offline_model import script_for
-from tokenbus.settings import Settings
-from worker import job as job_module
-from worker.app import build_worker
-from worker.client import TokenbusClient
-from worker.emitter import StreamLimits
-from worker.orphans import Sweeper, running_key
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.worker import job as job_module
+from tokenbus.worker.app import build_worker
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.orphans import Sweeper
+from tokenbus.worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -245,11 +245,11 @@ async def test_sweeper_closes_a_job_nobody_will_run(settings: Settings, redis: R
         await redis.xadd(keys.job(job_id), entry.encode())  # type: ignore[arg-type]
         if entry.tags:
             await redis.xadd(keys.tag("poem"), entry.encode())  # type: ignore[arg-type]
-    await redis.zadd(running_key(keys), {job_id: 0})  # its heartbeat stopped long ago
+    await redis.zadd(keys.running, {job_id: 0})  # its heartbeat stopped long ago
     sweeper = Sweeper(redis, keys, limits, heartbeat_s=0.1)
     assert await sweeper.sweep() == [job_id]
     last = (await read_stream(redis, keys.tag("poem")))[-1]
     assert (last.type, last.attempt, last.seq, last.retry) == (EntryType.ERROR, 2, 2, False)
     assert "attempt 2 stopped without ending it" in last.error
-    assert await redis.zscore(running_key(keys), job_id) is None
+    assert await redis.zscore(keys.running, job_id) is None
     assert await sweeper.sweep() == []

@@ -9,13 +9,13 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from consumer.groups import GroupConsumer, group_stats
-from schemas.entries import Entry, TokenEntry
-from schemas.keys import StreamKeys
 from tests.conftest import settings_env
 from tests.support import Process, wait_for, wait_until
+from tokenbus.consumer.groups import GroupConsumer, group_stats
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.settings import Settings
+from tokenbus.schemas.entries import Entry, TokenEntry
+from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.settings import Settings
 
 
 async def fill(redis: Redis, key: str, n: int, job: str = "j") -> list[str]:
@@ -94,7 +94,7 @@ async def test_a_blocked_read_outlasts_the_clients_socket_timeout(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
-    assert not [r for r in caplog.records if r.name == "consumer.groups" and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name == "tokenbus.consumer.groups" and r.levelno >= logging.WARNING]
 
 
 async def test_poison_entry_goes_to_the_dead_letter_stream(redis: Redis, prefix: str) -> None:

@@ -15,14 +15,14 @@ import pytest
 from arq.constants import job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from schemas.entries import EntryType
-from schemas.keys import StreamKeys
 from tests.support import read_stream
-from worker.emitter import StreamLimits
-from worker.lease import Leases, claim_key
-from worker.orphans import close_attempt
-from worker.publisher import Publisher, Sink
-from worker.serializer import InvalidEnvelope, job_deserializer
+from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.lease import Leases, claim_key
+from tokenbus.worker.orphans import close_attempt
+from tokenbus.worker.publisher import Publisher, Sink
+from tokenbus.worker.serializer import InvalidEnvelope, job_deserializer
 
 GOOD = {"t": 1, "f": "run_graph", "a": [{"graph": "joke_poem"}], "k": {}, "et": 1}
 

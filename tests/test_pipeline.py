@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from schemas.entries import EntryType
 from tests.support import read_stream, text_of
-from tokenbus.offline_model import script_for
-from tokenbus.settings import Settings
-from worker.client import TokenbusClient
+from tokenbus.schemas.entries import EntryType
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.settings import Settings
 
 JOKE = script_for("Write a joke about cats")
 POEM = script_for("Write a short poem about cats")

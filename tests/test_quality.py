@@ -24,7 +24,7 @@ def test_linter_passes(command: list[str]) -> None:
 
 
 def test_readme_documents_every_setting() -> None:
-    from tokenbus.settings import Settings
+    from tokenbus.worker.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]

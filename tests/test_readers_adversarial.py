@@ -17,18 +17,18 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import START, StateGraph
 from redis.asyncio import Redis
 
-from consumer.attempts import AttemptFilter, Restart
-from consumer.groups import GroupConsumer
-from consumer.jobs import job_result
-from consumer.reader import Gap
-from consumer.subscribe import subscribe
-from schemas.entries import ENTRY_CLASSES, Entry, EntryType
-from schemas.errors import MalformedEntry
 from tests.conftest import RunWorker, settings_env
 from tests.graphs import State, WordsModel
 from tests.support import Process, read_stream, wait_for
-from tokenbus.settings import Settings
-from worker.client import TokenbusClient
+from tokenbus.consumer.attempts import AttemptFilter, Restart
+from tokenbus.consumer.groups import GroupConsumer
+from tokenbus.consumer.jobs import job_result
+from tokenbus.consumer.reader import Gap
+from tokenbus.consumer.subscribe import subscribe
+from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from tokenbus.schemas.errors import MalformedEntry
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.settings import Settings
 
 
 async def _two_tags(state: State, config: RunnableConfig) -> State:

@@ -10,15 +10,15 @@ import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from schemas.entries import Entry, EntryType
 from tests.conftest import make_settings, settings_env
 from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_for, wait_until
-from tokenbus.offline_model import script_for
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.settings import Settings
-from worker.app import build_worker
-from worker.client import TokenbusClient
-from worker.resources import WorkerResources
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.worker.app import build_worker
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.resources import WorkerResources
+from tokenbus.worker.settings import Settings
 
 pytestmark = pytest.mark.faults
 

@@ -13,14 +13,14 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from consumer.attempts import Restart
-from consumer.reader import Gap, StreamReader, latest_positions
-from consumer.subscribe import subscribe
-from schemas.entries import ENTRY_CLASSES, Entry, EntryType
-from schemas.errors import MalformedEntry
-from schemas.keys import StreamKeys
 from tests.support import wait_until
+from tokenbus.consumer.attempts import Restart
+from tokenbus.consumer.reader import Gap, StreamReader, latest_positions
+from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import RedisServerProcess
+from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from tokenbus.schemas.errors import MalformedEntry
+from tokenbus.schemas.keys import StreamKeys
 
 
 @pytest.fixture(params=["fakeredis", "redis-server"])

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import shlex
 import threading
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
-from consumer.reader import parse_id
-from schemas.entries import EntryType
-from schemas.errors import GraphLoadError
+from tests.conftest import settings_env
 from tests.graphs import every_chunk
-from tests.support import read_stream, text_of
-from tokenbus.settings import Settings
-from worker.client import TokenbusClient
-from worker.emitter import JobEmitter
-from worker.registry import load_graph
+from tests.support import Process, read_stream, text_of
+from tokenbus.consumer.reader import parse_id
+from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.errors import GraphLoadError
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.emitter import JobEmitter
+from tokenbus.worker.offline_model import script_for
+from tokenbus.worker.registry import load_graph
+from tokenbus.worker.settings import Settings
 
+ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = {
     "burst": "tests.graphs:burst",
     "burst_tokens": "tests.graphs:burst_tokens",
@@ -192,3 +198,30 @@ async def test_each_custom_chunk_goes_to_the_streams_of_its_own_tags(
 def test_graph_paths_that_do_not_load_say_why(path: str, message: str) -> None:
     with pytest.raises(GraphLoadError, match=message):
         load_graph(path)
+
+
+async def test_the_readmes_example_graph_runs_as_written_from_a_project_directory(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """README's "Writing your own graph": its module and its two commands, run from the project's
+    directory with no API key (every graph then talks to the offline model)."""
+    section = (ROOT / "README.md").read_text().split("## Writing your own graph", 1)[1]
+    module = section.split("```python\n", 1)[1].split("```", 1)[0]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    path = module.splitlines()[0].removeprefix("# ")
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).write_text(module)
+    worker_line, enqueue_line = (shlex.split(line.replace("./dev tokenbus", "tokenbus")) for line in commands)
+    graphs = worker_line[0].removeprefix("TOKENBUS_GRAPHS=")
+    offline = settings.model_copy(update={"openai_base_url": None, "openai_api_key": None})
+    env = settings_env(offline) | {"TOKENBUS_GRAPHS": graphs, "TOKENBUS_OFFLINE_TOKENS_PER_S": "0"}
+
+    worker = await Process.start(*worker_line[2:], env=env, name="worker", cwd=tmp_path)
+    try:
+        await worker.wait_line("worker serves graphs: answer, joke_poem")
+        enqueue = await Process.start(*enqueue_line[1:], env=env, name="enqueue", cwd=tmp_path)
+        assert await enqueue.wait() == 0, enqueue.output + worker.output
+    finally:
+        await worker.stop()
+    question = orjson.loads(enqueue_line[enqueue_line.index("--input") + 1])["messages"][-1]["content"]
+    assert "".join(enqueue.stdout[1:]).strip() == script_for(question).strip(), enqueue.output

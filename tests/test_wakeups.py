@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from schemas.keys import wake_channel
 from tests.support import follow_job, wait_for
-from tokenbus.settings import Settings
-from worker.app import JOB_FUNCTION, TokenbusWorker, build_worker, stop_worker
-from worker.client import TokenbusClient
+from tokenbus.schemas.job import JOB_FUNCTION
+from tokenbus.schemas.keys import wake_channel
+from tokenbus.worker._arq import TokenbusWorker
+from tokenbus.worker.app import build_worker, stop_worker
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.settings import Settings
 
 NEVER_S = 3600.0
 """A poll delay no test outlives: a job these workers start was announced (or freed a slot)."""

@@ -11,10 +11,10 @@ import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from schemas import Entry, EntryType
-from schemas.entries import chunk_fields
 from tests.support import wait_for
-from worker.wire import CONTENT, DATA, SEQ, TS, Wire, XaddPacker, describe
+from tokenbus.schemas import Entry, EntryType
+from tokenbus.schemas.entries import chunk_fields
+from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, Wire, XaddPacker, describe
 
 META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags": ["poem"], "note": "100% sure"})
 STREAMS = [("tokenbus:job:{j1 100%d}", 1000), ("tokenbus:tag:{poem}", 50)]  # a job id may hold "%"

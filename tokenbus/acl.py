@@ -8,7 +8,7 @@ code that runs under it:
   in-progress, retry and result keys and its abort set, the queue and its health-check key, the
   ``<queue>:wake`` channel, ``INFO``/``DBSIZE`` (arq logs them at start); appends to job and tag
   streams, reads job streams back (the sweeper), ``<prefix>:running`` and ``<prefix>:sweeping:*``;
-  ``EVAL``/``EVALSHA`` of the lease scripts (:mod:`worker.lease`), whose commands Redis checks
+  ``EVAL``/``EVALSHA`` of the lease scripts (:mod:`tokenbus.worker.lease`), whose commands Redis checks
   against the same rules.
 - **enqueuer** (``worker/client.py``): arq's ``WATCH``/``MULTI`` enqueue of ``arq:job:<id>`` onto the
   queue, ``PUBLISH`` on the wake channel, ``ZADD arq:abort``, and reading job streams
@@ -41,9 +41,8 @@ from arq.constants import (
     retry_key_prefix,
 )
 
-from schemas.errors import TokenbusError
-from schemas.keys import StreamKeys, validate_tag, wake_channel
-from worker.orphans import running_key
+from tokenbus.schemas.errors import TokenbusError
+from tokenbus.schemas.keys import StreamKeys, validate_tag, wake_channel
 
 ROLES = ("worker", "enqueuer", "reader", "gateway")
 
@@ -159,7 +158,7 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
         f"%W~{queue}{glob_escape(health_check_key_suffix)}",
         f"~{prefix}:job:*",
         f"%W~{prefix}:tag:*",
-        f"~{glob_escape(running_key(keys))}",
+        f"~{glob_escape(keys.running)}",
         f"%W~{prefix}:sweeping:*",
     )
     return [*commands, *key_patterns, f"&{glob_escape(wake_channel(queue_name))}"]

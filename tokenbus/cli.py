@@ -11,11 +11,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.errors import TokenbusError
+from tokenbus.schemas.errors import TokenbusError
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run an arq worker that runs graph jobs")
+    p.add_argument(
+        "--app-dir", default=".", help="directory put first on the import path for TOKENBUS_GRAPHS (default: here)"
+    )
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
 
     p = sub.add_parser("enqueue", help="enqueue a graph job and print its id")
@@ -99,7 +102,7 @@ def configure_logging(level: str) -> None:
                 }
             },
             "root": {"handlers": ["stderr"], "level": level.upper()},
-            "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+            "loggers": {name: {"level": "WARNING"} for name in ("httpx", "httpcore", "httpx2", "httpcore2")},
         }
     )
 
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("INFO" if args.command in ("worker", "model-server") else "WARNING"))
     from tokenbus import commands
-    from tokenbus.settings import Settings
+    from tokenbus.worker.settings import Settings
 
     try:
         settings = Settings()
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         commands, args.command.replace("-", "_")
     )
     try:
+        if args.command == "worker":
+            commands.use_app_dir(args.app_dir)
         return run(handler(settings, args))
     except TokenbusError as e:
         print(f"tokenbus: {e}", file=sys.stderr)

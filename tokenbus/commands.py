@@ -7,19 +7,21 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 
-from consumer.attempts import Restart
-from consumer.groups import GroupConsumer, group_stats
-from consumer.output import Printer
-from consumer.reader import BEGINNING, LATEST, Gap, latest_positions
-from consumer.subscribe import streams_for, subscribe
-from schemas.entries import Entry, EntryType
-from schemas.errors import InvalidJobRequest
-from tokenbus.offline_model import Fault, OfflineModelServer
-from tokenbus.redis_client import redis_from_settings
-from tokenbus.settings import Settings
+from tokenbus.consumer.attempts import Restart
+from tokenbus.consumer.groups import GroupConsumer, group_stats
+from tokenbus.consumer.output import Printer
+from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
+from tokenbus.consumer.subscribe import streams_for, subscribe
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.errors import InvalidJobRequest, TokenbusError
+from tokenbus.worker.offline_model import Fault, OfflineModelServer
+from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,31 @@ EXIT_INCOMPLETE = 3
 READ_BLOCK_MS = 5000
 
 
+class CommandError(TokenbusError):
+    """A command cannot run as asked: a missing pip extra, an option that does not hold."""
+
+
+@contextlib.contextmanager
+def needs_extra(extra: str) -> Iterator[None]:
+    """Turn the import error of a module of a pip extra into one line that says what to install."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise CommandError(f"this command needs {e.name}: pip install 'tokenbus[{extra}]'") from e
+
+
+def use_app_dir(directory: str) -> None:
+    """Put the application's directory first on the import path, as uvicorn and celery do: the
+    graphs of ``TOKENBUS_GRAPHS`` import from there."""
+    app_dir = Path(directory).resolve()
+    if not app_dir.is_dir():
+        raise CommandError(f"--app-dir {directory}: no such directory")
+    sys.path.insert(0, str(app_dir))
+
+
 async def worker(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.app import build_worker
+    with needs_extra("worker"):
+        from tokenbus.worker.app import build_worker
 
     arq_worker = build_worker(settings, burst=args.burst)
     try:
@@ -46,7 +71,7 @@ async def worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.client import TokenbusClient
+    from tokenbus.worker.client import TokenbusClient
 
     try:
         config = orjson.loads(args.config)
@@ -159,7 +184,8 @@ async def groups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def demo(settings: Settings, args: argparse.Namespace) -> int:
-    from tokenbus.demo import run_demo
+    with needs_extra("demo"):
+        from tokenbus.demo import run_demo
 
     return await run_demo(settings, topic=args.topic, redis=args.redis, out=sys.stdout)
 

@@ -15,15 +15,15 @@ from typing import TextIO
 
 from redis.asyncio import Redis
 
-from consumer.reader import latest_positions
-from consumer.subscribe import subscribe
-from schemas.entries import Entry, EntryType
-from schemas.job import StreamMode
-from tokenbus.redis_client import redis_from_settings
+from tokenbus.consumer.reader import latest_positions
+from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import start_private_redis
-from tokenbus.settings import Settings
-from worker.app import build_worker, stop_worker
-from worker.client import TokenbusClient
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.job import StreamMode
+from tokenbus.worker.app import build_worker, stop_worker
+from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.settings import Settings
 
 TAGS = ("joke", "poem")
 MODES: dict[StreamMode, str] = {

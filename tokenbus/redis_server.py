@@ -6,7 +6,6 @@ whoever starts one stops it. Nothing here ever touches a server it did not start
 
 from __future__ import annotations
 
-import functools
 import shutil
 import socket
 import subprocess
@@ -14,20 +13,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 START_TIMEOUT_S = 10.0
-
-
-class PrivateRedis(Protocol):
-    kind: str
-
-    @property
-    def url(self) -> str: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 def free_port() -> int:
@@ -73,10 +61,6 @@ class RedisServerProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     def start(self) -> None:
         args = [
@@ -138,7 +122,9 @@ class FakeRedisServer:
     def start(self) -> None:
         import fakeredis
 
-        _tolerate_missing_info()
+        from tokenbus.worker._arq import tolerate_missing_info
+
+        tolerate_missing_info()
         self._server = fakeredis.TcpFakeServer(("127.0.0.1", self.port), server_type="redis", server_version=(7, 0))
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakeredis", daemon=True)
         self._thread.start()
@@ -168,17 +154,3 @@ def _pings(port: int) -> bool:
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
-
-
-@functools.cache
-def _tolerate_missing_info() -> None:
-    """arq logs the server's INFO when a worker starts; fakeredis has no INFO command (and its TCP
-    server drops the connection on an unknown command). Only the embedded fallback needs this:
-    the worker's start-up log line changes, nothing else.
-    """
-    import arq.worker
-
-    async def log_redis_info(redis: Any, log_func: Any) -> None:
-        log_func(f"redis: embedded fakeredis, db_keys={await redis.dbsize()}")
-
-    arq.worker.log_redis_info = log_redis_info  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import Any, ClassVar, Self
 
-from schemas.errors import ClientStateError
+from tokenbus.schemas.errors import ClientStateError
 
 RECANCEL_S = 0.1
 

@@ -13,14 +13,13 @@ from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
 from redis import exceptions as redis_errors
 
-from consumer.jobs import job_result
-from schemas.entries import EntryType
-from schemas.job import ALL_MODES, JobRequest, StreamMode
-from schemas.keys import DEFAULT_PREFIX, StreamKeys, wake_channel
-from tokenbus.redis_client import redis_url
-from tokenbus.settings import Settings
-from worker.app import JOB_FUNCTION
-from worker.serializer import job_deserializer, job_serializer
+from tokenbus.consumer.jobs import job_result
+from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, JobRequest, StreamMode
+from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys, wake_channel
+from tokenbus.worker.redis_client import redis_url
+from tokenbus.worker.serializer import job_deserializer, job_serializer
+from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class TokenbusClient:
         stream is kept (``TOKENBUS_JOB_TTL`` after it ended), enqueueing it again does nothing and
         returns the same id. (A worker never runs a job whose stream holds a final entry either,
         whoever enqueued it.)
-        Raises :class:`schemas.errors.InvalidJobRequest` for a request the worker would reject.
+        Raises :class:`tokenbus.schemas.errors.InvalidJobRequest` for a request the worker would reject.
         """
         request = JobRequest.parse(
             {

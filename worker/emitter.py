@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 from langchain_core.messages import BaseMessageChunk
 
-from schemas.entries import EntryType, chunk_fields, terminal_fields
-from schemas.errors import PayloadError
-from schemas.keys import StreamKeys, validate_tag
-from worker.publisher import Publisher, Sink
-from worker.wire import CONTENT, DATA, SEQ, TS, ChunkTemplate
+from tokenbus.schemas.entries import EntryType, chunk_fields, terminal_fields
+from tokenbus.schemas.errors import PayloadError
+from tokenbus.schemas.keys import StreamKeys, validate_tag
+from tokenbus.worker.publisher import Publisher, Sink
+from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, ChunkTemplate
 
 _EMPTY_JSON_LIST = b"[]"
 _EMPTY_JSON_OBJECT = b"{}"

@@ -7,21 +7,21 @@ import logging
 import time
 from typing import Any
 
-from schemas.entries import EntryType
-from schemas.errors import InvalidJobRequest, TokenbusError
-from schemas.job import JobRequest, is_valid_graph_name
-from worker.emitter import JobEmitter, Outcome
-from worker.lease import Leases
-from worker.orphans import close_attempt, newest_entry, running_key
-from worker.resources import WorkerResources
-from worker.streaming import stream_graph
+from tokenbus.schemas.entries import EntryType, ErrorType
+from tokenbus.schemas.errors import InvalidJobRequest, TokenbusError
+from tokenbus.schemas.job import JobRequest, is_valid_graph_name
+from tokenbus.worker.emitter import JobEmitter, Outcome
+from tokenbus.worker.lease import Leases
+from tokenbus.worker.orphans import close_attempt, newest_entry
+from tokenbus.worker.resources import WorkerResources
+from tokenbus.worker.streaming import stream_graph
 
 logger = logging.getLogger(__name__)
 
 RESOURCES = "tokenbus"
 """Key of the :class:`WorkerResources` in arq's ``ctx``."""
 LEASES = "tokenbus_leases"
-"""Key of the worker's :class:`worker.lease.Leases` in arq's ``ctx``."""
+"""Key of the worker's :class:`tokenbus.worker.lease.Leases` in arq's ``ctx``."""
 TERMINAL_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -53,21 +53,21 @@ async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str,
     if leases is not None:
         leases.attach(job_id, emitter.sink, int(ctx["job_try"]))
     resources.sweeper.running.add(job_id)
-    resources.publisher.command(emitter.sink, ("ZADD", running_key(resources.keys), time.time() * 1000, job_id))
+    resources.publisher.command(emitter.sink, ("ZADD", resources.keys.running, time.time() * 1000, job_id))
     emitter.start({"graph": _graph_name(request)})
     started = time.monotonic()
-    outcome = Outcome(EntryType.CANCELLED, "the job was interrupted", "CancelledError", retry=True)
+    outcome = Outcome(EntryType.CANCELLED, "the job was interrupted", ErrorType.CANCELLED, retry=True)
     try:
         outcome = await _run(resources, emitter, request)
     except asyncio.CancelledError:
         worker = ctx.get("worker")
         if worker is not None and job_id in worker.aborting_tasks:
-            outcome = Outcome(EntryType.CANCELLED, "the job was aborted", "CancelledError")
+            outcome = Outcome(EntryType.CANCELLED, "the job was aborted", ErrorType.CANCELLED)
         elif emitter.sink.fenced:
-            outcome = Outcome(EntryType.CANCELLED, "this worker lost the job's lease", "LeaseLost", retry=True)
+            outcome = Outcome(EntryType.CANCELLED, "this worker lost the job's lease", ErrorType.LEASE_LOST, retry=True)
         else:
             outcome = Outcome(
-                EntryType.CANCELLED, "the worker shut down; the job will run again", "CancelledError", retry=True
+                EntryType.CANCELLED, "the worker shut down; the job will run again", ErrorType.CANCELLED, retry=True
             )
         raise
     finally:
@@ -83,7 +83,7 @@ async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str,
 async def _until_done(terminal: asyncio.Task[Outcome]) -> Outcome:
     """Wait for the terminal entry even through cancellations (a shutdown's grace ending as the
     job ends), then pass a cancellation on: arq then decides with the entry written, and
-    :meth:`worker.app.TokenbusWorker.finish_job` sees that the job has ended."""
+    :meth:`tokenbus.worker.app.TokenbusWorker.finish_job` sees that the job has ended."""
     cancelled = False
     while True:
         try:
@@ -130,10 +130,10 @@ async def _write_terminal(
     backoff = iter(TERMINAL_BACKOFF_S)
     while True:
         if (sink.lost or sink.errors) and outcome.type is EntryType.END:
-            outcome = Outcome(EntryType.ERROR, str(sink.failure()), "PublishError")
+            outcome = Outcome(EntryType.ERROR, str(sink.failure()), ErrorType.PUBLISH_ERROR)
         lost_before, refused_before = sink.lost, len(sink.errors)
         emitter.finish(outcome, {"elapsed_ms": elapsed_ms, "lost": sink.lost + len(sink.errors)})
-        resources.publisher.command(sink, ("ZREM", running_key(resources.keys), emitter.job_id))
+        resources.publisher.command(sink, ("ZREM", resources.keys.running, emitter.job_id))
         await sink.flushed()
         written = sink.lost == lost_before and len(sink.errors) == refused_before
         if written or sink.fenced or (delay := next(backoff, None)) is None:
@@ -166,7 +166,7 @@ async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Out
     except TimeoutError as e:
         if deadline is None or not deadline.expired():
             return _error_outcome(emitter, e)
-        return Outcome(EntryType.ERROR, f"the job ran longer than its timeout of {timeout:g}s", "JobTimeout")
+        return Outcome(EntryType.ERROR, f"the job ran longer than its timeout of {timeout:g}s", ErrorType.JOB_TIMEOUT)
     except Exception as e:
         return _error_outcome(emitter, e)
     return Outcome(EntryType.END)

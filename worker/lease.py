@@ -34,9 +34,9 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix,
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from tokenbus.redis_client import REDIS_UNAVAILABLE
-from worker.background import Background
-from worker.publisher import Sink
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.worker.background import Background
+from tokenbus.worker.publisher import Sink
 
 logger = logging.getLogger(__name__)
 

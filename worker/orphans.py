@@ -21,22 +21,18 @@ import time
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from schemas.entries import ENTRY_CLASSES, Entry, EntryType
-from schemas.errors import MalformedEntry
-from schemas.keys import StreamKeys
-from worker.background import Background
-from worker.emitter import StreamLimits
-from worker.lease import claimed
+from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType, ErrorType
+from tokenbus.schemas.errors import MalformedEntry
+from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.background import Background
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.lease import claimed
 
 logger = logging.getLogger(__name__)
 
 SCAN_PAGE = 500
 LEASE_LAPSED = "attempt {attempt} was interrupted (its worker stopped renewing its lease); the job will run again"
 WORKER_LOST = "the worker running attempt {attempt} stopped without ending it, and the job will not run again ({why})"
-
-
-def running_key(keys: StreamKeys) -> str:
-    return f"{keys.prefix}:running"
 
 
 async def newest_entry(redis: Redis, keys: StreamKeys, job_id: str) -> Entry | None:
@@ -77,7 +73,7 @@ async def last_attempt(redis: Redis, keys: StreamKeys, job_id: str) -> tuple[Ent
 
 async def close_attempt(
     redis: Redis, keys: StreamKeys, limits: StreamLimits, job_id: str, *, retry: bool, reason: str,
-    kind: EntryType = EntryType.ERROR, error_type: str = "WorkerLost", unstarted: bool = False,
+    kind: EntryType = EntryType.ERROR, error_type: str = ErrorType.WORKER_LOST, unstarted: bool = False,
 ) -> Entry | None:  # fmt: skip
     """Write the terminal entry of the job's newest attempt if it has none.
 
@@ -145,13 +141,13 @@ class Sweeper(Background):
     async def beat(self) -> None:
         if self.running:
             now = time.time() * 1000
-            await self._redis.zadd(running_key(self._keys), dict.fromkeys(self.running, now))
+            await self._redis.zadd(self._keys.running, dict.fromkeys(self.running, now))
 
     async def sweep(self) -> list[str]:
         """Close the attempts whose heartbeat stopped and whose lease lapsed: for good if arq will
         not run the job again, else with ``retry`` (the next attempt follows); return their ids."""
         stale_before = time.time() * 1000 - 3 * self._heartbeat_s * 1000
-        stale = await self._redis.zrangebyscore(running_key(self._keys), "-inf", stale_before, start=0, num=100)
+        stale = await self._redis.zrangebyscore(self._keys.running, "-inf", stale_before, start=0, num=100)
         closed = []
         for raw in stale:
             job_id = raw.decode()
@@ -173,7 +169,7 @@ class Sweeper(Background):
                             self._redis, self._keys, self._limits, job_id, retry=True, reason=LEASE_LAPSED
                         )
             else:
-                lock = f"{self._keys.prefix}:sweeping:{{{job_id}}}"
+                lock = self._keys.sweeping(job_id)
                 if not await self._redis.set(lock, b"1", nx=True, ex=60):
                     continue
                 why = f"max {self._max_tries} tries reached, or expired"
@@ -181,7 +177,7 @@ class Sweeper(Background):
                     self._redis, self._keys, self._limits, job_id, retry=False,
                     reason=WORKER_LOST.format(attempt="{attempt}", why=why),
                 )  # fmt: skip
-            await self._redis.zrem(running_key(self._keys), job_id)
+            await self._redis.zrem(self._keys.running, job_id)
             if entry is not None:
                 closed.append(job_id)
         return closed

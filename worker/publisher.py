@@ -25,9 +25,9 @@ from typing import Any, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from schemas.errors import ClientStateError, PublishError
-from tokenbus.redis_client import REDIS_UNAVAILABLE
-from worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.schemas.errors import ClientStateError, PublishError
+from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Sink:
         self.lost = 0
         self.errors: list[str] = []
         self.fenced = False
-        """The attempt lost its lease (:mod:`worker.lease`): nothing more of it is written."""
+        """The attempt lost its lease (:mod:`tokenbus.worker.lease`): nothing more of it is written."""
 
     async def flushed(self) -> None:
         """Wait until every command queued so far for this job has been written (or counted lost)."""
@@ -104,7 +104,6 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.fence: Fence | None = None
-        self.batches = 0
         self.retries = 0
         self.lost_total = 0
 
@@ -256,7 +255,6 @@ class Publisher:
                 logger.warning("publishing %d entries failed (%s); retry %d in %.2fs", len(batch), e, attempt, delay)
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
-            self.batches += 1
             if refused:
                 self._refused(batch, refused)
             return

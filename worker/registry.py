@@ -9,7 +9,7 @@ from typing import Any
 from langgraph.graph import StateGraph
 from langgraph.pregel import Pregel
 
-from schemas.errors import GraphLoadError, UnknownGraph
+from tokenbus.schemas.errors import GraphLoadError, UnknownGraph
 
 Graph = Pregel[Any, Any, Any, Any]
 

@@ -5,22 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import os
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx2
 from redis.asyncio import Redis
 
-from schemas.keys import StreamKeys
-from tokenbus.offline_model import OfflineModelServer
-from tokenbus.redis_client import redis_from_settings
-from tokenbus.settings import Settings
-from worker.emitter import JobEmitter, StreamLimits
-from worker.graphs import joke_poem
-from worker.orphans import Sweeper
-from worker.publisher import Publisher
-from worker.registry import Graph, GraphRegistry, load_graph
+from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.emitter import JobEmitter, StreamLimits
+from tokenbus.worker.graphs import joke_poem
+from tokenbus.worker.offline_model import OfflineModelServer
+from tokenbus.worker.orphans import Sweeper
+from tokenbus.worker.publisher import Publisher
+from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.registry import Graph, GraphRegistry, load_graph
+from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class WorkerResources:
                 model = await OfflineModelServer(tokens_per_s=settings.offline_tokens_per_s).start()
                 stack.push_async_callback(model.close)
                 base_url = model.base_url
-                logger.info("no OPENAI_API_KEY or OPENAI_BASE_URL: using the offline model at %s", base_url)
+                stack.callback(_offline_environment(base_url))
+                logger.info("no OPENAI_API_KEY or OPENAI_BASE_URL: every graph uses the offline model at %s", base_url)
             http = httpx2.AsyncClient(
                 timeout=httpx2.Timeout(60.0, connect=10.0), limits=httpx2.Limits(max_connections=200)
             )
@@ -104,3 +106,20 @@ class WorkerResources:
         if self._tracked:
             await asyncio.wait(list(self._tracked), timeout=self.settings.publish_give_up_s + 10)
         await self._stack.aclose()
+
+
+def _offline_environment(base_url: str) -> Callable[[], None]:
+    """Point the openai clients that user graphs make themselves (``ChatOpenAI()``,
+    ``AsyncOpenAI()``, which read ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``) at the offline model;
+    return what puts the environment back."""
+    saved = {name: os.environ.get(name) for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    os.environ["OPENAI_BASE_URL"], os.environ["OPENAI_API_KEY"] = base_url, "offline"
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore

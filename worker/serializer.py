@@ -19,6 +19,8 @@ _ENVELOPE_TYPES: dict[str, tuple[type, ...]] = {
     "k": (dict,),
     "et": (int, float),
 }
+ENVELOPE_FIELDS = tuple(_ENVELOPE_TYPES)
+"""The fields of a job envelope, in the order arq writes them (schemas/CONTRACT.md)."""
 _ENVELOPE_HINT = '{"t": 1, "f": "run_graph", "a": [request], "k": {}, "et": enqueue ms}'
 
 

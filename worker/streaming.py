@@ -31,19 +31,12 @@ from uuid import UUID
 from langchain_core.messages import BaseMessageChunk
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables import RunnableConfig
-from langgraph._internal._constants import CONFIG_KEY_CHECKPOINT_NS, CONFIG_KEY_RUNTIME, CONFIG_KEY_STREAM, NS_SEP
-from langgraph.config import get_config
-from langgraph.pregel._messages import StreamMessagesHandler
-from langgraph.pregel.protocol import StreamProtocol
-from langgraph.runtime import Runtime
 
-from schemas.job import JobRequest
-from worker.emitter import JobEmitter
-from worker.publisher import Publisher
-from worker.registry import Graph
-
-_NO_STREAM = StreamProtocol(lambda chunk: None, set())
-"""The "parent stream" that makes LangGraph use the runtime's writer: it takes no mode itself."""
+from tokenbus.schemas.job import JobRequest
+from tokenbus.worker._langgraph import MessagesHandler, install_writer, writer_namespace
+from tokenbus.worker.emitter import JobEmitter
+from tokenbus.worker.publisher import Publisher
+from tokenbus.worker.registry import Graph
 
 
 async def stream_graph(graph: Graph, request: JobRequest, emitter: JobEmitter, publisher: Publisher) -> None:
@@ -64,13 +57,6 @@ async def stream_graph(graph: Graph, request: JobRequest, emitter: JobEmitter, p
     tap.check()
 
 
-def install_writer(configurable: dict[str, Any], writer: Callable[[Any], None]) -> None:
-    """Make ``writer`` the stream writer of a graph run with this ``configurable`` (and of its
-    subgraphs), as if it ran inside a parent graph that streams ``custom`` payloads to it."""
-    configurable[CONFIG_KEY_STREAM] = _NO_STREAM
-    configurable[CONFIG_KEY_RUNTIME] = Runtime(stream_writer=writer)
-
-
 class _Tap:
     """Where one job's chunks leave the graph: straight to the emitter on the event loop's thread,
     handed over to it from a sync node's thread. Remembers the first failure to emit, which
@@ -87,8 +73,7 @@ class _Tap:
     def write(self, chunk: Any) -> None:
         """The graph's stream writer: one ``custom`` payload, with the namespace of the graph
         that wrote it (as ``astream(..., subgraphs=True)`` gives it)."""
-        namespace = tuple(get_config()["configurable"][CONFIG_KEY_CHECKPOINT_NS].split(NS_SEP)[:-1])
-        self.emit(self.emitter.custom, chunk, namespace)
+        self.emit(self.emitter.custom, chunk, writer_namespace())
 
     def emit(self, method: Callable[..., None], *args: Any) -> None:
         """``method(*args)`` (an emitter's) on the event loop's thread; from another thread, handed
@@ -119,7 +104,7 @@ class _Tap:
             raise self.failure
 
 
-class _TokenHandler(StreamMessagesHandler):
+class _TokenHandler(MessagesHandler):
     """LangGraph's ``messages``-mode handler, emitting to the job instead of ``astream``'s queue
     and pausing the model between tokens: while the publisher is congested, and once in a while to
     let its writer send what is queued (see :meth:`Publisher.should_yield`). Stops the model if the
@@ -128,7 +113,7 @@ class _TokenHandler(StreamMessagesHandler):
     raise_error = True  # an emitter or publisher error ends the model call, and with it the job
 
     def __init__(self, tap: _Tap) -> None:
-        super().__init__(self._put, subgraphs=True)
+        super().__init__(self._put)
         self._tap = tap
 
     @property
@@ -144,7 +129,7 @@ class _TokenHandler(StreamMessagesHandler):
     async def _token_on_loop(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
         if not isinstance(chunk, ChatGenerationChunk) or (meta := self.metadata.get(run_id)) is None:
             return
-        self._emit(meta, chunk.message)  # through the tap, which raises what went wrong so far
+        self.emit(meta, chunk.message)  # through the tap, which raises what went wrong so far
         publisher = self._tap.publisher
         if publisher.congested:
             await publisher.wait_writable()

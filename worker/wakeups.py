@@ -1,6 +1,6 @@
 """Wake-ups on enqueue: a worker starts a new job a round trip after it is queued, not at its next poll.
 
-Clients ``PUBLISH`` to the queue's wake channel (:func:`schemas.keys.wake_channel`) after each job
+Clients ``PUBLISH`` to the queue's wake channel (:func:`tokenbus.schemas.keys.wake_channel`) after each job
 they enqueue; every worker of the queue listens on a connection of its own and polls arq's queue
 as soon as one arrives. Polling goes on every ``TOKENBUS_POLL_DELAY`` for what announces nothing:
 jobs deferred or re-queued by arq, enqueuers that do not publish, and a wake-up missed while the
@@ -15,8 +15,8 @@ import logging
 
 from redis.asyncio import Redis
 
-from tokenbus.redis_client import REDIS_UNAVAILABLE
-from worker.background import Background
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.worker.background import Background
 
 logger = logging.getLogger(__name__)
 

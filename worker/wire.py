@@ -20,6 +20,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
+from tokenbus.worker._redis import transport_of
+
 
 def pack(args: tuple[Any, ...]) -> bytes:
     """One command in the Redis protocol."""
@@ -259,9 +261,9 @@ class Wire:
         left = since + self._timeout_s - time.monotonic()
         if left > 0:
             self._watchdog = asyncio.get_running_loop().call_later(left, self._check_deadline)
-        elif self._conn is not None and self._conn._writer is not None:
+        elif self._conn is not None and (transport := transport_of(self._conn)) is not None:
             self._timed_out = True
-            self._conn._writer.transport.abort()
+            transport.abort()
 
     async def _connection(self) -> tuple[asyncio.WriteTransport, _Replies]:
         if self._conn is None or self._replies is None or self._replies.lost or not self._conn.is_connected:
@@ -269,13 +271,14 @@ class Wire:
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             assert isinstance(conn, AbstractConnection)  # TCP, TLS or Unix socket
             await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, SELECT as configured
-            if conn._writer is None:
+            transport = transport_of(conn)
+            if transport is None:
                 raise redis_errors.ConnectionError("connection closed")
-            transport = conn._writer.transport
             self._conn, self._replies = conn, _Replies(transport.get_protocol())
             transport.set_protocol(self._replies)
-        assert self._conn._writer is not None
-        return self._conn._writer.transport, self._replies
+        transport = transport_of(self._conn)
+        assert transport is not None
+        return transport, self._replies
 
     async def close(self) -> None:
         if self._watchdog is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.keys import StreamKeys
+from tokenbus.schemas.keys import StreamKeys
 
 
 class Settings(BaseSettings):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from tokenbus.settings import Settings
+from tokenbus.worker.settings import Settings
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)

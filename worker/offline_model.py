@@ -100,7 +100,6 @@ class OfflineModelServer:
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = asyncio.Event()
-        self.requests = 0
         self.streams_abandoned = 0
         """Streams the client closed before their end (an aborted job closes its HTTP stream)."""
         self.streams_finished = 0
@@ -170,7 +169,6 @@ class OfflineModelServer:
             raise _BadRequest(f"bad request line {request_line!r}") from None
         headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
-        self.requests += 1
         path = target.split("?", 1)[0].rstrip("/")
         if method == "GET" and path.endswith("/models"):
             self._respond(writer, 200, {"object": "list", "data": [{"id": "offline", "object": "model"}]})
