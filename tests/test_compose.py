@@ -5,6 +5,7 @@ local processes against a private Redis."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,21 @@ async def test_services_run_as_local_processes(compose: dict[str, Any], settings
     finally:
         for proc in processes:
             await proc.stop()
+
+
+def test_the_image_installs_the_versions_tested() -> None:
+    """The Dockerfile installs tokenbus[worker] under requirements.lock: every dependency pinned."""
+    root = COMPOSE.parent
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "COPY pyproject.toml README.md LICENSE requirements.lock ./" in dockerfile
+    assert "pip install -c requirements.lock '.[worker]'" in dockerfile
+    pins = {}
+    for line in (root / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not pinned: {line}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    needed = [*project["dependencies"], *project["optional-dependencies"]["worker"]]
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!;~ ]", spec, maxsplit=1)[0]).lower() for spec in needed}
+    assert sorted(names - pins.keys()) == []
