@@ -142,10 +142,10 @@ class GroupConsumer:
             block=None if position != ">" else self._block_ms,
         )
         for stream_name, entries in reply or ():
-            stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            stream = as_text(stream_name)
             for entry_id, fields in entries:
                 if fields:  # a pending entry trimmed away comes back with no fields
-                    await self._process(handler, stream, entry_id.decode(), fields)
+                    await self._process(handler, stream, as_text(entry_id), fields)
 
     async def claim_stale(self, handler: Handler) -> int:
         """Take over entries pending longer than ``claim_idle_ms``; dead-letter the hopeless ones."""
@@ -155,7 +155,7 @@ class GroupConsumer:
                 stream, self.group, min="-", max="+", count=self._count, idle=self._claim_idle_ms
             )
             for item in pending:
-                entry_id = item["message_id"].decode()
+                entry_id = as_text(item["message_id"])
                 if item["times_delivered"] >= self._max_deliveries:
                     entries = await self._redis.xrange(stream, entry_id, entry_id)
                     reason = f"delivered {item['times_delivered']} times without success"
@@ -166,7 +166,7 @@ class GroupConsumer:
                 ):
                     if fields:
                         claimed += 1
-                        await self._process(handler, stream, claimed_id.decode(), fields)
+                        await self._process(handler, stream, as_text(claimed_id), fields)
         self.claimed += claimed
         return claimed
 

@@ -108,10 +108,10 @@ class StreamReader:
                     yield gap
                 batch: list[RawEntry] = []
                 for stream_name, entries in _items(reply or ()):
-                    stream = stream_name.decode()
+                    stream = as_text(stream_name)  # bytes; str from redis-py 5.0's RESP3 maps
                     if len(entries) >= self._count:  # a full reply: this reader lags, and may lag past the cap
                         self._verify.append(stream)
-                    batch += [(stream, entry_id.decode(), fields) for entry_id, fields in entries]
+                    batch += [(stream, as_text(entry_id), fields) for entry_id, fields in entries]
                     if entries:
                         self.positions[stream] = batch[-1][1]
                 if not batch:

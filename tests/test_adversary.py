@@ -502,7 +502,9 @@ async def _has_entries(redis: Redis, key: str, at_least: int) -> bool:
 
 async def _oom_refusals(redis: Redis) -> int:
     stats = await redis.info("errorstats")
-    oom = stats.get("errorstat_OOM")
+    oom = stats.get("errorstat_OOM")  # {"count": N}, or "count=N" from older redis-py 5.0.x
+    if isinstance(oom, str):
+        oom = dict(part.split("=", 1) for part in oom.split(","))
     return int(oom["count"]) if isinstance(oom, dict) else 0
 
 

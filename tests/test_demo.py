@@ -20,6 +20,7 @@ async def test_demo_shows_joke_and_poem_tokens_by_tag(redis: str) -> None:
     env["TOKENBUS_OFFLINE_TOKENS_PER_S"] = "0"  # unpaced: the test needs no wall-clock realism
     demo = await Process.start("demo", "--redis", redis, env=env, name="demo")
     assert await demo.wait(within=120) == 0, demo.output
+    assert not [line for line in demo.stderr if " ERROR " in line], demo.output  # nothing failed on the way
     out = "\n".join(demo.stdout)
     kind = "redis-server" if redis == "server" else "embedded fakeredis"
     assert f"Redis: a private {kind}" in out

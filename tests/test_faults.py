@@ -198,7 +198,8 @@ async def test_killed_job_out_of_tries_is_closed_when_arq_gives_up(
         await worker.stop()
     assert view.status is EntryType.ERROR and view.attempt == 1
     assert "attempt 1 stopped without ending it, and the job will not run again" in view.error
-    assert "max 1 retries exceeded" in view.error
+    # closed by the worker that claimed it after the lease lapsed (arq's words), or by a sweeper first
+    assert "max 1 retries exceeded" in view.error or "max 1 tries reached" in view.error, view.error
     assert entries[-1].is_final and not entries[-1].retry
 
 
