@@ -8,27 +8,23 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from tests.support import FAULTS, ThreadedModelServer
+from tests.support import ENV_PREFIXES, FAULTS, ThreadedModelServer
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.serializer import job_deserializer, job_serializer
 from tokenbus.worker.settings import Settings
 
-_ENV_PREFIXES = ("TOKENBUS_", "OPENAI_", "REDIS_URL")
-
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings come from the test, never from the machine's environment."""
     for name in list(os.environ):
-        if name.startswith(_ENV_PREFIXES):
+        if name.startswith(ENV_PREFIXES):
             monkeypatch.delenv(name)
 
 
@@ -75,20 +71,6 @@ def make_settings(redis_url: str, model_url: str, prefix: str, **overrides: Any)
         **overrides,
     }
     return Settings(**values)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a ``tokenbus`` subprocess use ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
-    for name, field in Settings.model_fields.items():
-        value = getattr(settings, name)
-        if value is None or value == field.get_default(call_default_factory=True):
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[str(field.validation_alias)] = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 @pytest.fixture

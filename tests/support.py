@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -11,18 +12,27 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.jobs import JobView
 from tokenbus.consumer.subscribe import subscribe
 from tokenbus.schemas.entries import Entry
-from tokenbus.worker.offline_model import Fault, OfflineModelServer
+from tokenbus.worker.offline_model import Fault, OfflineModelServer, script_for
+from tokenbus.worker.settings import Settings
 
 T = TypeVar("T")
 
 TOKENBUS = str(Path(sys.executable).with_name("tokenbus"))
 """The installed console script, so the tests run the real entry point."""
+
+ENV_PREFIXES = ("TOKENBUS_", "OPENAI_", "REDIS_URL")
+"""The environment variables of tokenbus's settings: tests take none of them from the machine."""
+JOKE = script_for("Write a joke about cats")
+POEM = script_for("Write a short poem about cats")
+"""What the offline model answers the joke_poem graph's two prompts about cats with."""
 
 FAULTS = (
     Fault("explode-status", "status"),
@@ -54,6 +64,27 @@ class ThreadedModelServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a ``tokenbus`` subprocess use ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if value is None or value == field.get_default(call_default_factory=True):
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[str(field.validation_alias)] = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def start_worker(settings: Settings, *, name: str = "worker", cwd: Path | None = None) -> Process:
+    """A ``tokenbus worker`` process with ``settings``, once it serves."""
+    worker = await Process.start("worker", env=settings_env(settings), name=name, cwd=cwd)
+    await worker.wait_line("worker serves graphs")
+    return worker
 
 
 async def wait_for(check: Callable[[], Awaitable[T | None]], *, within: float = 20.0, what: str = "condition") -> T:

@@ -13,8 +13,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from tests.conftest import RunWorker, settings_env
-from tests.support import Process, follow_job, read_stream, wait_for, wait_until
+from tests.conftest import RunWorker
+from tests.support import JOKE, POEM, Process, follow_job, read_stream, settings_env, wait_for, wait_until
 from tokenbus.consumer.groups import GroupConsumer
 from tokenbus.consumer.jobs import job_result
 from tokenbus.consumer.subscribe import subscribe
@@ -23,12 +23,9 @@ from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.keys import wake_channel
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import StreamLimits
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.orphans import Sweeper
 from tokenbus.worker.settings import Settings
 
-JOKE = script_for("Write a joke about cats")
-POEM = script_for("Write a short poem about cats")
 ADMIN_ONLY: list[tuple[Any, ...]] = [
     ("FLUSHALL",),
     ("FLUSHDB",),

@@ -22,21 +22,28 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 
-from tests.conftest import make_settings, settings_env
-from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_for, wait_until
+from tests.conftest import make_settings
+from tests.support import (
+    JOKE,
+    POEM,
+    Process,
+    ThreadedModelServer,
+    follow_job,
+    read_stream,
+    start_worker,
+    wait_for,
+    wait_until,
+)
 from tokenbus.consumer.jobs import JobView, job_result
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.job import JOB_FUNCTION, StreamMode
 from tokenbus.schemas.keys import wake_channel
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-JOKE = script_for("Write a joke about cats")
-POEM = script_for("Write a short poem about cats")
 REQUEST = {"graph": "joke_poem", "input": {"topic": "cats"}, "modes": ["custom"]}
 MAX_ERROR_CHARS = 500
 
@@ -59,12 +66,7 @@ def slow_model() -> Iterator[ThreadedModelServer]:
 async def start_workers(settings: Settings, count: int, *, name: str = "worker") -> list[Process]:
     """``count`` ``tokenbus worker`` processes, started side by side, each serving."""
 
-    async def one(i: int) -> Process:
-        worker = await Process.start("worker", env=settings_env(settings), name=f"{name}-{i}")
-        await worker.wait_line("worker serves graphs")
-        return worker
-
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return list(await asyncio.gather(*(start_worker(settings, name=f"{name}-{i}") for i in range(count))))
 
 
 async def stop_all(workers: list[Process]) -> None:

@@ -6,18 +6,14 @@ import pytest
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from tests.conftest import settings_env
-from tests.support import Process, read_stream, text_of
+from tests.support import POEM, Process, read_stream, settings_env, text_of
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.errors import InvalidJobRequest, InvalidTag
 from tokenbus.schemas.job import JOB_FUNCTION
 from tokenbus.worker.app import STARTUP_WAIT_S
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.settings import Settings
-
-POEM = script_for("Write a short poem about cats")
 
 
 async def _enqueue_raw(pool: ArqRedis, job_id: str, request: object) -> None:

@@ -13,14 +13,11 @@ import orjson
 import pytest
 import yaml
 
-from tests.conftest import settings_env
-from tests.support import Process
+from tests.support import POEM, Process, settings_env
 from tokenbus.cli import build_parser
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.settings import Settings
 
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
-POEM = script_for("Write a short poem about cats")
 SETTING_NAMES = {str(field.validation_alias) for field in Settings.model_fields.values()}
 
 

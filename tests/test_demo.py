@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Process
-from tokenbus.worker.offline_model import script_for, tokenize
+from tests.support import JOKE, POEM, Process
+from tokenbus.worker.offline_model import tokenize
 
 pytestmark = pytest.mark.e2e
 
@@ -25,8 +25,8 @@ async def test_demo_shows_joke_and_poem_tokens_by_tag(redis: str) -> None:
     kind = "redis-server" if redis == "server" else "embedded fakeredis"
     assert f"Redis: a private {kind}" in out
     assert "via the built-in offline model" in out
-    poem = "|".join(tokenize(script_for("Write a short poem about cats"))) + "|"
-    joke = "|".join(tokenize(script_for("Write a joke about cats"))) + "|"
+    poem = "|".join(tokenize(POEM)) + "|"
+    joke = "|".join(tokenize(JOKE)) + "|"
     for mode in ("messages mode", "custom mode"):
         section = out.split(f"=== {mode}")[1].split("\n=== ")[0].split("\nWhat the streams hold")[0]
         printed = {"joke": "", "poem": ""}  # each consumer prints under its label whenever it has tokens

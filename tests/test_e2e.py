@@ -7,15 +7,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from tests.conftest import settings_env
-from tests.support import Process
-from tokenbus.worker.offline_model import script_for
+from tests.support import JOKE, POEM, Process, settings_env
 from tokenbus.worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
-
-JOKE = script_for("Write a joke about cats")
-POEM = script_for("Write a short poem about cats")
 
 
 @pytest.fixture

@@ -17,21 +17,26 @@ import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
-from tests.conftest import settings_env
-from tests.support import Process, ThreadedModelServer, follow_job, read_stream, text_of, wait_until
+from tests.support import (
+    JOKE,
+    POEM,
+    ThreadedModelServer,
+    follow_job,
+    read_stream,
+    start_worker,
+    text_of,
+    wait_until,
+)
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.worker import job as job_module
 from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import StreamLimits
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.orphans import Sweeper
 from tokenbus.worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-JOKE = script_for("Write a joke about cats")
-POEM = script_for("Write a short poem about cats")
 RUNS = int(os.environ.get("TOKENBUS_FAULT_RUNS", "4"))
 
 
@@ -62,12 +67,6 @@ def fast_recovery(settings: Settings, paced_model: ThreadedModelServer) -> Setti
 async def fault_client(fast_recovery: Settings) -> AsyncIterator[TokenbusClient]:
     async with await TokenbusClient.connect(fast_recovery) as c:
         yield c
-
-
-async def start_worker(settings: Settings) -> Process:
-    worker = await Process.start("worker", env=settings_env(settings), name="worker")
-    await worker.wait_line("worker serves graphs")
-    return worker
 
 
 @pytest.mark.parametrize("mode", ["messages", "custom"])

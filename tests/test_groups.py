@@ -9,8 +9,7 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import settings_env
-from tests.support import Process, wait_for, wait_until
+from tests.support import Process, settings_env, wait_for, wait_until
 from tokenbus.consumer.groups import GroupConsumer, group_stats
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, TokenEntry

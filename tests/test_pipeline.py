@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import read_stream, text_of
+from tests.support import JOKE, POEM, read_stream, text_of
 from tokenbus.schemas.entries import EntryType
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.settings import Settings
-
-JOKE = script_for("Write a joke about cats")
-POEM = script_for("Write a short poem about cats")
 
 
 @pytest.mark.parametrize("mode", ["messages", "custom"])

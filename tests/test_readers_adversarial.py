@@ -17,9 +17,9 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import START, StateGraph
 from redis.asyncio import Redis
 
-from tests.conftest import RunWorker, settings_env
+from tests.conftest import RunWorker
 from tests.graphs import State, WordsModel
-from tests.support import Process, read_stream, wait_for
+from tests.support import Process, read_stream, settings_env, wait_for
 from tokenbus.consumer.attempts import AttemptFilter, Restart
 from tokenbus.consumer.groups import GroupConsumer
 from tokenbus.consumer.jobs import job_result

@@ -10,20 +10,26 @@ import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from tests.conftest import make_settings, settings_env
-from tests.support import Process, ThreadedModelServer, follow_job, read_stream, wait_for, wait_until
+from tests.conftest import make_settings
+from tests.support import (
+    JOKE,
+    POEM,
+    Process,
+    ThreadedModelServer,
+    follow_job,
+    read_stream,
+    settings_env,
+    wait_for,
+    wait_until,
+)
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.settings import Settings
 
 pytestmark = pytest.mark.faults
-
-JOKE = script_for("Write a joke about cats")
-POEM = script_for("Write a short poem about cats")
 
 
 @pytest.fixture

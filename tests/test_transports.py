@@ -15,16 +15,12 @@ import uvloop
 from redis.asyncio import Redis
 
 from tests.conftest import RunWorker
-from tests.support import follow_job
+from tests.support import JOKE, POEM, follow_job
 from tokenbus.consumer.jobs import JobView
 from tokenbus.redis_server import RedisServerProcess, free_port
 from tokenbus.schemas.entries import EntryType
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.offline_model import script_for
 from tokenbus.worker.settings import Settings
-
-JOKE = script_for("Write a joke about cats")
-POEM = script_for("Write a short poem about cats")
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import settings_env
 from tests.graphs import every_chunk
-from tests.support import Process, read_stream, text_of
+from tests.support import Process, read_stream, settings_env, text_of
 from tokenbus.consumer.reader import parse_id
 from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.errors import GraphLoadError
