@@ -16,6 +16,7 @@ from tests.support import Process, read_stream, settings_env, text_of
 from tokenbus.consumer.reader import parse_id
 from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.errors import GraphLoadError
+from tokenbus.worker import streaming
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import JobEmitter
 from tokenbus.worker.offline_model import script_for
@@ -118,13 +119,24 @@ def _chunk_key(mode: str, chunk: Any, namespace: tuple[str, ...] | str) -> tuple
     return ("custom", chunk["content"], tuple(chunk.get("tags", ())), graphs)
 
 
+@pytest.mark.parametrize("path", ["fast", "public"])
 @pytest.mark.parametrize("modes", [["messages"], ["custom"], ["messages", "custom"]])
 async def test_jobs_publish_what_langgraph_streams(
-    modes: list[str], settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+    modes: list[str],
+    path: str,
+    settings: Settings,
+    client: TokenbusClient,
+    redis: Redis,
+    run_burst_worker,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Tokens of async and sync nodes and of a subgraph, a message a node returns, nothing of a
     ``nostream`` model; ``custom`` payloads of async and sync nodes and of a subgraph, between the
-    tokens. The job publishes what ``astream(stream_mode=modes, subgraphs=True)`` yields, in order."""
+    tokens. The job publishes what ``astream(stream_mode=modes, subgraphs=True)`` yields, in order,
+    on the fast path and on the public one (taken where LangGraph's private parts are not there)."""
+    assert streaming.fast_stream is not None, "the fast path did not load with the LangGraph installed"
+    if path == "public":
+        monkeypatch.setattr(streaming, "fast_stream", None)
     expected = [
         _chunk_key(mode, chunk, namespace)
         async for namespace, mode, chunk in every_chunk.astream({}, stream_mode=modes, subgraphs=True)
