@@ -31,13 +31,13 @@ class ContractError(TokenbusError, ValueError):
 class InvalidTag(ContractError):
     def __init__(self, tag: object, reason: str) -> None:
         self.tag = tag
-        super().__init__(f"invalid tag {_shown(tag)}: {reason}")
+        super().__init__(f"invalid tag {shown(tag)}: {reason}")
 
 
 class InvalidJobId(ContractError):
     def __init__(self, job_id: object, reason: str) -> None:
         self.job_id = job_id
-        super().__init__(f"invalid job id {_shown(job_id)}: {reason}")
+        super().__init__(f"invalid job id {shown(job_id)}: {reason}")
 
 
 class InvalidJobRequest(ContractError):
@@ -82,7 +82,7 @@ class ClientStateError(TokenbusError, RuntimeError):
     """An object used before it was started or after it was closed."""
 
 
-def _shown(value: object, limit: int = 80) -> str:
+def shown(value: object, limit: int = 80) -> str:
     """``repr(value)``, cut to ``limit`` characters: a hostile value can be any size."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

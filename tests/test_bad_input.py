@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
@@ -185,3 +187,11 @@ async def test_a_worker_started_before_redis_waits_for_it(settings: Settings, cl
     finally:
         await worker.stop()
         later.close()
+
+
+async def test_a_worker_given_an_app_dir_that_is_not_there_says_so_in_one_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    worker = await Process.start("worker", "--app-dir", str(tmp_path / "nosuch"), env=settings_env(settings))
+    assert await worker.wait() == 2
+    assert worker.stderr == [f"tokenbus: --app-dir {tmp_path / 'nosuch'}: no such directory"], worker.output

@@ -30,7 +30,7 @@ from redis import exceptions as redis_errors
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.schemas.entries import Entry, EntryType, ErrorType
-from tokenbus.schemas.errors import ClientStateError, InvalidJobId
+from tokenbus.schemas.errors import ClientStateError, InvalidJobId, shown
 from tokenbus.schemas.keys import is_valid_job_id, validate_job_id, wake_channel
 from tokenbus.worker.background import stop
 from tokenbus.worker.job import RESOURCES
@@ -39,6 +39,8 @@ from tokenbus.worker.orphans import WORKER_LOST, close_attempt, newest_entry
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.wakeups import Wakeups
 
+PRIVATE_NAMES = ("_poll_iteration", "_release_sem_dec_counter_on_complete", "_handle_signals", "log_redis_info")
+"""What this module uses of the library's private parts: no other module of tokenbus may (tests/test_layers.py)."""
 WRITTEN_FOR = ("0.28",)
 """The arq minor versions this module was written and tested against."""
 
@@ -229,7 +231,7 @@ class TokenbusWorker(Worker):
         """Take a job that cannot be run off the queue, and end its stream (if its id allows one)."""
         self.jobs_unrunnable += 1
         self.jobs_failed += 1
-        logger.error("job %s: closed without running: %s", short(job_id), reason)
+        logger.error("job %s: closed without running: %s", shown(job_id), reason)
         try:
             async with self.pool.pipeline(transaction=False) as pipe:  # no MULTI: Redis at maxmemory takes these
                 pipe.delete(job_key_prefix + job_id, retry_key_prefix + job_id)
@@ -240,7 +242,7 @@ class TokenbusWorker(Worker):
             if is_valid_job_id(job_id):
                 await self._close_stream(job_id, f"the job could not be run: {reason}", ErrorType.INVALID_JOB)
         except _REDIS_FAILED:
-            logger.warning("job %s: could not close it; it stays queued", short(job_id), exc_info=True)
+            logger.warning("job %s: could not close it; it stays queued", shown(job_id), exc_info=True)
 
     async def _drop_undecodable(self, raw_id: bytes) -> None:
         """A queued id that is not UTF-8 cannot name a stream or a task: drop it from the queue."""
@@ -324,11 +326,6 @@ class TokenbusWorker(Worker):
                 await asyncio.gather(*(stop(task) for task in late))
         self.tasks = {}  # all ended
         await super().close()
-
-
-def short(text: str, limit: int = 80) -> str:
-    """``text`` cut to ``limit`` characters for a log line or an error (ids can be any size)."""
-    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} characters)"
 
 
 def _not_run_reason(aborted: bool, last: Entry | None, arq_reason: str) -> str:

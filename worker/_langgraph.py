@@ -27,6 +27,8 @@ from langgraph.pregel._messages import StreamMessagesHandler
 from langgraph.pregel.protocol import StreamProtocol
 from langgraph.runtime import Runtime
 
+PRIVATE_NAMES = ("langgraph._internal", "langgraph.pregel._messages", "._emit(")
+"""What this module uses of the library's private parts: no other module of tokenbus may (tests/test_layers.py)."""
 WRITTEN_FOR = ("1.2",)
 """The LangGraph minor versions this module was written and tested against."""
 

@@ -16,6 +16,8 @@ import importlib.metadata
 
 from redis.asyncio.connection import AbstractConnection
 
+PRIVATE_NAMES = ("._writer",)
+"""What this module uses of the library's private parts: no other module of tokenbus may (tests/test_layers.py)."""
 WRITTEN_FOR = ("5",)
 """The redis-py major versions this module was written and tested against."""
 
