@@ -34,28 +34,43 @@ class JobView:
     error: str = ""
     text: str = ""
     texts: dict[str, str] = field(default_factory=dict)
+    """Text per tag."""
+    node_texts: dict[str, str] = field(default_factory=dict)
+    """Text per node."""
     chunks: int = 0
     missing: int = 0
     """Entries of the attempt that were not seen (trimmed from the job stream, or never written):
     its ``seq``s are contiguous from 0, so each one skipped counts."""
     next_seq: int = 0
     """The ``seq`` the attempt's next entry has."""
+    started_ts: int | None = None
+    first_chunk_ts: int | None = None
+    ended_ts: int | None = None
+    """When the attempt started, streamed its first chunk and ended (the entries' ``ts``, ms)."""
 
     def apply(self, entry: Entry) -> None:
         """Fold in the next entry of the job (in stream order, newest attempt only, each once)."""
         if entry.attempt > self.attempt:  # a new attempt starts over
             self.attempt, self.status, self.error, self.text, self.texts = entry.attempt, None, "", "", {}
+            self.node_texts = {}
             self.chunks = self.missing = self.next_seq = 0
+            self.started_ts = self.first_chunk_ts = self.ended_ts = None
         if entry.seq > self.next_seq:
             self.missing += entry.seq - self.next_seq
         self.next_seq = max(self.next_seq, entry.seq + 1)
         if entry.is_chunk:
             self.chunks += 1
+            if self.first_chunk_ts is None:
+                self.first_chunk_ts = entry.ts
             self.text += entry.content
             for tag in entry.tags:
                 self.texts[tag] = self.texts.get(tag, "") + entry.content
+            if entry.content:
+                self.node_texts[entry.node] = self.node_texts.get(entry.node, "") + entry.content
+        elif entry.type is EntryType.START:
+            self.started_ts = entry.ts
         elif entry.is_final:
-            self.status, self.error = entry.type, entry.error
+            self.status, self.error, self.ended_ts = entry.type, entry.error, entry.ts
 
     @property
     def done(self) -> bool:

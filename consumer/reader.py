@@ -133,7 +133,7 @@ class StreamReader:
 
     async def _send_read(self) -> None:
         """Send one ``XREAD`` from the current positions, preceded by the checks of ``_verify``
-        (each stream's first entry: see :func:`_gap`)."""
+        (each stream's first entry: see :func:`gap_after`)."""
         if self._conn is None or not self._conn.is_connected:
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             assert isinstance(conn, AbstractConnection)  # TCP, TLS or Unix socket
@@ -154,7 +154,7 @@ class StreamReader:
         gaps = []
         for stream, position in checks:
             first = await conn.read_response(disable_decoding=True)
-            gap = _gap(stream, position, as_text(first[0][0]) if first else None)
+            gap = gap_after(stream, position, as_text(first[0][0]) if first else None)
             if gap is not None:
                 gaps.append(gap)
         return gaps, await conn.read_response(disable_decoding=True, timeout=self._read_timeout)
@@ -179,7 +179,7 @@ def blocking_read_timeout(redis: Redis, block_ms: int) -> float | None:
     return None if socket_timeout is None else max(socket_timeout, block_ms / 1000 + 10)
 
 
-def _gap(stream: str, position: str, first_id: str | None) -> Gap | None:
+def gap_after(stream: str, position: str, first_id: str | None) -> Gap | None:
     """Trimming takes the oldest entries first: while the stream starts at or before ``position``
     (the entry there is held, or was deleted one by one), nothing after it was trimmed. If the
     stream now starts later, entries may have stood between the two (Redis 7.0 records no id for

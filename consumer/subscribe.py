@@ -14,13 +14,13 @@ longer held (the stream was trimmed: the output is incomplete).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from contextlib import aclosing
 from typing import Literal
 
 from redis.asyncio import Redis
 
-from tokenbus.consumer.attempts import AttemptFilter, Restart
+from tokenbus.consumer.attempts import MAX_COPIES_PER_JOB, AttemptFilter, Restart
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text
 from tokenbus.schemas.entries import TERMINAL_TYPES, Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
@@ -75,7 +75,11 @@ async def subscribe(
     wanted_nodes = set(nodes)
     if until_final and not job_list:
         raise ValueError("until_final needs jobs to follow; tag streams never end")
-    open_jobs = set(job_list) if job_list and until_final is not False else None
+    # a resumed reader passes on nothing it passed on before it stopped
+    ended = await prime(redis, attempts, {s: p for s, p in positions.items() if s in resume}) if resume else set()
+    open_jobs = set(job_list) - ended if job_list and until_final is not False else None
+    if open_jobs is not None and not open_jobs:
+        return
 
     decode, accept = Entry.decode, attempts.accept
     async with aclosing(reader.batches()) as batches:  # closed at once: frees the reader's connection
@@ -147,6 +151,32 @@ async def newest_attempts(redis: Redis, streams: dict[str, str], *, look_back: i
         if attempts:
             newest[job] = max(attempts)
     return newest
+
+
+async def prime(
+    redis: Redis, attempts: AttemptFilter, positions: Mapping[str, str], *, look_back: int = MAX_COPIES_PER_JOB
+) -> set[str]:
+    """Tell ``attempts`` what a reader that stopped at ``positions`` (stream → last id processed)
+    had read: the last ``look_back`` entries of each stream up to its position. A resumed reader
+    then passes on no copy of a chunk it passed on from another stream, and nothing of an attempt
+    it saw superseded. Returns the jobs whose final terminal entry was among them."""
+    streams = [(s, p) for s, p in positions.items() if p not in (BEGINNING, LATEST)]
+    if not streams:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream, position in streams:
+            pipe.xrevrange(stream, max=position, count=look_back)
+        replies = await pipe.execute()
+    ended = set()
+    for (stream, _), reply in zip(streams, replies, strict=True):
+        for entry_id, fields in reversed(reply):
+            try:
+                entry = Entry.decode(fields, id=as_text(entry_id), stream=stream)
+            except MalformedEntry:
+                continue
+            if attempts.accept(entry) and entry.is_final:
+                ended.add(entry.job)
+    return ended
 
 
 def streams_for(keys: StreamKeys, tags: Iterable[str], jobs: Iterable[str]) -> list[str]:

@@ -196,3 +196,11 @@ class Process:
     @property
     def output(self) -> str:
         return "\n".join(["--- stdout", *self.stdout, "--- stderr", *self.stderr[-60:]])
+
+
+async def start_gateway(settings: Settings, port: int, *, name: str = "gateway", **env: str) -> Process:
+    """A ``tokenbus serve`` process on ``port`` with ``settings`` (and ``TOKENBUS_GATEWAY_*`` in
+    ``env``), once it accepts connections."""
+    gateway = await Process.start("serve", "--port", str(port), env={**settings_env(settings), **env}, name=name)
+    await gateway.wait_line("Uvicorn running on")
+    return gateway

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--groups", action="store_true", help="reader, gateway: also read through consumer groups")
 
+    p = sub.add_parser("serve", help="run the HTTP/SSE gateway: jobs and their tokens for browsers")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-For from --forwarded-allow-ips")
+    p.add_argument("--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-* are trusted")
+
     p = sub.add_parser("model-server", help="serve the offline OpenAI-compatible model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8400)
@@ -119,7 +126,7 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level or ("INFO" if args.command in ("worker", "model-server") else "WARNING"))
+    configure_logging(args.log_level or ("INFO" if args.command in ("worker", "model-server", "serve") else "WARNING"))
     from tokenbus import commands
     from tokenbus.worker.settings import Settings
 

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_JOB_FAILED = 0, 1
 EXIT_INCOMPLETE = 3
+EXIT_USAGE = 2
 """``tail``/``--follow``: entries were trimmed before they were read (a gap was reported)."""
 READ_BLOCK_MS = 5000
 
@@ -214,3 +215,20 @@ async def model_server(settings: Settings, args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await server.serve_forever()
     return EXIT_OK
+
+
+async def serve(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the HTTP/SSE gateway under uvicorn until SIGINT/SIGTERM."""
+    with needs_extra("gateway"):
+        import uvicorn
+
+        from tokenbus.gateway import GatewaySettings, create_app
+
+    app = create_app(settings, GatewaySettings())
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_config=None, access_log=args.access_log, lifespan="on",
+        timeout_graceful_shutdown=5, proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    await server.serve()
+    return EXIT_OK if server.started else EXIT_USAGE

@@ -12,6 +12,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
 from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 
 from tokenbus.consumer.jobs import job_result
 from tokenbus.schemas.entries import EntryType
@@ -44,6 +45,18 @@ class TokenbusClient:
             default_queue_name=settings.queue_name,
         )
         return cls(pool, queue_name=settings.queue_name, prefix=settings.prefix, owns_pool=True)
+
+    @classmethod
+    def sharing(cls, redis: Redis, settings: Settings) -> TokenbusClient:
+        """A client on the connection pool of ``redis`` (which its creator closes); it connects
+        when first used, so a service can start while Redis is down."""
+        pool = ArqRedis(
+            redis.connection_pool,
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+            default_queue_name=settings.queue_name,
+        )
+        return cls(pool, queue_name=settings.queue_name, prefix=settings.prefix)
 
     async def close(self) -> None:
         if self._owns_pool:

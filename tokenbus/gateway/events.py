@@ -1,0 +1,263 @@
+"""The SSE streams of the gateway: a job's entries, or a live tail of tags, resumable by cursor.
+
+Each client gets the exactly-once view a :func:`tokenbus.consumer.subscribe` reader gets (newest
+attempt only, each entry once, a ``restart`` event when a newer attempt begins, a ``gap`` event
+when a resume point was trimmed), read through the process's :class:`StreamHub`.
+
+Every event that carries an entry has an ``id:``, the client's cursor: the stream id of the entry
+for one stream, the ids of every followed stream joined by ``,`` (in the order of the tags asked
+for) for several. A reconnect sends it back (``Last-Event-ID``, or ``?since=``) and resumes after
+it with no gap and no duplicate.
+
+A client's events are made by a pump task of its own into a bounded :class:`Buffer` that the
+response drains, everything pending in one write. A client that does not read its events fills
+the buffer: the pump stops, an ``overflow`` event says why, and the connection ends; the client
+resumes by its last event's id. So a slow client costs the gateway its buffer and nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from sse_starlette import ServerSentEvent
+
+from tokenbus.consumer.attempts import AttemptFilter, Restart
+from tokenbus.consumer.hub import Item, StreamHub
+from tokenbus.consumer.output import restart_json
+from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
+from tokenbus.consumer.subscribe import newest_attempts, prime
+from tokenbus.schemas.entries import Entry, EntryType
+from tokenbus.schemas.errors import MalformedEntry, TokenbusError
+
+logger = logging.getLogger(__name__)
+
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+class BadCursor(TokenbusError, ValueError):
+    """A ``Last-Event-ID`` or ``since`` that is not a cursor of the stream it resumes."""
+
+
+def parse_cursor(cursor: str, streams: int) -> list[str]:
+    """The stream ids of a cursor: one per followed stream."""
+    ids = cursor.split(",")
+    if len(ids) != streams or not all(_STREAM_ID.fullmatch(i) for i in ids):
+        raise BadCursor(
+            f"resume cursor {cursor[:100]!r} is not {streams} stream id(s) like 1700000000000-0 joined by ','"
+        )
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """``?node=``, ``?type=`` and ``?tag=``: which entries a client wants. A terminal entry always
+    passes (it ends the job), and so do ``restart`` and ``gap`` notices."""
+
+    nodes: frozenset[str] = frozenset()
+    types: frozenset[EntryType] = frozenset()
+    tags: frozenset[str] = frozenset()
+
+    def passes(self, entry: Entry) -> bool:
+        if entry.is_terminal:
+            return True
+        if self.types and entry.type not in self.types:
+            return False
+        if self.nodes and entry.node not in self.nodes:
+            return False
+        return not (self.tags and entry.is_chunk and self.tags.isdisjoint(entry.tags))
+
+
+def _event(event: str, data: bytes, id: str | None = None) -> bytes:
+    return ServerSentEvent(data.decode(), event=event, id=id).encode()
+
+
+def notice_event(kind: str, **fields: Any) -> bytes:
+    """A ``gap``, ``overflow`` or ``error`` event: JSON with ``type`` and the given fields."""
+    return _event(kind, orjson.dumps({"type": kind, **fields}))
+
+
+def gap_event(gap: Gap) -> bytes:
+    return notice_event("gap", stream=gap.stream, after=gap.after, first_available=gap.first_available)
+
+
+def restart_event(restart: Restart) -> bytes:
+    return _event("restart", orjson.dumps(restart_json(restart)))
+
+
+def entry_json(item: Item) -> bytes | None:
+    """The entry's JSON, made once per entry for all clients (None: its ``data``/``meta`` is broken)."""
+    if item.cache is None:
+        assert item.entry is not None
+        try:
+            item.cache = orjson.dumps(item.entry.to_dict())
+        except MalformedEntry as e:
+            logger.warning("skipping entry %s of %s: %s", item.id, item.stream, e)
+            item.cache = False
+    return item.cache or None
+
+
+class Buffer:
+    """What a client has yet to be sent: at most ``limit`` bytes, then it is closed with a reason."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._ready = asyncio.Event()
+        self.closed = False
+        self.overflowed = False
+
+    def put(self, data: bytes) -> bool:
+        """Add ``data``; False once the buffer is closed (the pump stops)."""
+        if self.closed:
+            return False
+        if self._size + len(data) > self._limit and self._parts:
+            self.overflowed = True
+            self.close(
+                notice_event(
+                    "overflow",
+                    detail=f"the client did not read its events: {self._size} bytes were waiting; "
+                    "reconnect with Last-Event-ID to resume",
+                )
+            )
+            return False
+        self._parts.append(data)
+        self._size += len(data)
+        self._ready.set()
+        return True
+
+    def close(self, last: bytes = b"") -> None:
+        if not self.closed:
+            if last:
+                self._parts.append(last)
+            self.closed = True
+            self._ready.set()
+
+    async def take(self) -> bytes | None:
+        """Everything pending, waiting for some; None once closed and drained."""
+        while not self._parts:
+            if self.closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        data = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        return data
+
+
+class EventStream:
+    """One client's events of some streams: prepared (resume state read) before the response starts."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        hub: StreamHub,
+        streams: Sequence[str],
+        *,
+        filters: Filters,
+        cursor: str | None,
+        tag_streams: dict[str, str] | None = None,
+        job: str | None = None,
+        buffer_bytes: int = 1 << 20,
+        retry_ms: int = 1000,
+    ) -> None:
+        self._redis = redis
+        self._hub = hub
+        self._streams = list(streams)
+        self._filters = filters
+        self._job = job
+        self._attempts = AttemptFilter(tag_streams)
+        ids = parse_cursor(cursor, len(self._streams)) if cursor else None
+        default = BEGINNING if job is not None else LATEST  # a job from its start, tags from now
+        self._positions = dict(zip(self._streams, ids or [default] * len(self._streams), strict=True))
+        self._resumed = ids is not None
+        self._unstarted = job is not None and not self._resumed
+        self._buffer = Buffer(buffer_bytes)
+        self._retry_ms = retry_ms
+        self.ended = False
+        """The job's final entry was sent before the cursor: nothing more will come."""
+
+    @property
+    def resumed(self) -> bool:
+        """The client gave a cursor to resume after."""
+        return self._resumed
+
+    async def prepare(self) -> None:
+        """Read what the client had seen (resumed), or the job's newest attempt (replayed); "from
+        now" becomes the streams' newest ids, so the response's first bytes mean it follows."""
+        latest = [s for s, p in self._positions.items() if p == LATEST]
+        self._positions.update(await latest_positions(self._redis, latest))
+        if self._resumed:
+            ended = await prime(self._redis, self._attempts, self._positions)
+            self.ended = self._job is not None and self._job in ended
+        elif self._job is not None:
+            for job, attempt in (await newest_attempts(self._redis, {self._job: self._streams[0]})).items():
+                self._attempts.expect(job, attempt)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        pump = asyncio.create_task(self._pump(), name="tokenbus-gateway-pump")
+        try:
+            yield ServerSentEvent(retry=self._retry_ms, comment="tokenbus").encode()
+            while (data := await self._buffer.take()) is not None:
+                yield data
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _pump(self) -> None:
+        buffer = self._buffer
+        try:
+            async with self._hub.follow(self._positions) as follower:
+                cursor = dict(follower.positions)
+                while True:
+                    for item in await follower.next():
+                        if isinstance(item, Gap):
+                            if not buffer.put(gap_event(item)):
+                                return
+                            continue
+                        cursor[item.stream] = item.id
+                        data = self._event(item, cursor)
+                        if data and not buffer.put(data):
+                            return
+                        if self._job is not None and item.entry is not None and item.entry.is_final and data:
+                            buffer.close()
+                            return
+        except Exception as e:
+            logger.exception("the event stream of %s failed", ", ".join(self._streams))
+            buffer.close(notice_event("error", detail=f"the gateway failed reading the stream: {e}"))
+        finally:
+            if buffer.overflowed:
+                logger.warning("disconnecting a client of %s: it did not read its events", ", ".join(self._streams))
+            buffer.close()
+
+    def _event(self, item: Item, cursor: dict[str, str]) -> bytes:
+        """The bytes sent for one entry (possibly nothing, or a restart or gap notice first)."""
+        entry = item.entry
+        if entry is None:
+            return b""
+        verdict = self._attempts.accept(entry)
+        if not verdict:
+            return b""
+        out = b""
+        if verdict is not True:
+            out += restart_event(verdict)
+        if self._unstarted:
+            self._unstarted = False
+            if entry.seq != 0:  # the attempt's first entries were trimmed from the job stream
+                out += gap_event(Gap(item.stream, BEGINNING, item.id))
+        if not self._filters.passes(entry):
+            return out
+        payload = entry_json(item)
+        if payload is None:
+            return out
+        event_id = item.id if len(cursor) == 1 else ",".join(cursor[s] for s in self._streams)
+        return out + _event(entry.type.value, payload, event_id)
