@@ -22,6 +22,7 @@ from bisect import bisect_right
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
@@ -63,10 +64,14 @@ class Item:
             self.entry = None
 
 
+class NotAStream(Exception):
+    """A followed key holds something other than a stream: nothing can be read from it."""
+
+
 class _Window:
     """The newest entries of one stream: everything after ``base`` up to ``last``, at most ``size``."""
 
-    __slots__ = ("base", "items", "keys", "last_id", "refs", "size", "start", "waiters")
+    __slots__ = ("base", "error", "items", "keys", "last_id", "refs", "size", "start", "waiters")
 
     def __init__(self, base_id: str, size: int) -> None:
         self.base = parse_id(base_id)
@@ -77,6 +82,7 @@ class _Window:
         self.start = 0  # items before it were dropped (deleted from the lists in bulk, not one by one)
         self.refs = 0
         self.waiters: set[asyncio.Event] = set()
+        self.error: NotAStream | None = None
 
     def covers(self, position: tuple[int, int]) -> bool:
         return position >= self.base
@@ -100,6 +106,13 @@ class _Window:
             if self.start > self.size:
                 del self.keys[: self.start], self.items[: self.start]
                 self.start = 0
+        self._wake()
+
+    def fail(self, error: NotAStream) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
         for waiter in self.waiters:
             waiter.set()
         self.waiters.clear()
@@ -108,9 +121,7 @@ class _Window:
         """Hold nothing, from ``base_id`` on: followers before it read the stream themselves."""
         self.base, self.last_id = parse_id(base_id), base_id
         self.keys, self.items, self.start = [], [], 0
-        for waiter in self.waiters:
-            waiter.set()
-        self.waiters.clear()
+        self._wake()
 
 
 class StreamHub:
@@ -218,17 +229,22 @@ class StreamHub:
     async def _run(self) -> None:
         failures = 0
         while True:
-            if not self._windows:
+            if all(w.error is not None for w in self._windows.values()):
                 self._changed.clear()
                 await self._changed.wait()
                 continue
             try:
-                reply = await self._read()
-            except REDIS_UNAVAILABLE as e:
+                try:
+                    reply = await self._read()
+                except redis_errors.ResponseError as e:  # WRONGTYPE: a followed key is not a stream
+                    await self._fail_non_streams(e)
+                    continue
+            except Exception as e:  # Redis unavailable, or a bug: never leave the followers waiting
                 await self._disconnect()
                 delay = self._backoff_s[min(failures, len(self._backoff_s) - 1)]
                 failures += 1
-                logger.warning("the hub's read failed (%s); reading again in %.1fs", e, delay)
+                log = logger.warning if isinstance(e, REDIS_UNAVAILABLE) else logger.exception
+                log("the hub's read failed (%s); reading again in %.1fs", e, delay)
                 await asyncio.sleep(delay)
                 continue
             if failures:
@@ -242,6 +258,23 @@ class StreamHub:
                 if window is not None and entries:
                     window.extend([Item(stream, as_text(entry_id), fields) for entry_id, fields in entries])
 
+    async def _fail_non_streams(self, error: Exception) -> None:
+        """Find the followed keys that are not streams (their followers fail); read the rest on."""
+        streams = [s for s, w in self._windows.items() if w.error is None]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.type(stream)
+            types = await pipe.execute()
+        failed = 0
+        for stream, kind in zip(streams, types, strict=True):
+            if as_text(kind) not in ("stream", "none"):
+                window = self._windows.get(stream)
+                if window is not None:
+                    window.fail(NotAStream(f"{stream} holds a {as_text(kind)}, not a stream"))
+                    failed += 1
+        if not failed:
+            raise error  # not the keys: a bug, not something to read on through
+
     async def _read(self) -> list[tuple[Any, list[Any]]]:
         if self._conn is None or not self._conn.is_connected:
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
@@ -250,8 +283,10 @@ class StreamHub:
             await conn.send_command("CLIENT", "ID")
             self._conn, self._conn_id = conn, int(await conn.read_response())
         conn = self._conn
-        windows = dict(self._windows)
+        windows = {s: w for s, w in self._windows.items() if w.error is None}
         self._changed.clear()
+        if not windows:  # the followers left (or failed) while connecting
+            return []
         self._reading = frozenset(windows)
         try:
             args = [*windows, *(w.last_id for w in windows.values())]
@@ -296,6 +331,8 @@ class Follower:
             behind = []
             for stream, position in self.positions.items():
                 window = hub._windows[stream]
+                if window.error is not None:
+                    raise window.error
                 key = parse_id(position)
                 if not window.covers(key):
                     behind.append(stream)

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.jobs import JobView
 from tokenbus.consumer.subscribe import subscribe
-from tokenbus.schemas.entries import Entry
+from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from tokenbus.worker.offline_model import Fault, OfflineModelServer, script_for
 from tokenbus.worker.settings import Settings
 
@@ -204,3 +204,15 @@ async def start_gateway(settings: Settings, port: int, *, name: str = "gateway",
     gateway = await Process.start("serve", "--port", str(port), env={**settings_env(settings), **env}, name=name)
     await gateway.wait_line("Uvicorn running on")
     return gateway
+
+
+def entry(kind: EntryType, job: str, seq: int, attempt: int = 1, **values: Any) -> Entry:
+    return ENTRY_CLASSES[kind](job=job, attempt=attempt, seq=seq, ts=seq, **values)
+
+
+async def write(redis: Redis, key: str, *entries: Entry) -> list[str]:
+    return [(await redis.xadd(key, e.encode())).decode() for e in entries]  # type: ignore[arg-type]
+
+
+def token(job: str, seq: int, text: str, tag: str = "poem", attempt: int = 1, node: str = "call_model") -> Entry:
+    return entry(EntryType.TOKEN, job, seq, attempt, content=text, tags=(tag,), node=node)

@@ -51,7 +51,7 @@ async def gateway(paced_settings: Settings) -> AsyncIterator[str]:
 async def stop_gateway(process: Process) -> None:
     """SIGTERM: uvicorn closes the open streams, shuts down, then re-raises the signal."""
     assert await process.stop() == -signal.SIGTERM, process.output
-    assert "Application shutdown complete" in process.output
+    assert "Application shutdown complete" in process.output, process.output
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import wait_until
+from tests.support import entry, token, wait_until, write
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.reader import Gap, StreamReader, latest_positions
 from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import RedisServerProcess
-from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.schemas.keys import StreamKeys
 
@@ -34,14 +34,6 @@ async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def entry(kind: EntryType, job: str, seq: int, attempt: int = 1, **values: Any) -> Entry:
-    return ENTRY_CLASSES[kind](job=job, attempt=attempt, seq=seq, ts=seq, **values)
-
-
-async def write(redis: Redis, key: str, *entries: Entry) -> list[str]:
-    return [(await redis.xadd(key, e.encode())).decode() for e in entries]  # type: ignore[arg-type]
-
-
 async def collect(
     stream: AsyncIterator[Entry | Gap | Restart], n: int | None = None, within: float = 10.0
 ) -> list[Any]:
@@ -52,10 +44,6 @@ async def collect(
             if n is not None and len(items) == n:
                 break
     return items
-
-
-def token(job: str, seq: int, text: str, tag: str = "poem", attempt: int = 1, node: str = "call_model") -> Entry:
-    return entry(EntryType.TOKEN, job, seq, attempt, content=text, tags=(tag,), node=node)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
@@ -64,9 +65,11 @@ class Access:
     def __init__(self, api_keys: Sequence[str], *, secret: str | None = None, token_ttl_s: int = 3600) -> None:
         self._keys = [key.encode() for key in api_keys]
         self.token_ttl_s = token_ttl_s
+        # The signing key is always 32 bytes (what HS256 wants, whatever the secret's length): the
+        # secret's HMAC, else the keys' (every gateway with the same keys verifies the others' tokens).
         if secret:
-            self._secret = secret.encode()
-        elif api_keys:  # the same keys everywhere: every gateway verifies every gateway's tokens
+            self._secret = hmac.new(b"tokenbus subscribe tokens", secret.encode(), "sha256").digest()
+        elif api_keys:
             keys = "\n".join(sorted(api_keys)).encode()
             self._secret = hmac.new(b"tokenbus subscribe tokens", keys, "sha256").digest()
         else:
@@ -103,8 +106,12 @@ class Access:
         """A subscribe token for ``jobs`` and ``tags``, and when it expires (Unix seconds)."""
         now = int(time.time())
         expires = now + (ttl_s or self.token_ttl_s)
-        claims = {"aud": AUDIENCE, "iat": now, "exp": expires, "jobs": sorted(set(jobs)), "tags": sorted(set(tags))}
-        return jwt.encode(claims, self._secret, algorithm=ALGORITHM), expires
+        claims = {"iat": now, "exp": expires, "jobs": sorted(set(jobs)), "tags": sorted(set(tags))}
+        return self.sign(claims), expires
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """A token of these claims (plus the audience), signed with this gateway's key."""
+        return jwt.encode({"aud": AUDIENCE, **claims}, self._secret, algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Grant:
         try:

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from arq.constants import in_progress_key_prefix, job_key_prefix
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -27,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenbus.consumer.hub import StreamHub
+from tokenbus.consumer.hub import NotAStream, StreamHub
 from tokenbus.consumer.jobs import JobView, job_result
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.gateway.access import LOOPBACK_ONLY, Access, Grant, Refused, is_loopback
@@ -264,6 +265,15 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
     return _error(503, "redis_unavailable", "Redis does not answer; try again shortly")
 
 
+async def _not_a_stream(request: Request, exc: Exception) -> Response:
+    return _error(409, "not_a_stream", str(exc))
+
+
+async def _redis_refused(request: Request, exc: Exception) -> Response:
+    logger.warning("%s %s: Redis refused a command: %s", request.method, request.url.path, exc)
+    return _error(500, "redis_error", f"Redis refused a command: {exc}")
+
+
 async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return _error(exc.status_code, "http_error", str(exc.detail))
@@ -280,6 +290,8 @@ def create_app(settings: Settings, gateway: GatewaySettings) -> Starlette:
         BadCursor: _bad_cursor,
         HTTPException: _http,
         **{error: _unavailable for error in REDIS_UNAVAILABLE},
+        redis_errors.ResponseError: _redis_refused,
+        NotAStream: _not_a_stream,
     }
     routes = [
         Route("/", g.index),

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from sse_starlette import ServerSentEvent
 
 from tokenbus.consumer.attempts import AttemptFilter, Restart
-from tokenbus.consumer.hub import Item, StreamHub
+from tokenbus.consumer.hub import Item, NotAStream, StreamHub
 from tokenbus.consumer.output import restart_json
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from tokenbus.consumer.subscribe import newest_attempts, prime
@@ -193,14 +194,19 @@ class EventStream:
     async def prepare(self) -> None:
         """Read what the client had seen (resumed), or the job's newest attempt (replayed); "from
         now" becomes the streams' newest ids, so the response's first bytes mean it follows."""
-        latest = [s for s, p in self._positions.items() if p == LATEST]
-        self._positions.update(await latest_positions(self._redis, latest))
-        if self._resumed:
-            ended = await prime(self._redis, self._attempts, self._positions)
-            self.ended = self._job is not None and self._job in ended
-        elif self._job is not None:
-            for job, attempt in (await newest_attempts(self._redis, {self._job: self._streams[0]})).items():
-                self._attempts.expect(job, attempt)
+        try:
+            latest = [s for s, p in self._positions.items() if p == LATEST]
+            self._positions.update(await latest_positions(self._redis, latest))
+            if self._resumed:
+                ended = await prime(self._redis, self._attempts, self._positions)
+                self.ended = self._job is not None and self._job in ended
+            elif self._job is not None:
+                for job, attempt in (await newest_attempts(self._redis, {self._job: self._streams[0]})).items():
+                    self._attempts.expect(job, attempt)
+        except redis_errors.ResponseError as e:
+            if "WRONGTYPE" not in str(e):
+                raise
+            raise NotAStream(f"{', '.join(self._streams)}: a key of these is not a stream") from e
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         pump = asyncio.create_task(self._pump(), name="tokenbus-gateway-pump")
@@ -231,6 +237,8 @@ class EventStream:
                         if self._job is not None and item.entry is not None and item.entry.is_final and data:
                             buffer.close()
                             return
+        except NotAStream as e:
+            buffer.close(notice_event("error", detail=str(e)))
         except Exception as e:
             logger.exception("the event stream of %s failed", ", ".join(self._streams))
             buffer.close(notice_event("error", detail=f"the gateway failed reading the stream: {e}"))
