@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import make_settings
 from tests.sse import Event, events, free_port
 from tests.support import JOKE, POEM, Process, ThreadedModelServer, start_gateway, start_worker
+from tests.test_acl import create_user, refusals
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.worker.settings import Settings
 
@@ -153,3 +154,65 @@ async def test_a_tag_stream_sees_only_its_tag(worker: Process, gateway: str, htt
     await asyncio.wait_for(task, 60)
     assert text(poem, "poem") == POEM
     assert {tuple(e["tags"]) for e in poem if e["type"] == "token"} == {("poem",)}
+
+
+async def test_delete_cancels_a_running_job(worker: Process, gateway: str, http: httpx2.AsyncClient) -> None:
+    job = await enqueue(http, gateway)
+    first, _ = await collect(http, gateway + job["urls"]["events"], stop_after=5)  # it streams
+    cancelled = await http.delete(gateway + job["urls"]["cancel"])
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelling"
+    rest, ended = await collect(http, gateway + job["urls"]["events"], headers={"Last-Event-ID": first[-1].id or ""})
+    assert ended and rest[-1].event == "cancelled"
+    status = (await http.get(gateway + job["urls"]["job"])).json()
+    assert status["status"] == "cancelled" and len(status["texts"].get("poem", "")) < len(POEM)
+    again = await http.delete(gateway + job["urls"]["cancel"])
+    assert again.status_code == 409 and again.json()["error"] == "ended"
+
+
+async def test_a_killed_gateway_restarted_resumes_its_clients_where_they_were(
+    worker: Process, paced_settings: Settings, http: httpx2.AsyncClient
+) -> None:
+    process, url = await gateway_for(paced_settings)
+    port = int(url.rsplit(":", 1)[1])
+    job = await enqueue(http, url)
+    first: list[Event] = []
+    with pytest.raises(httpx2.TransportError):  # the connection dies with the gateway, mid-stream
+        async with http.stream("GET", url + job["urls"]["events"]) as response:
+            async for event in events(response):
+                first.append(event)
+                if len(entries(first)) == 8:
+                    process.proc.kill()
+    assert first[-1].event == "token" and await process.wait() == -signal.SIGKILL
+    process = await start_gateway(paced_settings, port)
+    try:
+        last_id = [e.id for e in first if e.id][-1] or ""
+        rest, ended = await collect(http, url + job["urls"]["events"], headers={"Last-Event-ID": last_id})
+    finally:
+        await stop_gateway(process)
+    assert ended
+    seen = entries(first) + entries(rest)
+    assert [e["seq"] for e in seen] == list(range(len(seen)))
+    assert text(seen, "joke") == JOKE and text(seen, "poem") == POEM
+
+
+async def test_the_gateway_role_is_all_the_gateway_needs(
+    worker: Process, paced_settings: Settings, http: httpx2.AsyncClient, redis: Redis
+) -> None:
+    """``tokenbus serve`` as a Redis user of ``tokenbus acl gateway``: enqueue, follow a job and a
+    tag, status, cancel; and not one refusal in Redis's ACL log."""
+    gateway_settings = await create_user(paced_settings, "gateway")
+    process, url = await gateway_for(gateway_settings)
+    try:
+        poem = asyncio.create_task(collect(http, f"{url}/tags/poem/events", stop_after=3))
+        job = await enqueue(http, url)
+        got, ended = await collect(http, url + job["urls"]["events"])
+        assert ended and text(entries(got), "poem") == POEM
+        assert (await http.get(url + job["urls"]["job"])).json()["status"] == "end"
+        tail, _ = await asyncio.wait_for(poem, 30)
+        assert {e["job"] for e in entries(tail)} == {job["job_id"]}
+        other = await enqueue(http, url)
+        assert (await http.delete(url + other["urls"]["cancel"])).status_code == 202
+        assert (await http.get(f"{url}/readyz")).status_code == 200
+    finally:
+        await stop_gateway(process)
+    assert await refusals(redis, gateway_settings) == []

@@ -17,7 +17,9 @@ code that runs under it:
   streams only; no job streams, which hold every tag's tokens. With ``groups``, consumer groups too:
   the group commands on those streams, ``XADD`` to ``<prefix>:dead`` only and the group's copy
   claims under ``<prefix>:copies:*`` (selectors).
-- **gateway**: the enqueuer's rules, and reading tag streams (all, or the given ones).
+- **gateway** (``tokenbus serve``): the enqueuer's rules, reading tag streams (all, or the given
+  ones), ``EXISTS`` of arq's in-progress keys (a job's status), ``TYPE`` (which followed key is not
+  a stream) and ``CLIENT ID``/``CLIENT UNBLOCK`` (its stream hub wakes its own blocked ``XREAD``).
 
 No role may write a stream it only reads, nor run ``KEYS``, ``FLUSHALL``, ``CONFIG`` or any
 command not listed. Users are (re)created from scratch (``reset``), with the password's SHA-256
@@ -129,7 +131,10 @@ def role_rules(
     readers = _tag_reader(keys, tags, groups)
     if role == "reader":
         return [*_CONNECTION, *readers]
-    return _merge(_enqueuer(keys, queue_name), readers)
+    return _merge(_enqueuer(keys, queue_name), readers, _GATEWAY)
+
+
+_GATEWAY = ("+type", "+client|id", "+client|unblock", f"%R~{glob_escape(in_progress_key_prefix)}*")
 
 
 def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
