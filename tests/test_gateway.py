@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import make_settings
 from tests.sse import Event, events, free_port
