@@ -4,7 +4,9 @@ local processes against a private Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,16 @@ import orjson
 import pytest
 import yaml
 
+from tests.sse import free_port
 from tests.support import POEM, Process, settings_env
 from tokenbus.cli import build_parser
+from tokenbus.gateway import GatewaySettings
 from tokenbus.worker.settings import Settings
 
 COMPOSE = Path(__file__).parent.parent / "docker-compose.yml"
-SETTING_NAMES = {str(field.validation_alias) for field in Settings.model_fields.values()}
+SETTING_NAMES = {
+    str(field.validation_alias) for model in (Settings, GatewaySettings) for field in model.model_fields.values()
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def test_redis_persists_and_reports_health(compose: dict[str, Any]) -> None:
     assert any(v.endswith(":/data") for v in redis["volumes"])
 
 
-@pytest.mark.parametrize("service", ["worker", "consumer"])
+@pytest.mark.parametrize("service", ["worker", "consumer", "gateway"])
 def test_services_run_real_commands_with_real_settings(compose: dict[str, Any], service: str) -> None:
     spec = compose["services"][service]
     command = spec["command"]
@@ -48,7 +54,36 @@ def test_services_run_real_commands_with_real_settings(compose: dict[str, Any], 
     unknown = set(spec["environment"]) - SETTING_NAMES
     assert not unknown, f"{service} sets variables tokenbus does not read: {unknown}"
     assert spec["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert "container_name" not in spec and "ports" not in spec  # so that --scale works
+    assert "container_name" not in spec
+    if service != "gateway":
+        assert "ports" not in spec  # so that --scale works
+
+
+@pytest.mark.e2e
+async def test_the_gateway_service_serves_and_its_healthcheck_passes(
+    compose: dict[str, Any], settings: Settings
+) -> None:
+    """The gateway's command on a free port, and its healthcheck's own command against it."""
+    spec = compose["services"]["gateway"]
+    published = resolve(spec["ports"][0], {})
+    assert published.startswith("127.0.0.1:") and published.endswith(":8000")  # the host's loopback by default
+    port = free_port()
+    command = [str(port) if arg == "8000" else "127.0.0.1" if arg == "0.0.0.0" else arg for arg in spec["command"]]
+    env = {
+        **settings_env(settings),
+        **{k: resolve(v, {}) for k, v in spec["environment"].items() if k.startswith("TOKENBUS_GATEWAY")},
+    }
+    gateway = await Process.start(*command[1:], env=env, name="gateway")
+    try:
+        await gateway.wait_line("Uvicorn running on")
+        test = spec["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "python"]
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, *[a.replace(":8000/", f":{port}/") for a in test[2:]]
+        )
+        assert await check.wait() == 0
+    finally:
+        await gateway.stop()
 
 
 def test_worker_scales_and_shuts_down_gracefully(compose: dict[str, Any]) -> None:
@@ -102,7 +137,7 @@ def test_the_image_installs_the_versions_tested() -> None:
     root = COMPOSE.parent
     dockerfile = (root / "Dockerfile").read_text()
     assert "COPY pyproject.toml README.md LICENSE requirements.lock ./" in dockerfile
-    assert "pip install -c requirements.lock '.[worker]'" in dockerfile
+    assert "pip install -c requirements.lock '.[worker,gateway]'" in dockerfile
     pins = {}
     for line in (root / "requirements.lock").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -110,6 +145,7 @@ def test_the_image_installs_the_versions_tested() -> None:
             assert version, f"not pinned: {line}"
             pins[re.sub(r"[-_.]+", "-", name).lower()] = version
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    needed = [*project["dependencies"], *project["optional-dependencies"]["worker"]]
+    extras = project["optional-dependencies"]
+    needed = [*project["dependencies"], *extras["worker"], *extras["gateway"]]
     names = {re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!;~ ]", spec, maxsplit=1)[0]).lower() for spec in needed}
     assert sorted(names - pins.keys()) == []

@@ -32,3 +32,13 @@ def test_readme_documents_every_setting() -> None:
         str(f.validation_alias) for f in Settings.model_fields.values() if f"`{f.validation_alias}`" not in table
     ]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_readme_documents_every_gateway_setting() -> None:
+    from tokenbus.gateway.settings import GatewaySettings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Browser", 1)[1].split("\n## ", 1)[0]
+    fields = GatewaySettings.model_fields.values()
+    missing = [str(f.validation_alias) for f in fields if f"`{f.validation_alias}`" not in table]
+    assert not missing, f"README's gateway table lacks {missing}"
