@@ -244,3 +244,42 @@ async def test_a_client_that_stops_reading_is_disconnected_and_costs_no_memory(
     growth = rss_kb(process.proc.pid) - rss_after_overflow
     assert growth < 8 * 1024, f"the gateway grew by {growth} kB over 10,000 more entries"
     sock.close()
+
+
+async def test_a_dropped_redis_connection_loses_and_repeats_nothing(
+    gateway: str, follow: Any, redis: Redis, keys: StreamKeys
+) -> None:
+    stream = keys.job("j7")
+    await write(redis, stream, entry(EntryType.START, "j7", 0), *(token("j7", s, f"{s} ") for s in range(1, 4)))
+    follower = await follow(f"{gateway}/jobs/j7/events")
+    await follower.until(lambda f: len(f.entries()) == 4, "the first entries")
+    for _ in range(3):  # the hub's blocked XREAD loses its connection; entries land meanwhile
+        clients = await redis.client_list()
+        readers = [c["id"] for c in clients if c.get("cmd") == "xread"]
+        assert readers, clients
+        for client_id in readers:
+            await redis.client_kill_filter(_id=client_id)
+        seq = len(follower.entries())
+        await write(redis, stream, *(token("j7", s, f"{s} ") for s in range(seq, seq + 3)))
+        await follower.until(lambda f, n=seq + 3: len(f.entries()) == n, "the entries written meanwhile")
+    await write(redis, stream, entry(EntryType.END, "j7", 13))
+    await follower.until(lambda f: f.ended, "the end")
+    assert [e["seq"] for e in follower.entries()] == list(range(14))
+    assert "gap" not in follower.kinds()
+
+
+async def test_without_redis_the_gateway_runs_and_says_it_is_not_ready(settings: Settings) -> None:
+    dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    port = free_port()
+    process = await start_gateway(dead, port)
+    try:
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "Redis" in ready.json()["detail"]
+            enqueued = await http.post("/jobs", json={"graph": "joke_poem", "input": {}})
+            assert enqueued.status_code == 503 and enqueued.json()["error"] == "redis_unavailable"
+            events = await http.get("/tags/poem/events")
+            assert events.status_code == 503
+    finally:
+        await stop_gateway(process)
