@@ -75,7 +75,7 @@ async def test_the_gateway_service_serves_and_its_healthcheck_passes(
     }
     gateway = await Process.start(*command[1:], env=env, name="gateway")
     try:
-        await gateway.wait_line("Uvicorn running on")
+        await gateway.wait_line("gateway listening on")
         test = spec["healthcheck"]["test"]
         assert test[:2] == ["CMD", "python"]
         check = await asyncio.create_subprocess_exec(

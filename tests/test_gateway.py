@@ -157,7 +157,20 @@ async def test_a_tag_stream_sees_only_its_tag(worker: Process, gateway: str, htt
     assert {tuple(e["tags"]) for e in poem if e["type"] == "token"} == {("poem",)}
 
 
-async def test_delete_cancels_a_running_job(worker: Process, gateway: str, http: httpx2.AsyncClient) -> None:
+@pytest.fixture
+async def slow_worker(redis_server: RedisServerProcess, prefix: str) -> AsyncIterator[tuple[Process, Settings]]:
+    """A worker on a model of 20 tokens/s: a job runs for seconds, time enough to cancel it mid-way."""
+    model = ThreadedModelServer(tokens_per_s=20).start()
+    settings = make_settings(redis_server.url, model.base_url, prefix)
+    process = await start_worker(settings)
+    yield process, settings
+    await process.stop()
+    model.stop()
+
+
+async def test_delete_cancels_a_running_job(
+    slow_worker: tuple[Process, Settings], gateway: str, http: httpx2.AsyncClient
+) -> None:
     job = await enqueue(http, gateway)
     first, _ = await collect(http, gateway + job["urls"]["events"], stop_after=5)  # it streams
     cancelled = await http.delete(gateway + job["urls"]["cancel"])

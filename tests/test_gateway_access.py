@@ -3,6 +3,9 @@ without keys; and bad requests answered with one JSON line that says why."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,9 +13,10 @@ from typing import Any
 import httpx2
 import jwt
 import pytest
+from redis.asyncio import Redis
 
 from tests.sse import free_port
-from tests.support import Process, start_gateway
+from tests.support import Process, settings_env, start_gateway
 from tests.test_gateway import stop_gateway
 from tokenbus.gateway import GatewaySettings, create_app
 from tokenbus.gateway.access import AUDIENCE, Access
@@ -157,3 +161,30 @@ async def test_without_keys_only_loopback_clients_are_served(settings: Settings)
         await app(scope, receive, send)
         assert sent[0]["status"] == expected, client
         assert b"loopback" in sent[1]["body"]
+
+
+async def test_serve_mistakes_are_one_line_and_exit_2(settings: Settings) -> None:
+    env = settings_env(settings)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = await Process.start("serve", "--port", str(port), env=env)
+        assert await busy.wait() == 2
+    [line] = busy.stderr
+    assert line.startswith(f"tokenbus: cannot listen on 127.0.0.1:{port}: {os.strerror(errno.EADDRINUSE)}"), line
+    bad = await Process.start("serve", env={**env, "TOKENBUS_GATEWAY_WINDOW": "3", "TOKENBUS_GATEWAY_TOKEN_TTL": "x"})
+    assert await bad.wait() == 2
+    [line] = bad.stderr
+    assert line.startswith("tokenbus: bad gateway configuration: ") and "TOKENBUS_GATEWAY_WINDOW" in line
+    assert "TOKENBUS_GATEWAY_TOKEN_TTL" in line
+
+
+async def test_a_job_id_makes_enqueueing_idempotent(
+    gateway: str, http: httpx2.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    body = {**JOB, "job_id": "order-42"}
+    first = await http.post(f"{gateway}/jobs", json=body, headers=bearer(KEY))
+    second = await http.post(f"{gateway}/jobs", json=body, headers=bearer(KEY))
+    assert first.json()["job_id"] == second.json()["job_id"] == "order-42"
+    assert await redis.zcard(settings.queue_name) == 1

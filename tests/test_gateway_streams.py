@@ -254,10 +254,11 @@ async def test_a_dropped_redis_connection_loses_and_repeats_nothing(
     follower = await follow(f"{gateway}/jobs/j7/events")
     await follower.until(lambda f: len(f.entries()) == 4, "the first entries")
     for _ in range(3):  # the hub's blocked XREAD loses its connection; entries land meanwhile
-        clients = await redis.client_list()
-        readers = [c["id"] for c in clients if c.get("cmd") == "xread"]
-        assert readers, clients
-        for client_id in readers:
+
+        async def blocked_readers() -> list[str]:
+            return [c["id"] for c in await redis.client_list() if c.get("cmd") == "xread" and "b" in c.get("flags", "")]
+
+        for client_id in await wait_for(blocked_readers, what="the hub's blocked XREAD"):
             await redis.client_kill_filter(_id=client_id)
         seq = len(follower.entries())
         await write(redis, stream, *(token("j7", s, f"{s} ") for s in range(seq, seq + 3)))

@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
 
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.groups import GroupConsumer, group_stats
@@ -224,11 +226,26 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
 
         from tokenbus.gateway import GatewaySettings, create_app
 
-    app = create_app(settings, GatewaySettings())
+    try:
+        gateway = GatewaySettings()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise CommandError(f"bad gateway configuration: {problems}") from e
+    try:  # bound here, so that a taken port is one line, not a startup failure in uvicorn's log
+        listener = socket.create_server((args.host, args.port), family=_family(args.host), reuse_port=False)
+    except OSError as e:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_config=None, access_log=args.access_log, lifespan="on",
+        create_app(settings, gateway), host=args.host, port=args.port, log_config=None, access_log=args.access_log, lifespan="on",
         timeout_graceful_shutdown=5, proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
     )  # fmt: skip
     server = uvicorn.Server(config)
-    await server.serve()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    logger.info("gateway listening on http://%s:%d (connections wait until it has started)", host, args.port)
+    with listener:
+        await server.serve(sockets=[listener])
     return EXIT_OK if server.started else EXIT_USAGE
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
