@@ -134,6 +134,8 @@ async def test_bad_requests_get_one_json_line(gateway: str, http: httpx2.AsyncCl
     )
     refused(await http.get(f"{gateway}/jobs/never-enqueued", headers=key), 404, "not_found")
     refused(await http.get(f"{gateway}/jobs/never-enqueued/events", headers=key), 404, "not_found")
+    resumed = {**key, "Last-Event-ID": "1-0"}  # a job whose stream expired: EventSource stops on a 404
+    refused(await http.get(f"{gateway}/jobs/never-enqueued/events", headers=resumed), 404, "not_found")
     refused(await http.delete(f"{gateway}/jobs/never-enqueued", headers=key), 404, "not_found")
     refused(await http.get(f"{gateway}/no/such/path"), 404, "http_error")
     queued = (await http.post(f"{gateway}/jobs", json=JOB, headers=key)).json()

@@ -200,8 +200,8 @@ class Gateway:
         await stream.prepare()
         if stream.ended:
             return Response(status_code=204)  # resumed after the end: EventSource stops reconnecting
-        if not stream.resumed and not await self.redis.exists(self.keys.job(job_id)):
-            await self._status(job_id, JobView(job_id))  # 404 for a job neither run nor queued
+        if not await self.redis.exists(self.keys.job(job_id)):
+            await self._status(job_id, JobView(job_id))  # 404 for a job neither run nor queued, or expired
         return self._sse(stream)
 
     async def tag_events(self, request: Request) -> Response:

@@ -186,11 +186,6 @@ class EventStream:
         self.ended = False
         """The job's final entry was sent before the cursor: nothing more will come."""
 
-    @property
-    def resumed(self) -> bool:
-        """The client gave a cursor to resume after."""
-        return self._resumed
-
     async def prepare(self) -> None:
         """Read what the client had seen (resumed), or the job's newest attempt (replayed); "from
         now" becomes the streams' newest ids, so the response's first bytes mean it follows."""
