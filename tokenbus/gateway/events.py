@@ -226,10 +226,10 @@ class EventStream:
                                 return
                             continue
                         cursor[item.stream] = item.id
-                        data = self._event(item, cursor)
+                        data, final = self._event(item, cursor)
                         if data and not buffer.put(data):
                             return
-                        if self._job is not None and item.entry is not None and item.entry.is_final and data:
+                        if final and self._job is not None:  # the job has ended: so does its response
                             buffer.close()
                             return
         except NotAStream as e:
@@ -242,14 +242,15 @@ class EventStream:
                 logger.warning("disconnecting a client of %s: it did not read its events", ", ".join(self._streams))
             buffer.close()
 
-    def _event(self, item: Item, cursor: dict[str, str]) -> bytes:
-        """The bytes sent for one entry (possibly nothing, or a restart or gap notice first)."""
+    def _event(self, item: Item, cursor: dict[str, str]) -> tuple[bytes, bool]:
+        """The bytes sent for one entry (possibly nothing, or a restart or gap notice first), and
+        whether it is the final entry of its job (passed on)."""
         entry = item.entry
         if entry is None:
-            return b""
+            return b"", False
         verdict = self._attempts.accept(entry)
         if not verdict:
-            return b""
+            return b"", False
         out = b""
         if verdict is not True:
             out += restart_event(verdict)
@@ -258,9 +259,9 @@ class EventStream:
             if entry.seq != 0:  # the attempt's first entries were trimmed from the job stream
                 out += gap_event(Gap(item.stream, BEGINNING, item.id))
         if not self._filters.passes(entry):
-            return out
+            return out, False
         payload = entry_json(item)
         if payload is None:
-            return out
+            return out, entry.is_final
         event_id = item.id if len(cursor) == 1 else ",".join(cursor[s] for s in self._streams)
-        return out + _event(entry.type.value, payload, event_id)
+        return out + _event(entry.type.value, payload, event_id), entry.is_final
