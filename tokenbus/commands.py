@@ -236,8 +236,9 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as e:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     config = uvicorn.Config(
-        create_app(settings, gateway), host=args.host, port=args.port, log_config=None, access_log=args.access_log, lifespan="on",
-        timeout_graceful_shutdown=5, proxy_headers=args.proxy_headers, forwarded_allow_ips=args.forwarded_allow_ips,
+        create_app(settings, gateway), host=args.host, port=args.port, log_config=None, lifespan="on",
+        access_log=args.access_log, timeout_graceful_shutdown=5, proxy_headers=args.proxy_headers,
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )  # fmt: skip
     server = uvicorn.Server(config)
     host = f"[{args.host}]" if ":" in args.host else args.host
