@@ -12,7 +12,7 @@ import pytest
 from langchain_core.messages import AIMessage
 from redis.asyncio import Redis
 
-from tests.graphs import every_chunk
+from tests.graphs import every_chunk, sync_subgraph
 from tests.support import Process, read_stream, settings_env, text_of
 from tokenbus.consumer.reader import parse_id
 from tokenbus.schemas.entries import Entry, EntryType
@@ -37,6 +37,7 @@ GRAPHS = {
     "bad_tags": "tests.graphs:bad_tags",
     "nested": "tests.graphs:nested",
     "changing_tags": "tests.graphs:changing_tags",
+    "sync_subgraph": "tests.graphs:sync_subgraph",
 }
 
 
@@ -222,6 +223,45 @@ async def test_chunks_of_sync_nodes_are_emitted_on_the_event_loop_thread(
     await client.enqueue("every_chunk", {}, modes=["messages", "custom"])
     await run_burst_worker(graphs=GRAPHS)
     assert len(threads) == 15 and set(threads) == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("path", ["fast", "public"])
+async def test_state_chunks_of_a_subgraph_run_in_a_sync_nodes_thread_are_emitted_on_the_event_loop_thread(
+    path: str,
+    settings: Settings,
+    client: TokenbusClient,
+    redis: Redis,
+    run_burst_worker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sync node invoking a subgraph runs the subgraph's loop in its thread, which is where
+    LangGraph hands over the subgraph's ``updates`` and ``values`` chunks: they reach the emitter on
+    the event loop's thread, in the order ``astream`` yields them."""
+    if path == "public":
+        monkeypatch.setattr(streaming, "fast_stream", None)
+    threads: list[int] = []
+    for name in ("update", "values"):
+        emit = getattr(JobEmitter, name)
+
+        def recording(self: JobEmitter, *args: Any, emit: Any = emit) -> None:
+            threads.append(threading.get_ident())
+            emit(self, *args)
+
+        monkeypatch.setattr(JobEmitter, name, recording)
+    modes = ["updates", "values"]
+    expected = [
+        key
+        async for namespace, mode, chunk in sync_subgraph.astream({"n": 1}, stream_mode=modes, subgraphs=True)
+        for key in _chunk_keys(mode, chunk, namespace)
+    ]
+    threads.clear()
+    job_id = await client.enqueue("sync_subgraph", {"n": 1}, modes=modes)
+    await run_burst_worker(graphs=GRAPHS)
+    job = await read_stream(redis, settings.keys.job(job_id))
+    assert [key for e in job for key in _entry_keys(e)] == expected
+    assert ("update", "leaf", {"done": True}, ("calls",)) in expected
+    assert len(threads) == len(expected) and set(threads) == {threading.get_ident()}  # one node per update chunk
+    assert job[-1].data["result"] == {"n": 1, "done": True}
 
 
 async def test_each_custom_chunk_goes_to_the_streams_of_its_own_tags(
