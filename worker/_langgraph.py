@@ -61,6 +61,13 @@ def install_stream(
     configurable[CONFIG_KEY_RUNTIME] = Runtime(stream_writer=writer or _ignore)
 
 
+def install_writer(configurable: dict[str, Any], writer: Callable[[Any], None]) -> None:
+    """Make ``writer`` the stream writer of a graph run with this ``configurable`` (and of its
+    subgraphs), as if it ran inside a parent graph that streams ``custom`` payloads to it (bench/
+    measures LangGraph with it)."""
+    install_stream(configurable, writer)
+
+
 def _ignore(chunk: Any) -> None:
     """What a mode the job did not ask for is written to."""
 
