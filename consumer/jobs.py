@@ -1,7 +1,8 @@
 """A job's output as a whole: rebuild the final text of its newest attempt from the job stream.
 
 For consumers that join late or only want results: :func:`job_result` reads the job stream from
-its start and folds it into a :class:`JobView`; ``wait=True`` follows the job until it ends.
+its start and folds it into a :class:`JobView` (text, status, the graph's final state, and what
+the ``updates`` and ``values`` modes published); ``wait=True`` follows the job until it ends.
 A job stream capped by ``TOKENBUS_JOB_MAXLEN`` may have lost an attempt's first entries: the view
 then says so (``complete`` is false, ``missing`` counts them) rather than pass a part for the whole.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -25,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class JobView:
-    """What one job produced: text per tag and overall, for the newest attempt only."""
+    """What one job produced, for the newest attempt only: text per tag and overall, its final
+    state, and its state entries (``updates`` and ``values`` modes)."""
 
     job: str
     attempt: int = 0
@@ -47,6 +50,13 @@ class JobView:
     first_chunk_ts: int | None = None
     ended_ts: int | None = None
     """When the attempt started, streamed its first chunk and ended (the entries' ``ts``, ms)."""
+    result: Any = None
+    """The graph's final state, JSON by the contract's State rules (``data["result"]`` of the job
+    stream's ``end``); None until the job ends well."""
+    updates: list[str] = field(default_factory=list)
+    """The node of each ``update`` entry, in order, subgraphs' nodes included (``updates`` mode)."""
+    state: Any = None
+    """The top graph's state after its latest step (its newest ``values`` entry; ``values`` mode)."""
 
     def apply(self, entry: Entry) -> None:
         """Fold in the next entry of the job (in stream order, newest attempt only, each once)."""
@@ -55,6 +65,7 @@ class JobView:
             self.node_texts = {}
             self.chunks = self.missing = self.next_seq = 0
             self.started_ts = self.first_chunk_ts = self.ended_ts = None
+            self.result, self.updates, self.state = None, [], None
         if entry.seq > self.next_seq:
             self.missing += entry.seq - self.next_seq
         self.next_seq = max(self.next_seq, entry.seq + 1)
@@ -69,8 +80,18 @@ class JobView:
                 self.node_texts[entry.node] = self.node_texts.get(entry.node, "") + entry.content
         elif entry.type is EntryType.START:
             self.started_ts = entry.ts
+        elif entry.type is EntryType.UPDATE:
+            self.updates.append(entry.node)
+        elif entry.type is EntryType.VALUES:
+            try:
+                if not entry.meta.get("langgraph_checkpoint_ns"):  # the top graph's, not a subgraph's
+                    self.state = entry.data
+            except MalformedEntry as e:
+                logger.warning("job %s: skipping the state of entry %s: %s", self.job, entry.id, e)
         elif entry.is_final:
             self.status, self.error, self.ended_ts = entry.type, entry.error, entry.ts
+            if entry.type is EntryType.END:
+                self.result = _result(entry)
 
     @property
     def done(self) -> bool:
@@ -80,6 +101,15 @@ class JobView:
     def complete(self) -> bool:
         """Every entry of the attempt so far was seen, from its ``start`` on: the text is whole."""
         return self.next_seq > 0 and self.missing == 0
+
+
+def _result(end: Entry) -> Any:
+    try:
+        data = end.data
+    except MalformedEntry as e:
+        logger.warning("job %s: no result: entry %s: %s", end.job, end.id, e)
+        return None
+    return data.get("result") if isinstance(data, dict) else None
 
 
 async def job_result(redis: Redis, job_id: str, *, prefix: str = DEFAULT_PREFIX, wait: bool = False) -> JobView:

@@ -2,7 +2,9 @@
 
 Gaps go to stderr in both formats. A restarted job is a notice on stderr in text, and a
 ``{"type": "restart", ...}`` line among the entries in JSONL, so that a program reading them
-knows to drop what it kept of the job's older attempt.
+knows to drop what it kept of the job's older attempt. State entries (``updates`` and ``values``
+modes) are JSON lines like any entry; in text, an ``update`` is a one-line notice naming its node
+and a ``values`` entry is not shown (a whole state is no text to read along).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Printer:
                 self._out.flush()
         elif item.type is EntryType.START:
             self.notice(f"job {item.job}: attempt {item.attempt} started")
+        elif item.type is EntryType.UPDATE:
+            self.notice(f"job {item.job}: update from node {item.node}")
         elif item.is_terminal:
             self._out.write("\n")
             self._out.flush()

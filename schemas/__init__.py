@@ -3,6 +3,7 @@
 from tokenbus.schemas.entries import (
     CHUNK_TYPES,
     CONTRACT_VERSION,
+    STATE_TYPES,
     TERMINAL_TYPES,
     CancelledEntry,
     CustomEntry,
@@ -13,6 +14,8 @@ from tokenbus.schemas.entries import (
     ErrorType,
     StartEntry,
     TokenEntry,
+    UpdateEntry,
+    ValuesEntry,
 )
 from tokenbus.schemas.errors import (
     ClientStateError,
@@ -28,7 +31,7 @@ from tokenbus.schemas.errors import (
     UnknownGraph,
     UnsupportedVersion,
 )
-from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, JobRequest, StreamMode
+from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, STREAM_MODES, JobRequest, StreamMode
 from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys, validate_job_id, validate_tag
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "CONTRACT_VERSION",
     "DEFAULT_PREFIX",
     "JOB_FUNCTION",
+    "STATE_TYPES",
+    "STREAM_MODES",
     "TERMINAL_TYPES",
     "CancelledEntry",
     "ClientStateError",
@@ -62,6 +67,8 @@ __all__ = [
     "TokenbusError",
     "UnknownGraph",
     "UnsupportedVersion",
+    "UpdateEntry",
+    "ValuesEntry",
     "validate_job_id",
     "validate_tag",
 ]

@@ -28,6 +28,8 @@ class EntryType(StrEnum):
     START = "start"
     TOKEN = "token"
     CUSTOM = "custom"
+    UPDATE = "update"
+    VALUES = "values"
     END = "end"
     ERROR = "error"
     CANCELLED = "cancelled"
@@ -47,6 +49,8 @@ class ErrorType(StrEnum):
 
 
 CHUNK_TYPES = frozenset({EntryType.TOKEN, EntryType.CUSTOM})
+STATE_TYPES = frozenset({EntryType.UPDATE, EntryType.VALUES})
+"""Entries of the graph's state (``updates`` and ``values`` modes): in the job stream only, never chunks."""
 TERMINAL_TYPES = frozenset({EntryType.END, EntryType.ERROR, EntryType.CANCELLED})
 
 Fields = Mapping[bytes, bytes] | Mapping[str, str] | list[bytes] | tuple[bytes, ...]
@@ -118,7 +122,8 @@ class Entry:
     # -- the JSON fields, parsed on first access -------------------------------------------------
     @property
     def data(self) -> Any:
-        """The custom payload, or the message chunk's other parts (``None`` when empty)."""
+        """The custom payload, the message chunk's other parts, a node's output (``update``), the
+        state (``values``), or what a lifecycle entry says (``None`` when empty)."""
         data = self._data
         if data.__class__ is bytes:  # still the raw field: JSON never parses to bytes
             data = self._data = _parse(data, "data", self) if data else None
@@ -266,7 +271,25 @@ class CustomEntry(Entry):
     entry_type = EntryType.CUSTOM
 
 
+class UpdateEntry(Entry):
+    """A node's output from ``stream_mode="updates"``: ``node`` names it, ``data`` is the output
+    (JSON by the rules of :mod:`tokenbus.schemas.state`)."""
+
+    __slots__ = ()
+    entry_type = EntryType.UPDATE
+
+
+class ValuesEntry(Entry):
+    """The graph's state after a step, from ``stream_mode="values"`` (``data``, JSON by the rules of
+    :mod:`tokenbus.schemas.state`)."""
+
+    __slots__ = ()
+    entry_type = EntryType.VALUES
+
+
 class EndEntry(Entry):
+    """The attempt ended well. In the job stream ``data["result"]`` is the graph's final state."""
+
     __slots__ = ()
     entry_type = EntryType.END
 
@@ -285,6 +308,8 @@ ENTRY_CLASSES: dict[EntryType, type[Entry]] = {
     EntryType.START: StartEntry,
     EntryType.TOKEN: TokenEntry,
     EntryType.CUSTOM: CustomEntry,
+    EntryType.UPDATE: UpdateEntry,
+    EntryType.VALUES: ValuesEntry,
     EntryType.END: EndEntry,
     EntryType.ERROR: ErrorEntry,
     EntryType.CANCELLED: CancelledEntry,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,8 +18,13 @@ RESERVED_CONFIG_PREFIXES = ("__pregel_", "tokenbus_")
 JOB_FUNCTION = "run_graph"
 """The arq function name of a tokenbus job (the envelope's ``f``)."""
 
-StreamMode = Literal["messages", "custom"]
+StreamMode = Literal["messages", "custom", "updates", "values"]
+"""The LangGraph stream modes a job may publish: chunks (``messages``, ``custom``) and state
+(``updates``, ``values``)."""
+STREAM_MODES: tuple[StreamMode, ...] = get_args(StreamMode)
 ALL_MODES: tuple[StreamMode, ...] = ("messages", "custom")
+"""The modes of a request that names none: every mode that streams chunks (tokens and payloads).
+``updates`` and ``values`` are published only when a request asks for them."""
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 
 
@@ -59,7 +64,7 @@ class JobRequest(BaseModel):
     @classmethod
     def _modes_not_empty(cls, value: tuple[StreamMode, ...]) -> tuple[StreamMode, ...]:
         if not value:
-            raise ValueError("at least one stream mode is needed: messages, custom")
+            raise ValueError(f"at least one stream mode is needed: {', '.join(STREAM_MODES)}")
         return tuple(dict.fromkeys(value))
 
     @field_validator("tags")

@@ -195,3 +195,34 @@ bad_model_tags_sync = StateGraph(Chat).add_node("node", _bad_model_tags_sync).ad
 swallowed_bad_model_tags = (
     StateGraph(Chat).add_node("node", _swallowed_bad_model_tags).add_edge(START, "node").compile()
 )
+
+
+# -- state that is not all JSON, and state chunks made in a sync node's thread --------------------
+
+
+class Odd(TypedDict, total=False):
+    topic: str
+    size: int
+    opaque: Any
+    big: str
+
+
+def _odd(state: Odd) -> Odd:
+    return {"opaque": object(), "big": "x" * state.get("size", 100_000)}
+
+
+odd_state = StateGraph(Odd).add_node("odd", _odd).add_edge(START, "odd").compile()
+
+
+def _leaf(state: State) -> State:
+    return {"done": True}
+
+
+sync_child = StateGraph(State).add_node("leaf", _leaf).add_edge(START, "leaf").compile()
+
+
+def _calls_child(state: State, config: RunnableConfig) -> State:  # in a thread, where the subgraph's loop runs too
+    return sync_child.invoke(state, config)  # type: ignore[return-value]
+
+
+sync_subgraph = StateGraph(State).add_node("calls", _calls_child).add_edge(START, "calls").compile()

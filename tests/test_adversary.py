@@ -148,7 +148,7 @@ def poison_corpus(prefix: str) -> tuple[dict[str, bytes | None], dict[bytes, byt
         "arg-list": _envelope(a=[[1, 2]]),
         "arg-number": _envelope(a=[42]),
         "arg-huge-graph": _envelope(a=[{"graph": HUGE_GRAPH, "input": {}}]),
-        "arg-bad-field": _envelope(a=[{**REQUEST, "modes": ["values"]}]),
+        "arg-bad-field": _envelope(a=[{**REQUEST, "modes": ["debug"]}]),
         "not-json": b"\x80\x81 not json {",
         "json-list": b'[1, "run_graph", [], {}]',
         "json-string": b'"run_graph"',

@@ -9,11 +9,13 @@ import tokenbus.worker
 
 def test_the_contracts_names() -> None:
     assert tokenbus.schemas.__all__ == [
-        "ALL_MODES", "CHUNK_TYPES", "CONTRACT_VERSION", "DEFAULT_PREFIX", "JOB_FUNCTION", "TERMINAL_TYPES",
+        "ALL_MODES", "CHUNK_TYPES", "CONTRACT_VERSION", "DEFAULT_PREFIX", "JOB_FUNCTION", "STATE_TYPES", "STREAM_MODES",
+        "TERMINAL_TYPES",
         "CancelledEntry", "ClientStateError", "ContractError", "CustomEntry", "EndEntry", "Entry", "EntryType",
         "ErrorEntry", "ErrorType", "GraphLoadError", "InvalidJobId", "InvalidJobRequest", "InvalidTag", "JobRequest",
         "MalformedEntry", "PayloadError", "PublishError", "StartEntry", "StreamKeys", "StreamMode", "TokenEntry",
-        "TokenbusError", "UnknownGraph", "UnsupportedVersion", "validate_job_id", "validate_tag",
+        "TokenbusError", "UnknownGraph", "UnsupportedVersion", "UpdateEntry", "ValuesEntry", "validate_job_id",
+        "validate_tag",
     ]  # fmt: skip
 
 

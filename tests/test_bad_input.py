@@ -36,7 +36,10 @@ async def _enqueue_raw(pool: ArqRedis, job_id: str, request: object) -> None:
             {"graph": "joke_poem", "tags": ["bad tag"]},
             "invalid tag 'bad tag': characters ' ' are not allowed",
         ),
-        ({"graph": "joke_poem", "modes": ["values"]}, "modes.0: Input should be 'messages' or 'custom'"),
+        (
+            {"graph": "joke_poem", "modes": ["debug"]},
+            "modes.0: Input should be 'messages', 'custom', 'updates' or 'values'",
+        ),
         ({"graph": "joke_poem", "bogus": 1}, "bogus: Extra inputs are not permitted"),
         ("not a request", "expected a JSON object such as"),
         ({"graph": "joke_poem", "input": {"topic": "explode-error"}}, "scripted failure mid-stream"),

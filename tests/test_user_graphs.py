@@ -9,12 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
+from langchain_core.messages import AIMessage
 from redis.asyncio import Redis
 
-from tests.graphs import every_chunk
+from tests.graphs import every_chunk, sync_subgraph
 from tests.support import Process, read_stream, settings_env, text_of
 from tokenbus.consumer.reader import parse_id
-from tokenbus.schemas.entries import EntryType
+from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import GraphLoadError
 from tokenbus.worker import streaming
 from tokenbus.worker.client import TokenbusClient
@@ -36,6 +37,7 @@ GRAPHS = {
     "bad_tags": "tests.graphs:bad_tags",
     "nested": "tests.graphs:nested",
     "changing_tags": "tests.graphs:changing_tags",
+    "sync_subgraph": "tests.graphs:sync_subgraph",
 }
 
 
@@ -108,19 +110,57 @@ async def test_subgraph_chunks_are_streamed(
     assert chunks[0].meta["langgraph_checkpoint_ns"].startswith("parent:")
 
 
-def _chunk_key(mode: str, chunk: Any, namespace: tuple[str, ...] | str) -> tuple[Any, ...]:
-    """What both sides must agree on: kind, text, node, tags, and the graph namespace without task ids."""
+def _graphs(namespace: tuple[str, ...] | str) -> tuple[str, ...]:
+    """A namespace without its task ids (they differ from run to run)."""
     if isinstance(namespace, str):
         namespace = tuple(namespace.split("|")) if namespace else ()
-    graphs = tuple(part.partition(":")[0] for part in namespace)
+    return tuple(part.partition(":")[0] for part in namespace)
+
+
+def _as_json(value: Any) -> Any:
+    """The JSON a state is published as, made here independently: messages as their model_dump()."""
+    return orjson.loads(orjson.dumps(value, default=lambda o: o.model_dump()))
+
+
+def _chunk_keys(mode: str, chunk: Any, namespace: tuple[str, ...] | str) -> list[tuple[Any, ...]]:
+    """What both sides must agree on: kind, text, node, tags, state as JSON, and the graph namespace."""
     if mode == "messages":
         message, meta = chunk
-        return ("token", message.content, meta["langgraph_node"], tuple(meta.get("tags", ())))
-    return ("custom", chunk["content"], tuple(chunk.get("tags", ())), graphs)
+        return [("token", message.content, meta["langgraph_node"], tuple(meta.get("tags", ())))]
+    if mode == "custom":
+        return [("custom", chunk["content"], tuple(chunk.get("tags", ())), _graphs(namespace))]
+    if mode == "updates":
+        return [("update", node, _as_json(output), _graphs(namespace)) for node, output in chunk.items()]
+    return [("values", _as_json(chunk), _graphs(namespace))]
+
+
+def _entry_keys(entry: Entry) -> list[tuple[Any, ...]]:
+    namespace = entry.meta.get("langgraph_checkpoint_ns", "")
+    if entry.type is EntryType.TOKEN:
+        return [("token", entry.content, entry.node, entry.tags)]
+    if entry.type is EntryType.CUSTOM:
+        return _chunk_keys("custom", entry.data, namespace)
+    if entry.type is EntryType.UPDATE:
+        return [("update", entry.node, entry.data, _graphs(namespace))]
+    if entry.type is EntryType.VALUES:
+        return [("values", entry.data, _graphs(namespace))]
+    return []
+
+
+KINDS = {"messages": "token", "custom": "custom", "updates": "update", "values": "values"}
 
 
 @pytest.mark.parametrize("path", ["fast", "public"])
-@pytest.mark.parametrize("modes", [["messages"], ["custom"], ["messages", "custom"]])
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ["messages"],
+        ["custom"],
+        ["messages", "custom"],
+        ["updates", "values"],
+        ["messages", "custom", "updates", "values"],
+    ],
+)
 async def test_jobs_publish_what_langgraph_streams(
     modes: list[str],
     path: str,
@@ -132,30 +172,35 @@ async def test_jobs_publish_what_langgraph_streams(
 ) -> None:
     """Tokens of async and sync nodes and of a subgraph, a message a node returns, nothing of a
     ``nostream`` model; ``custom`` payloads of async and sync nodes and of a subgraph, between the
-    tokens. The job publishes what ``astream(stream_mode=modes, subgraphs=True)`` yields, in order,
-    on the fast path and on the public one (taken where LangGraph's private parts are not there)."""
+    tokens; each node's output (``updates``) and the state after each step (``values``), the
+    subgraph's too. The job publishes what ``astream(stream_mode=modes, subgraphs=True)`` yields,
+    in order, on the fast path and on the public one (taken where LangGraph's private parts are
+    not there); its ``end`` carries the final state ``ainvoke`` returns, whatever the modes."""
     assert streaming.fast_stream is not None, "the fast path did not load with the LangGraph installed"
     if path == "public":
         monkeypatch.setattr(streaming, "fast_stream", None)
     expected = [
-        _chunk_key(mode, chunk, namespace)
+        key
         async for namespace, mode, chunk in every_chunk.astream({}, stream_mode=modes, subgraphs=True)
+        for key in _chunk_keys(mode, chunk, namespace)
     ]
+    final = _as_json(await every_chunk.ainvoke({}))
     job_id = await client.enqueue("every_chunk", {}, modes=modes)
     await run_burst_worker(graphs=GRAPHS)
     job = await read_stream(redis, settings.keys.job(job_id))
-    published = [
-        ("token", e.content, e.node, e.tags)
-        if e.type is EntryType.TOKEN
-        else _chunk_key("custom", e.data, e.meta.get("langgraph_checkpoint_ns", ""))
-        for e in job
-        if e.is_chunk
-    ]
+    published = [key for e in job for key in _entry_keys(e)]
     assert published == expected
-    assert {key[0] for key in expected} == {"token" if mode == "messages" else "custom" for mode in modes}
+    assert {key[0] for key in expected} == {KINDS[mode] for mode in modes}
     assert ("custom", "threaded again ", (), ()) in expected or "custom" not in modes  # from a sync node
     assert ("custom", "nested payload ", ("w",), ("sub",)) in expected or "custom" not in modes  # from a subgraph
+    assert ("update", "inner_model", None, ("sub",)) in expected or "updates" not in modes  # from a subgraph
     assert "never" not in text_of(job) and job[-1].type is EntryType.END
+    assert [e.seq for e in job] == list(range(len(job)))
+    assert job[-1].data["result"] == final == {"messages": [_as_json(AIMessage("a whole answer", id="answer-1"))]}
+    for tag in ("a", "b", "c", "w"):
+        stream = await read_stream(redis, settings.keys.tag(tag))
+        assert all(e.is_chunk for e in stream[:-1])  # state entries stay in the job stream, and so does the result
+        assert not stream or (stream[-1].type is EntryType.END and "result" not in stream[-1].data)
     if "messages" in modes:
         assert text_of(await read_stream(redis, settings.keys.tag("c"))) == "nested three "
 
@@ -178,6 +223,45 @@ async def test_chunks_of_sync_nodes_are_emitted_on_the_event_loop_thread(
     await client.enqueue("every_chunk", {}, modes=["messages", "custom"])
     await run_burst_worker(graphs=GRAPHS)
     assert len(threads) == 15 and set(threads) == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("path", ["fast", "public"])
+async def test_state_chunks_of_a_subgraph_run_in_a_sync_nodes_thread_are_emitted_on_the_event_loop_thread(
+    path: str,
+    settings: Settings,
+    client: TokenbusClient,
+    redis: Redis,
+    run_burst_worker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sync node invoking a subgraph runs the subgraph's loop in its thread, which is where
+    LangGraph hands over the subgraph's ``updates`` and ``values`` chunks: they reach the emitter on
+    the event loop's thread, in the order ``astream`` yields them."""
+    if path == "public":
+        monkeypatch.setattr(streaming, "fast_stream", None)
+    threads: list[int] = []
+    for name in ("update", "values"):
+        emit = getattr(JobEmitter, name)
+
+        def recording(self: JobEmitter, *args: Any, emit: Any = emit) -> None:
+            threads.append(threading.get_ident())
+            emit(self, *args)
+
+        monkeypatch.setattr(JobEmitter, name, recording)
+    modes = ["updates", "values"]
+    expected = [
+        key
+        async for namespace, mode, chunk in sync_subgraph.astream({"n": 1}, stream_mode=modes, subgraphs=True)
+        for key in _chunk_keys(mode, chunk, namespace)
+    ]
+    threads.clear()
+    job_id = await client.enqueue("sync_subgraph", {"n": 1}, modes=modes)
+    await run_burst_worker(graphs=GRAPHS)
+    job = await read_stream(redis, settings.keys.job(job_id))
+    assert [key for e in job for key in _entry_keys(e)] == expected
+    assert ("update", "leaf", {"done": True}, ("calls",)) in expected
+    assert len(threads) == len(expected) and set(threads) == {threading.get_ident()}  # one node per update chunk
+    assert job[-1].data["result"] == {"n": 1, "done": True}
 
 
 async def test_each_custom_chunk_goes_to_the_streams_of_its_own_tags(

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tokenbus.schemas.errors import TokenbusError
+from tokenbus.schemas.job import STREAM_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enqueue", help="enqueue a graph job and print its id")
     p.add_argument("graph", help="registered graph name, e.g. joke_poem")
     p.add_argument("--input", default="{}", help="graph input as a JSON object")
-    p.add_argument("--mode", action="append", choices=["messages", "custom"], help="stream mode (repeatable)")
+    p.add_argument(
+        "--mode",
+        action="append",
+        choices=STREAM_MODES,
+        help="stream mode to publish (repeatable; default messages and custom)",
+    )
     p.add_argument("--tag", action="append", dest="tags", help="only fan out chunks with these tags (repeatable)")
     p.add_argument("--job-id", help="idempotency key: the same id is never run twice")
     p.add_argument("--timeout", type=float, help="job timeout in seconds")

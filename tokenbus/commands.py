@@ -21,6 +21,7 @@ from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from tokenbus.consumer.subscribe import streams_for, subscribe
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import InvalidJobRequest, TokenbusError
+from tokenbus.schemas.job import ALL_MODES
 from tokenbus.worker.offline_model import Fault, OfflineModelServer
 from tokenbus.worker.redis_client import redis_from_settings
 from tokenbus.worker.settings import Settings
@@ -84,7 +85,7 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
         job_id = await client.enqueue(
             args.graph,
             args.input,
-            modes=args.mode or ("messages", "custom"),
+            modes=args.mode or ALL_MODES,
             tags=args.tags,
             job_id=args.job_id,
             timeout_s=args.timeout,

@@ -4,7 +4,10 @@ Written for LangGraph 1.2 (checked at import). What it uses and why:
 
 - ``langgraph._internal._constants``: the configurable keys under which a graph finds its parent's
   stream and runtime, and the checkpoint namespace of the running node. A job installs its own
-  stream writer there, as a parent graph that streams ``custom`` payloads would.
+  stream writer there, as a parent graph that streams ``custom`` payloads would, and its own
+  receiver of ``updates`` and ``values`` chunks, as a parent graph streaming those modes with
+  ``subgraphs=True`` would (LangGraph hands a graph's and its subgraphs' chunks to their parent's
+  stream as they are made).
 - ``langgraph.pregel._messages.StreamMessagesHandler`` and its ``_emit``: the callback handler
   behind ``astream(stream_mode="messages")`` (the same chunks, metadata, ``nostream`` and subgraph
   rules), subclassed so that tokens leave in the model's callback instead of through
@@ -18,14 +21,15 @@ stream_mode=[...], subgraphs=True)``, which costs a queue and a task wake-up per
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, cast
 
 from langgraph._internal._constants import CONFIG_KEY_CHECKPOINT_NS, CONFIG_KEY_RUNTIME, CONFIG_KEY_STREAM, NS_SEP
 from langgraph.config import get_config
 from langgraph.pregel._messages import StreamMessagesHandler
 from langgraph.pregel.protocol import StreamProtocol
 from langgraph.runtime import Runtime
+from langgraph.types import StreamMode
 
 PRIVATE_NAMES = ("langgraph._internal", "langgraph.pregel._messages", "._emit(")
 """What this module uses of the library's private parts: no other module of tokenbus may (tests/test_layers.py)."""
@@ -39,15 +43,33 @@ if ".".join(_version.split(".")[:2]) not in WRITTEN_FOR:
         f"and LangGraph {_version} is installed: install a version tokenbus supports"
     )
 
-_NO_STREAM = StreamProtocol(lambda chunk: None, set())
-"""The "parent stream" that makes LangGraph use the runtime's writer: it takes no mode itself."""
+Chunk = tuple[tuple[str, ...], str, Any]
+"""``(namespace, mode, chunk)``, as ``astream(stream_mode=[...], subgraphs=True)`` yields it."""
+
+
+def install_stream(
+    configurable: dict[str, Any],
+    writer: Callable[[Any], None] | None = None,
+    put: Callable[[Chunk], None] | None = None,
+    modes: Collection[str] = (),
+) -> None:
+    """Run a graph with this ``configurable`` as if inside a parent graph that streams to the job:
+    ``writer`` (if given) is the stream writer of the graph and its subgraphs (``custom``), and
+    ``put`` (if given) takes their chunks of ``modes`` (``updates``, ``values``) as they are made."""
+    stream_modes = cast(set[StreamMode], set(modes) if put else set())
+    configurable[CONFIG_KEY_STREAM] = StreamProtocol(put or _ignore, stream_modes)
+    configurable[CONFIG_KEY_RUNTIME] = Runtime(stream_writer=writer or _ignore)
 
 
 def install_writer(configurable: dict[str, Any], writer: Callable[[Any], None]) -> None:
     """Make ``writer`` the stream writer of a graph run with this ``configurable`` (and of its
-    subgraphs), as if it ran inside a parent graph that streams ``custom`` payloads to it."""
-    configurable[CONFIG_KEY_STREAM] = _NO_STREAM
-    configurable[CONFIG_KEY_RUNTIME] = Runtime(stream_writer=writer)
+    subgraphs), as if it ran inside a parent graph that streams ``custom`` payloads to it (bench/
+    measures LangGraph with it)."""
+    install_stream(configurable, writer)
+
+
+def _ignore(chunk: Any) -> None:
+    """What a mode the job did not ask for is written to."""
 
 
 def writer_namespace() -> tuple[str, ...]:

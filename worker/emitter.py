@@ -2,8 +2,10 @@
 
 One :class:`JobEmitter` per attempt: it numbers entries (``seq``), writes every entry to the job
 stream and a copy of each chunk to the stream of each of its tags, and ends the attempt with one
-terminal entry on every stream it wrote to. LangGraph hands the same metadata dict to every
-chunk of one model call, so the metadata is encoded once per call, not once per token.
+terminal entry on every stream it wrote to. State entries (``update``, ``values``) and the final
+state (``result`` of ``end``) go to the job stream only, as JSON by the contract's State rules.
+LangGraph hands the same metadata dict to every chunk of one model call, so the metadata is
+encoded once per call, not once per token.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from langchain_core.messages import BaseMessageChunk
 from tokenbus.schemas.entries import EntryType, chunk_fields, terminal_fields
 from tokenbus.schemas.errors import PayloadError
 from tokenbus.schemas.keys import StreamKeys, validate_tag
+from tokenbus.schemas.state import DEFAULT_STATE_MAX_BYTES, state_json
 from tokenbus.worker.publisher import Publisher, Sink
 from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, ChunkTemplate
 
@@ -31,6 +34,7 @@ class StreamLimits:
     tag_maxlen: int = 100_000
     job_maxlen: int = 100_000
     job_ttl_s: int = 86_400
+    state_max_bytes: int = DEFAULT_STATE_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,8 @@ class Outcome:
     error: str = ""
     error_type: str = ""
     retry: bool = False
+    result: bytes | None = None
+    """On ``end``: the graph's final state, as JSON (:meth:`JobEmitter.state_json`)."""
 
 
 class _Meta:
@@ -89,16 +95,59 @@ class JobEmitter:
         self._publisher.xadd(self.sink, [self._job_stream], fields)
 
     def finish(self, outcome: Outcome, data: Mapping[str, Any] | None = None) -> None:
-        """Queue the attempt's terminal entry on every stream it wrote to, and the job stream's expiry."""
-        fields = chunk_fields(
-            outcome.type, self.job_id, self.attempt, self.seq, _now_ms(), _EMPTY_JSON_LIST, "", "",
-            orjson.dumps({"chunks": self.chunks, **(data or {})}), _EMPTY_JSON_OBJECT,
-        )  # fmt: skip
-        fields += terminal_fields(outcome.error, outcome.error_type, outcome.retry)
+        """Queue the attempt's terminal entry on every stream it wrote to, and the job stream's
+        expiry. The job stream's copy also carries the outcome's ``result``; the tag streams' do not."""
+        summary = {"chunks": self.chunks, **(data or {})}
+        ts, terminal = _now_ms(), terminal_fields(outcome.error, outcome.error_type, outcome.retry)
+
+        def fields(data_json: bytes) -> list[Any]:
+            return chunk_fields(
+                outcome.type, self.job_id, self.attempt, self.seq, ts, _EMPTY_JSON_LIST, "", "", data_json,
+                _EMPTY_JSON_OBJECT,
+            ) + terminal  # fmt: skip
+
+        plain = fields(orjson.dumps(summary))
+        tag_streams = [(key, self._limits.tag_maxlen) for key in self.tag_streams]
+        if outcome.result is None:
+            self._publisher.xadd(self.sink, [self._job_stream, *tag_streams], plain)
+        else:
+            with_result = fields(orjson.dumps({**summary, "result": orjson.Fragment(outcome.result)}))
+            self._publisher.xadd(self.sink, [self._job_stream], with_result)
+            if tag_streams:
+                self._publisher.xadd(self.sink, tag_streams, plain)
         self.seq += 1
-        tag_maxlen = self._limits.tag_maxlen
-        self._publisher.xadd(self.sink, [self._job_stream, *((key, tag_maxlen) for key in self.tag_streams)], fields)
         self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
+
+    # -- state (updates and values modes; the job stream only) ------------------------------------
+    def state_json(self, value: Any) -> bytes:
+        """``value`` as JSON by the contract's State rules, capped at ``TOKENBUS_STATE_MAX_BYTES``."""
+        return state_json(value, self._limits.state_max_bytes)
+
+    def update(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
+        """An ``updates``-mode chunk, ``{node: output}`` (with LangGraph's ``__metadata__`` when
+        the output came from its cache): an ``update`` entry per node."""
+        if not isinstance(chunk, Mapping):
+            self._state(EntryType.UPDATE, "", chunk, namespace, None)
+            return
+        extra = chunk.get("__metadata__")
+        for node, output in chunk.items():
+            if node != "__metadata__":
+                self._state(EntryType.UPDATE, str(node), output, namespace, extra)
+
+    def values(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
+        """A ``values``-mode chunk: the state of the graph (of ``namespace``) after a step."""
+        self._state(EntryType.VALUES, "", chunk, namespace, None)
+
+    def _state(self, kind: EntryType, node: str, value: Any, namespace: tuple[str, ...], extra: Any) -> None:
+        meta: dict[str, Any] = {"langgraph_checkpoint_ns": "|".join(namespace)} if namespace else {}
+        if isinstance(extra, Mapping):
+            meta.update((str(k), v) for k, v in extra.items())
+        fields = chunk_fields(
+            kind, self.job_id, self.attempt, self.seq, _now_ms(), _EMPTY_JSON_LIST, node, "", self.state_json(value),
+            orjson.dumps(meta, default=repr) if meta else _EMPTY_JSON_OBJECT,
+        )  # fmt: skip
+        self.seq += 1
+        self._publisher.xadd(self.sink, [self._job_stream], fields)
 
     # -- chunks (the hot path) -------------------------------------------------------------------
     def message(self, message: BaseMessageChunk, metadata: Mapping[str, Any]) -> None:

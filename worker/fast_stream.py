@@ -1,6 +1,9 @@
 """The fast path of :mod:`tokenbus.worker.streaming`: chunks leave the graph where LangGraph makes
 them (through LangGraph's private parts, :mod:`tokenbus.worker._langgraph`; importing this module
-fails where those are not what they were written for, and the worker takes the public path)."""
+fails where those are not what they were written for, and the worker takes the public path).
+
+``updates`` and ``values`` chunks leave the same way: LangGraph hands them to the stream of the
+graph's parent as it makes them, and the job's stream is that parent's (with ``subgraphs``)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from langchain_core.messages import BaseMessageChunk
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables import RunnableConfig
 
-from tokenbus.worker._langgraph import MessagesHandler, install_writer, writer_namespace
+from tokenbus.worker._langgraph import Chunk, MessagesHandler, install_stream, writer_namespace
 from tokenbus.worker.emitter import JobEmitter
 from tokenbus.worker.publisher import Publisher
 from tokenbus.worker.registry import Graph
@@ -27,16 +30,21 @@ async def stream(
     modes: Sequence[str],
     emitter: JobEmitter,
     publisher: Publisher,
-) -> None:
-    """``graph.ainvoke`` with the job's messages handler and stream writer installed."""
+) -> Any:
+    """``graph.ainvoke`` with the job's messages handler, stream writer and state receiver
+    installed; returns the graph's final state (what ``ainvoke`` returns)."""
     tap = _Tap(emitter, publisher)
     configurable = config["configurable"]
     if "messages" in modes:
         config["callbacks"] = [_TokenHandler(tap)]
-    if "custom" in modes:
-        install_writer(configurable, tap.write)
-    await graph.ainvoke(graph_input, config)
+    state_modes = [mode for mode in modes if mode in ("updates", "values")]
+    if "custom" in modes or state_modes:
+        install_stream(
+            configurable, tap.write if "custom" in modes else None, tap.state if state_modes else None, state_modes
+        )
+    final = await graph.ainvoke(graph_input, config)
     tap.check()
+    return final
 
 
 class _Tap:
@@ -56,6 +64,11 @@ class _Tap:
         """The graph's stream writer: one ``custom`` payload, with the namespace of the graph
         that wrote it (as ``astream(..., subgraphs=True)`` gives it)."""
         self.emit(self.emitter.custom, chunk, writer_namespace())
+
+    def state(self, chunk: Chunk) -> None:
+        """Where LangGraph puts an ``updates`` or ``values`` chunk of the graph or a subgraph."""
+        namespace, mode, payload = chunk
+        self.emit(self.emitter.update if mode == "updates" else self.emitter.values, payload, tuple(namespace))
 
     def emit(self, method: Callable[..., None], *args: Any) -> None:
         """``method(*args)`` (an emitter's) on the event loop's thread; from another thread, handed

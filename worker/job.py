@@ -129,7 +129,7 @@ async def _write_terminal(
     sink = emitter.sink
     backoff = iter(TERMINAL_BACKOFF_S)
     while True:
-        if (sink.lost or sink.errors) and outcome.type is EntryType.END:
+        if (sink.lost or sink.errors) and outcome.type is EntryType.END:  # (and its result is dropped)
             outcome = Outcome(EntryType.ERROR, str(sink.failure()), ErrorType.PUBLISH_ERROR)
         lost_before, refused_before = sink.lost, len(sink.errors)
         emitter.finish(outcome, {"elapsed_ms": elapsed_ms, "lost": sink.lost + len(sink.errors)})
@@ -160,16 +160,17 @@ async def _run(resources: WorkerResources, emitter: JobEmitter, raw: Any) -> Out
         timeout = min(request.timeout_s or settings.job_timeout_s, settings.max_job_timeout_s)
         deadline = asyncio.timeout(timeout)
         async with deadline:
-            await stream_graph(graph, request, emitter, resources.publisher)
+            final = await stream_graph(graph, request, emitter, resources.publisher)
         await emitter.sink.flushed()
         emitter.sink.check()
+        result = emitter.state_json(final)
     except TimeoutError as e:
         if deadline is None or not deadline.expired():
             return _error_outcome(emitter, e)
         return Outcome(EntryType.ERROR, f"the job ran longer than its timeout of {timeout:g}s", ErrorType.JOB_TIMEOUT)
     except Exception as e:
         return _error_outcome(emitter, e)
-    return Outcome(EntryType.END)
+    return Outcome(EntryType.END, result=result)
 
 
 def _error_outcome(emitter: JobEmitter, error: BaseException) -> Outcome:

@@ -56,7 +56,9 @@ class WorkerResources:
                 give_up_s=settings.publish_give_up_s,
             ).start()
             stack.push_async_callback(publisher.close)
-            limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
+            limits = StreamLimits(
+                settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s, settings.state_max_bytes
+            )
             sweeper = Sweeper(
                 redis, settings.keys, limits, heartbeat_s=settings.heartbeat_s, max_tries=settings.max_tries
             ).start()

@@ -6,6 +6,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokenbus.schemas.keys import StreamKeys
+from tokenbus.schemas.state import DEFAULT_STATE_MAX_BYTES, MIN_STATE_MAX_BYTES
 
 
 class Settings(BaseSettings):
@@ -36,6 +37,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEARTBEAT")
     lease_s: float | None = Field(default=None, gt=0, validation_alias="TOKENBUS_LEASE")
     max_request_bytes: int = Field(default=1 << 20, ge=1024, validation_alias="TOKENBUS_MAX_REQUEST_BYTES")
+    state_max_bytes: int = Field(
+        default=DEFAULT_STATE_MAX_BYTES, ge=MIN_STATE_MAX_BYTES, validation_alias="TOKENBUS_STATE_MAX_BYTES"
+    )
 
     publish_batch_max: int = Field(default=4096, ge=1, validation_alias="TOKENBUS_PUBLISH_BATCH")
     publish_buffer_max: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_PUBLISH_BUFFER")
