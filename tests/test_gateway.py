@@ -230,3 +230,24 @@ async def test_the_gateway_role_is_all_the_gateway_needs(
     finally:
         await stop_gateway(process)
     assert await refusals(redis, gateway_settings) == []
+
+
+async def test_state_modes_reach_the_browser_and_the_result_is_kept(
+    worker: Process, gateway: str, http: httpx2.AsyncClient
+) -> None:
+    body = {"graph": "joke_poem", "input": {"topic": "cats"}, "modes": ["messages", "updates", "values"]}
+    job = (await http.post(f"{gateway}/jobs", json=body)).json()
+    got, ended = await collect(http, gateway + job["urls"]["events"])
+    assert ended
+    kinds = [e.event for e in got if e.id]
+    assert "update" in kinds and "values" in kinds and kinds[-1] == "end"
+    updates = [e.json for e in got if e.event == "update"]
+    assert all(u["tags"] == [] and u["node"] for u in updates)
+    status = (await http.get(gateway + job["urls"]["job"])).json()
+    assert status["updates"] == [u["node"] for u in updates]
+    assert status["result"] == [e.json for e in got if e.event == "end"][0]["data"]["result"]
+    assert status["result"] and status["state"] == [e.json for e in got if e.event == "values"][-1]["data"]
+    # ?tag= keeps that tag's tokens and the job's start and end, not the state (it holds every tag's text)
+    poem_only, _ = await collect(http, gateway + job["urls"]["events"] + "?tag=poem")
+    assert {e.event for e in poem_only if e.id} == {"start", "token", "end"}
+    assert text(entries(poem_only), "poem") == POEM and text(entries(poem_only), "joke") == ""

@@ -161,7 +161,8 @@ class Gateway:
         body = {
             "job_id": job_id, "status": status, "attempt": view.attempt, "chunks": view.chunks, "text": view.text,
             "texts": view.texts, "node_texts": view.node_texts, "error": view.error, "complete": view.complete,
-            "missing": view.missing, "timings": timings,
+            "missing": view.missing, "timings": timings, "result": view.result, "updates": view.updates,
+            "state": view.state,
         }  # fmt: skip
         return JSONResponse(body)
 

@@ -60,7 +60,9 @@ def parse_cursor(cursor: str, streams: int) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class Filters:
     """``?node=``, ``?type=`` and ``?tag=``: which entries a client wants. A terminal entry always
-    passes (it ends the job), and so do ``restart`` and ``gap`` notices."""
+    passes (it ends the job), and so do ``restart`` and ``gap`` notices. ``?tag=`` keeps the chunks
+    of those tags and the job's ``start``: state entries (``update``, ``values``) carry no tags and
+    hold every tag's output, so they do not pass it."""
 
     nodes: frozenset[str] = frozenset()
     types: frozenset[EntryType] = frozenset()
@@ -73,7 +75,9 @@ class Filters:
             return False
         if self.nodes and entry.node not in self.nodes:
             return False
-        return not (self.tags and entry.is_chunk and self.tags.isdisjoint(entry.tags))
+        if self.tags:
+            return entry.type is EntryType.START or (entry.is_chunk and not self.tags.isdisjoint(entry.tags))
+        return True
 
 
 def _event(event: str, data: bytes, id: str | None = None) -> bytes:
