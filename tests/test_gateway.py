@@ -245,7 +245,7 @@ async def test_state_modes_reach_the_browser_and_the_result_is_kept(
     assert all(u["tags"] == [] and u["node"] for u in updates)
     status = (await http.get(gateway + job["urls"]["job"])).json()
     assert status["updates"] == [u["node"] for u in updates]
-    assert status["result"] == [e.json for e in got if e.event == "end"][0]["data"]["result"]
+    assert status["result"] == next(e.json for e in got if e.event == "end")["data"]["result"]
     assert status["result"] and status["state"] == [e.json for e in got if e.event == "values"][-1]["data"]
     # ?tag= keeps that tag's tokens and the job's start and end, not the state (it holds every tag's text)
     poem_only, _ = await collect(http, gateway + job["urls"]["events"] + "?tag=poem")
