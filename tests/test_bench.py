@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench.__main__ import paced_ceiling
+from bench.latency import paced_ceiling
 
 ROOT = Path(__file__).parent.parent
 
