@@ -123,7 +123,7 @@ class TokenbusWorker(Worker):
 
         arq claims jobs one after another, four round trips each (WATCH, EXISTS, ZSCORE,
         MULTI/EXEC); on a worker busy streaming, each waits its turn in the event loop, and the
-        last job of a poll started hundreds of milliseconds after the first (BENCHMARKS.md).
+        last job of a poll starts long after the first (BENCHMARKS.md).
         Here each claim is ``SET <in-progress key> <token> NX PX <lease>`` (arq's key, so arq's
         other workers see it; a lease, see :mod:`tokenbus.worker.lease`) and the job's queue score, all
         pipelined, for as many jobs as there are free slots. A job claimed but no longer due

@@ -46,9 +46,9 @@ def tune_gc() -> None:
     """Garbage collection for a process that streams tokens. Everything loaded so far (LangChain,
     LangGraph, the graphs) lives as long as the worker: it is frozen out of the collector's passes.
     Token streams allocate a few dozen objects per chunk, and with Python's default thresholds the
-    collector ran every ~700 allocations over everything young, over and over: 16 concurrent
-    LangGraph streams cost 39 us per chunk instead of 22 (BENCHMARKS.md). Cycles are still
-    collected, in larger and fewer passes."""
+    collector runs every 700 allocations over everything young, over and over: with many streams
+    at once, a large part of each chunk's CPU (BENCHMARKS.md). Cycles are still collected, in
+    larger and fewer passes."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 

@@ -1,7 +1,7 @@
 """A pipelined connection for the publisher: packed by hiredis, replies parsed by hiredis in bulk.
 
 redis-py's pipeline packs every argument in Python and reads replies one at a time, each under
-its own timeout context: most of the worker's CPU per token (BENCHMARKS.md). The publisher's
+its own timeout context: work paid on every token, which the publisher cannot afford. The publisher's
 commands are simple (XADD, EXPIRE, ZADD, ZREM with str/bytes/int/float arguments), so here they
 are packed with ``hiredis.pack_command``, and the replies of a batch are counted by hiredis as
 they arrive, in the transport's callback (:class:`_Replies`). The connection itself (TLS, AUTH/ACL
@@ -74,8 +74,8 @@ class ChunkTemplate:
     stream gets the same fields, so a chunk's commands are the chunk's part (its four values and the
     constant runs of fields between them), packed once and joined by what differs from stream to
     stream: before it ``XADD key MAXLEN ~ n *`` and the fields up to ``seq``, after it the fields
-    after ``ts``. Two joins per chunk: one ``%`` format over the whole commands cost 1.6 times as
-    much (BENCHMARKS.md).
+    after ``ts``. Two joins per chunk cost less than one ``%`` format over the whole commands
+    (BENCHMARKS.md).
     """
 
     __slots__ = ("_between", "_edges", "commands")
@@ -152,9 +152,9 @@ class _Replies(asyncio.Protocol):
     callback, and wakes the writer once, when the last one is in.
 
     Redis answers a large batch in many small packets (one per 16 KB of commands it reads); read
-    through redis-py's stream reader, each packet woke the writer task (~58 wake-ups for a batch
-    of 1,024 chunks, ~0.5 µs of CPU per chunk in all: BENCHMARKS.md). Whatever else the transport
-    reports goes on to redis-py's own protocol, which closes the connection as usual.
+    through redis-py's stream reader, each packet would wake the writer task, dozens of times per
+    batch (BENCHMARKS.md). Whatever else the transport reports goes on to redis-py's own
+    protocol, which closes the connection as usual.
     """
 
     def __init__(self, inner: asyncio.BaseProtocol) -> None:
@@ -213,7 +213,8 @@ class Wire:
 
     A batch that gets no complete reply within ``timeout_s`` fails with a connection error. The
     deadline is kept by one watchdog timer, re-armed only when it fires, not by a timer per
-    batch: on this VM ``asyncio.timeout()`` cost a quarter of a small batch's CPU (BENCHMARKS.md).
+    batch: arming and cancelling one (``asyncio.timeout()``) is a large part of a small batch's
+    CPU (BENCHMARKS.md).
     """
 
     def __init__(self, redis: Redis, *, timeout_s: float = 30.0) -> None:
