@@ -19,13 +19,13 @@ from redis.asyncio import Redis
 
 from tests.conftest import RunWorker
 from tests.graphs import State, WordsModel
-from tests.support import Process, read_stream, settings_env, wait_for
-from tokenbus.consumer.attempts import AttemptFilter, Restart
+from tests.support import Process, entry, read_stream, settings_env, wait_for
+from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.groups import GroupConsumer
 from tokenbus.consumer.jobs import job_result
 from tokenbus.consumer.reader import Gap
 from tokenbus.consumer.subscribe import subscribe
-from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.settings import Settings
@@ -42,10 +42,6 @@ async def _two_tags(state: State, config: RunnableConfig) -> State:
 
 two_tags = StateGraph(State).add_node("node", _two_tags).add_edge(START, "node").compile()
 GRAPHS = {"two_tags": "tests.test_readers_adversarial:two_tags"}
-
-
-def entry(kind: EntryType, job: str, seq: int, attempt: int = 1, **values: Any) -> Entry:
-    return ENTRY_CLASSES[kind](job=job, attempt=attempt, seq=seq, ts=seq, **values)
 
 
 def words(job: str, attempt: int, text: str, first_seq: int = 1) -> list[Entry]:
@@ -125,23 +121,6 @@ async def test_a_chunk_tagged_with_two_followed_tags_is_seen_once_by_every_reade
         stop.set()
         await asyncio.gather(*tasks)
     assert sorted(handled.elements()) == expected
-
-
-def test_copies_are_recognised_after_the_filter_forgot_them() -> None:
-    """The memory kept for copies still to come is bounded per job; past it, a stream that has gone
-    past a chunk's seq tells that the chunk was passed on. A chunk trimmed from one stream before it
-    was read is still passed on from the other."""
-
-    def chunk(stream: str, seq: int) -> Entry:
-        return entry(EntryType.TOKEN, "j", seq, tags=("a", "b"), stream=stream)
-
-    lagging = AttemptFilter({"A": "a", "B": "b"}, max_copies=2)
-    assert all(lagging.accept(chunk("B", seq)) for seq in range(1, 11))
-    assert not any(lagging.accept(chunk("A", seq)) for seq in range(1, 11))
-
-    trimmed = AttemptFilter({"A": "a", "B": "b"}, max_copies=2)
-    assert all(trimmed.accept(chunk("A", seq)) for seq in range(5, 11))  # 1..4 were trimmed from A
-    assert [seq for seq in range(1, 11) if trimmed.accept(chunk("B", seq))] == [1, 2, 3, 4]
 
 
 # -- an entry whose data or meta is broken JSON is skipped, with a notice ----------------------------
