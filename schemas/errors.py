@@ -11,7 +11,8 @@
     ├── GraphLoadError             a `module:attribute` graph path that does not load
     ├── PayloadError               a chunk the graph streamed that cannot be encoded
     ├── PublishError               Redis refused or stayed unreachable while publishing
-    └── ClientStateError           an object used before it was started or after it was closed
+    ├── ClientStateError           an object used before it was started or after it was closed
+    └── CommandError               a command cannot run as asked (a missing extra, an option that does not hold)
 
 Foreign errors (redis-py, pydantic, openai) are translated where they cross into tokenbus,
 chained with ``raise ... from``.
@@ -80,6 +81,11 @@ class PublishError(TokenbusError):
 
 class ClientStateError(TokenbusError, RuntimeError):
     """An object used before it was started or after it was closed."""
+
+
+class CommandError(TokenbusError):
+    """A command cannot run as asked: a pip extra is missing, or an option, role or name given to
+    it does not hold. The CLI prints the message as one line and exits 2."""
 
 
 def shown(value: object, limit: int = 80) -> str:

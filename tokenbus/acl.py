@@ -43,7 +43,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 
-from tokenbus.schemas.errors import TokenbusError
+from tokenbus.schemas.errors import CommandError
 from tokenbus.schemas.keys import StreamKeys, validate_tag, wake_channel
 
 ROLES = ("worker", "enqueuer", "reader", "gateway")
@@ -63,10 +63,6 @@ _READ_STREAMS = ("+xread", "+xrange", "+xrevrange", "+xinfo")
 _GROUP_COMMANDS = ("+xreadgroup", "+xack", "+xgroup|create", "+xpending", "+xclaim")
 
 
-class AclUsageError(TokenbusError, ValueError):
-    """A role, user name or option ``tokenbus acl`` cannot build rules for."""
-
-
 @dataclass(frozen=True)
 class AclRequest:
     """What to build: a role, its user and password, and for readers the tag streams."""
@@ -82,7 +78,7 @@ def glob_escape(text: str) -> str:
     """``text`` as a literal ACL key or channel pattern (Redis matches them as globs, and refuses
     patterns holding whitespace)."""
     if any(c in _ACL_SPACES for c in text):
-        raise AclUsageError(f"{text!r} holds whitespace, which Redis ACL patterns cannot: choose another name")
+        raise CommandError(f"{text!r} holds whitespace, which Redis ACL patterns cannot: choose another name")
     return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
@@ -116,13 +112,13 @@ def role_rules(
 ) -> list[str]:
     """The ACL rules of ``role`` (no user, password or ``reset``), in the order they are printed."""
     if role not in ROLES:
-        raise AclUsageError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        raise CommandError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     if tags and role not in ("reader", "gateway"):
-        raise AclUsageError(f"the {role} role reads no tag streams: --tag is for reader and gateway")
+        raise CommandError(f"the {role} role reads no tag streams: --tag is for reader and gateway")
     if groups and role not in ("reader", "gateway"):
-        raise AclUsageError(f"the {role} role reads no tag streams: --groups is for reader and gateway")
+        raise CommandError(f"the {role} role reads no tag streams: --groups is for reader and gateway")
     if role == "reader" and not tags:
-        raise AclUsageError("the reader role needs the tags it may read: give --tag (repeatable)")
+        raise CommandError("the reader role needs the tags it may read: give --tag (repeatable)")
     tags = [validate_tag(t) for t in dict.fromkeys(tags)]
     if role == "worker":
         return _worker(keys, queue_name)
@@ -214,9 +210,9 @@ def password_hash(password: str) -> str:
 def setuser_command(request: AclRequest, *, keys: StreamKeys, queue_name: str) -> list[str]:
     """``ACL SETUSER`` with every argument of ``request``'s user."""
     if not _USER_RE.fullmatch(request.user):
-        raise AclUsageError(f"invalid user name {request.user!r}: 1 to 128 characters of letters, digits and . _ @ -")
+        raise CommandError(f"invalid user name {request.user!r}: 1 to 128 characters of letters, digits and . _ @ -")
     if not request.password:
-        raise AclUsageError("the password is empty")
+        raise CommandError("the password is empty")
     rules = role_rules(request.role, keys=keys, queue_name=queue_name, tags=request.tags, groups=request.groups)
     return ["ACL", "SETUSER", request.user, "reset", "on", password_hash(request.password), *rules]
 

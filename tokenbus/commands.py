@@ -20,7 +20,7 @@ from tokenbus.consumer.output import Printer
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from tokenbus.consumer.subscribe import streams_for, subscribe
 from tokenbus.schemas.entries import Entry, EntryType
-from tokenbus.schemas.errors import InvalidJobRequest, TokenbusError
+from tokenbus.schemas.errors import CommandError, InvalidJobRequest
 from tokenbus.schemas.job import ALL_MODES
 from tokenbus.worker.offline_model import Fault, OfflineModelServer
 from tokenbus.worker.redis_client import redis_from_settings
@@ -33,10 +33,6 @@ EXIT_INCOMPLETE = 3
 EXIT_USAGE = 2
 """``tail``/``--follow``: entries were trimmed before they were read (a gap was reported)."""
 READ_BLOCK_MS = 5000
-
-
-class CommandError(TokenbusError):
-    """A command cannot run as asked: a missing pip extra, an option that does not hold."""
 
 
 @contextlib.contextmanager
