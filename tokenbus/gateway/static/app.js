@@ -15,6 +15,7 @@
   const LAST_JOB_STORAGE = "tokenbus.lastJob";
   const NAME = /^[A-Za-z0-9._:-]{1,128}$/;
   const UNTAGGED = "";
+  const MAX_RUNS = 50; // jobs shown per column; older ones leave the page
 
   const $ = (selector) => document.querySelector(selector);
   const ui = {
@@ -130,6 +131,7 @@
     el.dataset.attempt = String(entry.attempt);
     el.dataset.label = `job ${entry.job}`;
     tokens.append(el);
+    while (tokens.children.length > MAX_RUNS) tokens.firstElementChild.remove(); // a long tag view
     return el;
   }
 
@@ -354,7 +356,9 @@
       return;
     }
     const job = result.body;
-    sessionStorage.setItem(LAST_JOB_STORAGE, JSON.stringify({ job: job.job_id, token: job.token }));
+    sessionStorage.setItem(LAST_JOB_STORAGE, JSON.stringify({
+      job: job.job_id, token: job.token, expires: job.token_expires,
+    }));
     history.replaceState(null, "", `#job=${encodeURIComponent(job.job_id)}`);
     follow({ path: job.urls.events, job: job.job_id, token: job.token }, { title: job.job_id, cancellable: true });
     current.cancelUrl = job.urls.cancel;
@@ -373,7 +377,8 @@
     // a subscribe token for a view: minted with the API key when the gateway wants credentials
     if (!config.auth) return { ok: true, token: null };
     const last = JSON.parse(sessionStorage.getItem(LAST_JOB_STORAGE) || "null");
-    if (grant.jobs && last && last.job === grant.jobs[0] && last.token) return { ok: true, token: last.token };
+    const fresh = last && last.token && last.expires * 1000 > Date.now() + 60000;
+    if (grant.jobs && fresh && last.job === grant.jobs[0]) return { ok: true, token: last.token };
     if (!apiKey()) return { ok: false, why: "this gateway needs an API key to watch: enter it above" };
     const result = await api("POST", "/tokens", { body: grant, bearer: apiKey() });
     if (!result.ok) return { ok: false, why: refusal("no subscribe token", result) };
