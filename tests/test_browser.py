@@ -250,6 +250,33 @@ async def test_the_page_carries_on_when_the_gateway_is_restarted_mid_stream(
         screenshot(browser, "watch-page-restarted.png")
 
 
+async def test_the_page_starts_over_when_a_newer_attempt_of_the_job_begins(
+    browser: WebDriver, redis_server: RedisServerProcess, slow_model: ThreadedModelServer, prefix: str
+) -> None:
+    """A worker stopped without grace mid-poem: attempt 1 ends with ``retry``, another worker runs
+    attempt 2 from the start, and the page drops attempt 1's text on the ``restart`` event."""
+    settings = make_settings(redis_server.url, slow_model.base_url, prefix, TOKENBUS_SHUTDOWN_GRACE=0)
+    workers = [await start_worker(settings)]
+    gateway = Gateway(settings, free_port())
+    try:
+        await gateway.start()
+        await open_page(browser, gateway.url)
+        await enqueue(browser, "cats")
+        await wait_until(lambda: column(browser, "poem") != "", within=60, what="the poem to start")
+        assert await workers[0].stop(signal.SIGTERM) == 0, workers[0].output
+        assert column(browser, "poem") != texts_for("cats")["poem"], "the job ended before its worker was stopped"
+        workers.append(await start_worker(settings))
+
+        assert await wait_final(browser) == "end"
+        assert {tag: column(browser, tag) for tag in ("joke", "poem")} == texts_for("cats")
+        assert "attempt 1 was interrupted; attempt 2 starts over" in text(browser, "#notices")
+        assert attribute(browser, "#connection", "data-duplicates") == "0"
+    finally:
+        await gateway.stop()
+        for worker in workers:
+            await worker.stop()
+
+
 async def test_with_api_keys_the_page_enqueues_with_the_key_and_follows_with_the_subscribe_token(
     browser: WebDriver, redis_server: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str
 ) -> None:
