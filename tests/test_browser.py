@@ -1,6 +1,7 @@
 """The watch page in a real browser: headless Chromium opens ``tokenbus serve``'s page, enqueues a
 joke_poem job, and the joke and poem columns it fills in live are compared with the model's texts,
-also across a gateway killed and restarted mid-stream (EventSource resumes by Last-Event-ID).
+also across a gateway killed and restarted mid-stream (EventSource resumes by Last-Event-ID) and a
+job that starts over on another worker (the page drops the older attempt's text).
 
 Everything is real: a private redis-server, the paced offline model over HTTP, a ``tokenbus
 worker`` and ``tokenbus serve`` as subprocesses. Screenshots of the filled page stay in
