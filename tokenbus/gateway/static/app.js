@@ -8,7 +8,10 @@
 "use strict";
 
 (() => {
-  const ENTRY_EVENTS = ["start", "token", "custom", "end", "error", "cancelled"];
+  // update and values (a node's output, the state after a step) are not shown, but are received
+  // so that the page's resume point (?since=) stays the id of the last event
+  const ENTRY_EVENTS = ["start", "token", "custom", "update", "values", "end", "error", "cancelled"];
+  const TEXT = new Set(["token", "custom"]);
   const NOTICE_EVENTS = ["restart", "gap", "overflow"];
   const TERMINAL = new Set(["end", "error", "cancelled"]);
   const KEY_STORAGE = "tokenbus.apiKey";
@@ -283,7 +286,7 @@
         if (this.job === entry.job) setStatus("running", `running (attempt ${entry.attempt})`);
       } else if (TERMINAL.has(type)) {
         this.terminal(type, entry);
-      } else if (typeof entry.content === "string" && entry.content !== "") {
+      } else if (TEXT.has(type) && typeof entry.content === "string" && entry.content !== "") {
         this.show(entry);
       }
     }
