@@ -212,11 +212,17 @@ async def test_the_page_shows_any_job_by_its_id_tags_live_and_a_failed_job(
     await wait_until(lambda: attribute(browser, "#connection", "data-state") == "live", what="the tag stream")
     assert column(browser, "joke") == column(browser, "poem") == ""
     async with httpx2.AsyncClient() as http:
-        response = await http.post(f"{gateway.url}jobs", json={"graph": "joke_poem", "input": {"topic": "herons"}})
+        request = {"graph": "joke_poem", "input": {"topic": "herons"}, "modes": ["messages", "updates", "values"]}
+        response = await http.post(f"{gateway.url}jobs", json=request)
         assert response.status_code == 201, response.text
     expected = texts_for("herons")
     await wait_until(lambda: column(browser, "poem") == expected["poem"], what="the poem in the tag view")
     assert column(browser, "joke") == expected["joke"]
+
+    # a job that also publishes its state (update and values events): the page shows its tokens alone
+    await watch(browser, "job", response.json()["job_id"])
+    assert await wait_final(browser) == "end"
+    assert_shown_exactly(browser, "herons")
 
     # a job that fails: the page shows the `error` entry as the job's end, not as a lost connection
     await enqueue(browser, "explode-error")
