@@ -12,6 +12,7 @@ import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 
+from tests.browser import browser  # noqa: F401  (the fixture: a headless Chromium)
 from tests.support import ENV_PREFIXES, FAULTS, ThreadedModelServer
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.worker.app import build_worker
