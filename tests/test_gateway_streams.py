@@ -181,7 +181,7 @@ async def test_a_key_that_is_not_a_stream_fails_its_followers_only(
     broken = await follow(f"{gateway}/tags/hostile/events")
     await redis.set(keys.tag("hostile"), "not a stream")  # while it is followed
     await broken.until(lambda f: f.ended, "the broken stream's end")
-    assert broken.kinds() == ["error"] and "not a stream" in broken.data_events()[0].json["detail"]
+    assert broken.kinds() == ["gateway_error"] and "not a stream" in broken.data_events()[0].json["detail"]
     await write(redis, keys.tag("poem"), token("j6", 1, "still here"))
     await healthy.until(lambda f: f.entries(), "the healthy follower's entry")
     assert healthy.entries()[0]["content"] == "still here"

@@ -85,7 +85,9 @@ def _event(event: str, data: bytes, id: str | None = None) -> bytes:
 
 
 def notice_event(kind: str, **fields: Any) -> bytes:
-    """A ``gap``, ``overflow`` or ``error`` event: JSON with ``type`` and the given fields."""
+    """A ``gap``, ``overflow`` or ``gateway_error`` event: JSON with ``type`` and the given fields.
+    (Not ``error``: that is an entry type, and ``EventSource`` hands an ``error`` event to the same
+    listeners as a lost connection.)"""
     return _event(kind, orjson.dumps({"type": kind, **fields}))
 
 
@@ -237,10 +239,10 @@ class EventStream:
                             buffer.close()
                             return
         except NotAStream as e:
-            buffer.close(notice_event("error", detail=str(e)))
+            buffer.close(notice_event("gateway_error", detail=str(e)))
         except Exception as e:
             logger.exception("the event stream of %s failed", ", ".join(self._streams))
-            buffer.close(notice_event("error", detail=f"the gateway failed reading the stream: {e}"))
+            buffer.close(notice_event("gateway_error", detail=f"the gateway failed reading the stream: {e}"))
         finally:
             if buffer.overflowed:
                 logger.warning("disconnecting a client of %s: it did not read its events", ", ".join(self._streams))

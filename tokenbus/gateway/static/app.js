@@ -12,7 +12,7 @@
   // so that the page's resume point (?since=) stays the id of the last event
   const ENTRY_EVENTS = ["start", "token", "custom", "update", "values", "end", "error", "cancelled"];
   const TEXT = new Set(["token", "custom"]);
-  const NOTICE_EVENTS = ["restart", "gap", "overflow"];
+  const NOTICE_EVENTS = ["restart", "gap", "overflow", "gateway_error"];
   const TERMINAL = new Set(["end", "error", "cancelled"]);
   const KEY_STORAGE = "tokenbus.apiKey";
   const LAST_JOB_STORAGE = "tokenbus.lastJob";
@@ -246,7 +246,7 @@
           + `(the first still kept is ${data.first_available}); what is shown is incomplete`, "warning");
       } else if (kind === "overflow") {
         notice(`the gateway dropped this connection: ${data.detail || "the page fell behind"}; resuming`, "warning");
-      } else if (kind === "error" && !data.job) {
+      } else if (kind === "gateway_error") {
         notice(`gateway: ${data.detail || data.error || "error"}; resuming`, "warning");
       } else if (data && typeof data.job === "string") {
         this.entry(kind, data);
