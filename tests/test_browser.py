@@ -301,3 +301,20 @@ async def test_with_api_keys_the_page_enqueues_with_the_key_and_follows_with_the
         assert await wait_final(browser) == "end"
         assert {tag: column(browser, tag) for tag in ("joke", "poem")} == texts_for("foxes")
         assert browser.execute_script("return sessionStorage.getItem('tokenbus.apiKey')") == API_KEY
+
+
+async def test_the_readme_client_runs_as_written(browser: WebDriver, gateway: Gateway) -> None:
+    """README's "Browser" JavaScript, verbatim, in the page's origin: its text per tag is the model's."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = readme.split("## Browser", 1)[1].split("```js\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.strip().splitlines()) <= 16, "the README promises a short client"
+    await open_page(browser, gateway.url)
+    browser.execute_script(
+        "window.apiKey = ''; window.done = false;"
+        "(async () => {" + snippet + "\nwindow.text = text; window.es = es;"
+        "  es.addEventListener('end', () => { window.done = true; }); })();"
+    )
+    await wait_until(lambda: browser.execute_script("return window.done"), within=60, what="the client's job to end")
+    shown = browser.execute_script("return window.text")
+    assert shown == {"joke": texts_for("cats")["joke"], "poem": texts_for("cats")["poem"]}, console(browser)
+    assert browser.execute_script("return window.es.readyState") == 2  # closed by the client, not reconnecting
