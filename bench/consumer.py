@@ -1,6 +1,6 @@
-"""A consumer in its own process: reads entries through the consumer API (or raw XREAD) and reports.
+"""A consumer in its own process: reads entries through the consumer API and reports.
 
-    python -m bench.consumer URL PREFIX --jobs N [--tag T | --job ID] [--raw]
+    python -m bench.consumer URL PREFIX --jobs N [--tag T | --job ID]
 
 Prints one JSON line once N jobs have ended: entries received, the receive time of the last
 terminal entry, latencies of payloads carrying a ``t`` (when written, seconds since the epoch) and
@@ -17,7 +17,7 @@ import orjson
 import uvloop
 from redis.asyncio import Redis
 
-from tokenbus.consumer.reader import LATEST, latest_positions
+from tokenbus.consumer.reader import LATEST
 from tokenbus.consumer.subscribe import subscribe
 from tokenbus.schemas.entries import Entry
 
@@ -31,31 +31,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     cpu0 = time.process_time()  # start-up (imports, connecting) is not per-entry work
     print("ready", flush=True)
     try:
-        if args.raw:  # the baseline: redis-py XREAD, no decoding beyond what redis-py does
-            key = f"{args.prefix}:tag:{{{args.tag[0]}}}" if args.tag else f"{args.prefix}:job:{{{args.job}}}"
-            position = args.start or (await latest_positions(redis, [key]))[key]
-            while ended < args.jobs:
-                for _, entries in await redis.xread({key: position}, count=1024, block=1000):
-                    for _, fields in entries:
-                        count += 1
-                        if fields[b"type"] in (b"end", b"error", b"cancelled"):
-                            ended += 1
-                    position = entries[-1][0]
-            last = time.time()
-        else:
-            async for item in subscribe(redis, prefix=args.prefix, start=args.start or LATEST, **kind):
-                assert isinstance(item, Entry)
-                count += 1
-                if args.latency and item.data and "t" in item.data:
-                    now = time.time()
-                    latencies.append(now - item.data["t"])
-                    if "due" in item.data:
-                        from_due.append(now - item.data["due"])
-                if item.is_final:
-                    ended += 1
-                    if ended >= args.jobs:
-                        last = time.time()
-                        break
+        async for item in subscribe(redis, prefix=args.prefix, start=args.start or LATEST, **kind):
+            assert isinstance(item, Entry)
+            count += 1
+            if args.latency and item.data and "t" in item.data:
+                now = time.time()
+                latencies.append(now - item.data["t"])
+                if "due" in item.data:
+                    from_due.append(now - item.data["due"])
+            if item.is_final:
+                ended += 1
+                if ended >= args.jobs:
+                    last = time.time()
+                    break
     finally:
         await redis.aclose()
     return {
@@ -84,7 +72,6 @@ def main() -> None:
     parser.add_argument("--tag", action="append")
     parser.add_argument("--job")
     parser.add_argument("--start")
-    parser.add_argument("--raw", action="store_true")
     parser.add_argument("--latency", action="store_true")
     result = uvloop.run(run(parser.parse_args()))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")

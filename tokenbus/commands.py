@@ -28,9 +28,8 @@ from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_JOB_FAILED = 0, 1
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INCOMPLETE = 3
-EXIT_USAGE = 2
 """``tail``/``--follow``: entries were trimmed before they were read (a gap was reported)."""
 READ_BLOCK_MS = 5000
 
