@@ -202,7 +202,7 @@ class JobEmitter:
         last = self._payload
         if last is not None and last[0] == tags and last[1] == namespace:
             return last[2]
-        metadata: dict[str, Any] = {"tags": list(tags)} if tags else {}
+        metadata: dict[str, Any] = {"tags": list(_tags_of(tags))} if tags else {}
         if namespace:
             metadata["langgraph_checkpoint_ns"] = "|".join(namespace)
         template = self._template(EntryType.CUSTOM, metadata)

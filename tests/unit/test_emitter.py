@@ -105,6 +105,10 @@ async def test_a_chunk_that_cannot_be_encoded_raises_and_is_not_written(publishe
         emitter.custom(({"content": object()}, POEM))
     with pytest.raises(PayloadError, match="chunk tags must be a list of strings"):
         emitter.custom(({"content": "x"}, {"tags": "poem"}))
+    with pytest.raises(PayloadError, match="chunk tags must be a list of strings"):  # not tags p, o, e, m
+        emitter.custom({"content": "x", "tags": "poem"})
+    with pytest.raises(PayloadError, match="chunk tags must be a list of strings"):
+        emitter.custom({"content": "x", "tags": 7})
     with pytest.raises(InvalidTag):
         emitter.message(AIMessageChunk(content="x"), {"tags": ["no spaces"]})
     emitter.finish(Outcome())
