@@ -15,11 +15,13 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
-from tests.sse import free_port
-from tests.support import Process, settings_env, start_gateway
+from tests.sse import Event, events, free_port
+from tests.support import Process, entry, settings_env, start_gateway, write
+from tests.support import token as tok
 from tests.test_gateway import stop_gateway
 from tokenbus.gateway import GatewaySettings, create_app
 from tokenbus.gateway.access import AUDIENCE, Access
+from tokenbus.schemas.entries import EntryType
 from tokenbus.worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -190,3 +192,42 @@ async def test_a_job_id_makes_enqueueing_idempotent(
     second = await http.post(f"{gateway}/jobs", json=body, headers=bearer(KEY))
     assert first.json()["job_id"] == second.json()["job_id"] == "order-42"
     assert await redis.zcard(settings.queue_name) == 1
+
+
+async def test_gateways_sharing_keys_share_their_clients(
+    settings: Settings, http: httpx2.AsyncClient, redis: Redis
+) -> None:
+    """Behind a load balancer: a token one gateway handed out is good at another with the same keys
+    (no secret configured: both derive it from the keys), not at one with other keys; and a stream
+    cut at one resumes at the other."""
+    ports = [free_port(), free_port(), free_port()]
+    keys = {"TOKENBUS_GATEWAY_API_KEYS": f"{KEY},other-key"}
+    gateways = [await start_gateway(settings, port, **keys) for port in ports[:2]]
+    gateways.append(await start_gateway(settings, ports[2], TOKENBUS_GATEWAY_API_KEYS="a-different-key"))
+    url_a, url_b, url_other = (f"http://127.0.0.1:{port}" for port in ports)
+    try:
+        job = (await http.post(f"{url_a}/jobs", json=JOB, headers=bearer(KEY))).json()
+        job_id, token = job["job_id"], job["token"]
+        assert (await http.get(f"{url_b}/jobs/{job_id}?token={token}")).json()["status"] == "queued"
+        refused(await http.get(f"{url_other}/jobs/{job_id}?token={token}"), 401, "invalid_token")
+
+        stream = settings.keys.job(job_id)  # the job's entries, as a worker would write them
+        await write(redis, stream, entry(EntryType.START, job_id, 0), *(tok(job_id, s, f"{s} ") for s in (1, 2, 3)))
+        first: list[Event] = []
+        async with http.stream("GET", f"{url_a}/jobs/{job_id}/events?token={token}") as response:
+            async for event in events(response):
+                first.append(event)
+                if sum(e.id is not None for e in first) == 2:
+                    break
+        await write(redis, stream, tok(job_id, 4, "4 "), entry(EntryType.END, job_id, 5))
+        last_id = [e.id for e in first if e.id][-1] or ""
+        rest: list[Event] = []
+        async with http.stream(
+            "GET", f"{url_b}/jobs/{job_id}/events?token={token}", headers={"Last-Event-ID": last_id}
+        ) as response:
+            rest = [event async for event in events(response)]
+        seqs = [e.json["seq"] for e in [*first, *rest] if e.id is not None]
+        assert seqs == [0, 1, 2, 3, 4, 5]
+    finally:
+        for gateway in gateways:
+            await stop_gateway(gateway)
