@@ -83,7 +83,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 async def start_worker(settings: Settings, *, name: str = "worker", cwd: Path | None = None) -> Process:
     """A ``tokenbus worker`` process with ``settings``, once it serves."""
     worker = await Process.start("worker", env=settings_env(settings), name=name, cwd=cwd)
-    await worker.wait_line("worker serves graphs")
+    await worker.wait_line("worker serves graphs", within=90)  # imports take long on a busy machine
     return worker
 
 
