@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, TypedDict
 
@@ -87,7 +88,15 @@ def nested() -> Any:
     return StateGraph(State).add_node("parent", child).add_edge(START, "parent").compile()
 
 
+async def _blocks_the_loop(state: State, writer: StreamWriter) -> State:
+    """A user graph on a bad day: an async node that calls something blocking (``n`` tenths of a second)."""
+    writer({"content": "blocking"})
+    time.sleep(state.get("n", 30) / 10)  # noqa: ASYNC251  # the point of this graph
+    return {"done": True}
+
+
 burst = _graph(_burst)
+blocks_the_loop = _graph(_blocks_the_loop)
 burst_tokens = _graph(_burst_tokens)
 gated = _graph(_gated)
 changing_tags = _graph(_changing_tags)

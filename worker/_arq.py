@@ -80,8 +80,15 @@ class TokenbusWorker(Worker):
         self.shutdown_margin_s = shutdown_margin_s
         self._wakeups: Wakeups | None = None
         self.leases: Leases | None = None
+        # read by the metrics endpoint (worker/metrics.py), with arq's own jobs_complete/failed/retried
         self.jobs_unrunnable = 0
         """Jobs closed without running because their envelope or id could not be used."""
+        self.jobs_not_run = 0
+        """Jobs arq failed without running them (aborted before they started, max tries, expired)."""
+        self.poll_failures = 0
+        """Polls of the queue that failed (Redis away or refusing, or a bug)."""
+        self.job_redis_failures = 0
+        """Jobs left queued because Redis failed around their run (their claim or their end)."""
 
     async def main(self) -> None:
         try:
@@ -94,10 +101,12 @@ class TokenbusWorker(Worker):
         try:
             await super()._poll_iteration()
         except _REDIS_REFUSING as e:
+            self.poll_failures += 1
             logger.warning("polling queue %s failed (%s); retrying", self.queue_name, e)
             await asyncio.sleep(POLL_RETRY_DELAY_S)
             return
         except Exception:  # a bug, or a job that slipped past the checks: never the end of the worker
+            self.poll_failures += 1
             logger.exception("polling queue %s failed unexpectedly; retrying", self.queue_name)
             await asyncio.sleep(POLL_RETRY_DELAY_S)
             return
@@ -209,6 +218,11 @@ class TokenbusWorker(Worker):
             raise ClientStateError("the worker's leases are made at startup")
         return self.leases
 
+    @property
+    def wakeups(self) -> Wakeups | None:
+        """The wake-up listener, once the first poll has started it."""
+        return self._wakeups
+
     async def run_job(self, job_id: str, score: int) -> None:
         """arq's run of one job; a job that cannot be run (an id or envelope arq fails on) is
         closed and taken off the queue instead of ending the worker."""
@@ -220,6 +234,7 @@ class TokenbusWorker(Worker):
         try:
             await super().run_job(job_id, score)
         except _REDIS_REFUSING as e:
+            self.job_redis_failures += 1
             logger.warning("job %s: Redis failed around its run (%s); it stays queued", job_id, e)
             with contextlib.suppress(*_REDIS_REFUSING):
                 await self._leases().release(job_id)
@@ -294,6 +309,7 @@ class TokenbusWorker(Worker):
         expired, an envelope it cannot read): give the job's followers its terminal entry now,
         rather than never."""
         await super().finish_failed_job(job_id, result_data)
+        self.jobs_not_run += 1
         self._leases().forget(job_id)
         resources: WorkerResources | None = self.ctx.get(RESOURCES)
         if resources is None or not is_valid_job_id(job_id):

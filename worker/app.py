@@ -24,6 +24,10 @@ from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+METRICS = "tokenbus_metrics"
+"""Key of the worker's :class:`tokenbus.worker.health.MetricsServer` in arq's ``ctx`` (when
+``TOKENBUS_METRICS_PORT`` is set)."""
+
 
 def hard_timeout_s(settings: Settings) -> float:
     """arq's own limit: above the longest per-job timeout plus the time a terminal entry may take
@@ -83,9 +87,16 @@ def build_worker(
             resources.redis, lease_s=settings.lease, renew_every_s=settings.heartbeat_s, on_lost=worker.job_lost
         ).start()
         resources.publisher.fence = worker.leases
+        if settings.metrics_port is not None:
+            from tokenbus.worker.health import MetricsServer
+
+            ctx[METRICS] = await MetricsServer.start(worker, resources)
         tune_gc()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        metrics = ctx.pop(METRICS, None)
+        if metrics is not None:
+            await metrics.close()
         leases: Leases | None = ctx.pop(LEASES, None)
         if leases is not None:
             await leases.close()  # stops renewing; the publisher's last batches may still confirm

@@ -11,7 +11,7 @@ encoded once per call, not once per token.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +78,24 @@ class JobEmitter:
         self._job_stream = (self.job_key, limits.job_maxlen)
         self.sink: Sink = publisher.sink(job_id)
         self.seq = 0
-        self.chunks = 0
+        # Plain ints, read by the metrics endpoint at scrape time (worker/stats.py): counting a chunk
+        # here costs an addition, where a prometheus-client Counter.inc() per token would cost a lock.
+        self.tokens = 0
+        """``token`` entries queued (``messages`` mode)."""
+        self.payloads = 0
+        """``custom`` entries queued."""
+        self.on_first_chunk: Callable[[], None] | None = None
+        """Called once, at the attempt's first chunk (its time to first token)."""
         self.tag_filter: frozenset[str] | None = None
         self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
         self._meta: _Meta | None = None
         self._payload: tuple[Any, tuple[str, ...], ChunkTemplate] | None = None
         self._data: tuple[str | None, dict[str, Any], bytes] | None = None
+
+    @property
+    def chunks(self) -> int:
+        """Chunk entries (``token`` and ``custom``) queued so far."""
+        return self.tokens + self.payloads
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, data: Mapping[str, Any]) -> None:
@@ -154,7 +166,9 @@ class JobEmitter:
         """A ``messages``-mode chunk: an LLM token and the metadata of its model call."""
         template = self._template(EntryType.TOKEN, metadata)
         content = message.content if isinstance(message.content, str) else message.text
-        self._chunk(template, content, self._message_data(message))
+        data = self._message_data(message)
+        self.tokens += 1
+        self._chunk(template, content, data)
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
@@ -177,10 +191,13 @@ class JobEmitter:
                 "write dicts, lists, strings and numbers with writer(...)"
             ) from e
         content = payload.get("content") if mapping else None
+        self.payloads += 1
         self._chunk(template, content if content.__class__ is str else "", data)
 
     def _chunk(self, template: ChunkTemplate, content: str, data: bytes) -> None:
-        self.chunks += 1
+        if self.on_first_chunk is not None:
+            first, self.on_first_chunk = self.on_first_chunk, None
+            first()
         self._publisher.send(self.sink, template.pack(self.seq, content, data, _now_ms()), template.commands)
         self.seq += 1
 

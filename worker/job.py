@@ -48,13 +48,15 @@ async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str,
                 reason=f"attempt {{attempt}} was interrupted (its worker stopped); attempt {attempt} follows",
             )  # fmt: skip
     request: Any = args[0] if len(args) == 1 and not kwargs else _Envelope(len(args), sorted(kwargs))
+    graph = _graph_name(request)
     emitter = resources.emitter(job_id, attempt)
     leases: Leases | None = ctx.get(LEASES)
     if leases is not None:
         leases.attach(job_id, emitter.sink, int(ctx["job_try"]))
     resources.sweeper.running.add(job_id)
     resources.publisher.command(emitter.sink, ("ZADD", resources.keys.running, time.time() * 1000, job_id))
-    emitter.start({"graph": _graph_name(request)})
+    emitter.start({"graph": graph})
+    resources.jobs.job_started(resources.jobs.graph_label(graph), emitter)
     started = time.monotonic()
     outcome = Outcome(EntryType.CANCELLED, "the job was interrupted", ErrorType.CANCELLED, retry=True)
     try:
@@ -73,7 +75,10 @@ async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str,
     finally:
         elapsed_ms = round((time.monotonic() - started) * 1000)
         terminal = resources.track(_write_terminal(resources, emitter, outcome, elapsed_ms))
-        outcome = await _until_done(terminal)
+        try:
+            outcome = await _until_done(terminal)
+        finally:
+            resources.jobs.job_finished(emitter, _status(terminal, outcome), time.monotonic() - started)
         logger.info("job %s attempt %d: %s after %d chunks", job_id, attempt, outcome.type, emitter.chunks)
     if outcome.type is EntryType.ERROR:
         raise JobFailed(outcome.error)
@@ -96,6 +101,14 @@ async def _until_done(terminal: asyncio.Task[Outcome]) -> Outcome:
         if cancelled:
             raise asyncio.CancelledError
         return outcome
+
+
+def _status(terminal: asyncio.Task[Outcome], outcome: Outcome) -> str:
+    """The ``status`` label of a finished attempt: its terminal entry's type, or ``requeued`` for
+    an attempt that will run again (the worker shut down, or lost the job's lease)."""
+    if terminal.done() and not terminal.cancelled() and terminal.exception() is None:
+        outcome = terminal.result()
+    return "requeued" if outcome.retry else outcome.type.value
 
 
 class _Envelope:

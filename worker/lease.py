@@ -111,6 +111,9 @@ class Leases(Background):
         self.tries: dict[str, int] = {}  # job id -> the running attempt's arq try
         self.valid_until = float("inf")  # monotonic: past it, a lease may have lapsed unnoticed
         self.lost = 0
+        """Leases found gone or taken (their attempts were stopped): read by the metrics endpoint."""
+        self.renew_failures = 0
+        """Renewal rounds that failed (Redis away or refusing)."""
         self._fenced_live = 0  # sinks fenced whose attempt has not ended yet
         self._renew: AsyncScript = redis.register_script(_RENEW)
         self._release: AsyncScript = redis.register_script(_RELEASE)
@@ -174,8 +177,10 @@ class Leases(Background):
             try:
                 await self.renew()
             except REDIS_UNAVAILABLE as e:  # the leases run out on their own; confirm() tells later
+                self.renew_failures += 1
                 logger.warning("renewing %d job leases failed (%s); retrying", len(self.tokens), e)
             except Exception:  # Redis refused (at maxmemory, say): the same, but worth a traceback
+                self.renew_failures += 1
                 logger.exception("renewing %d job leases failed; retrying", len(self.tokens))
 
     async def renew(self) -> None:

@@ -128,6 +128,13 @@ class Sweeper(Background):
         self._limits = limits
         self._heartbeat_s = heartbeat_s
         self.running: set[str] = set()
+        # read by the metrics endpoint
+        self.failures = 0
+        """Passes that failed (Redis away, say)."""
+        self.closed_retry = 0
+        """Attempts closed whose job runs again (their worker stopped; the lease lapsed)."""
+        self.closed_final = 0
+        """Jobs closed for good (their worker stopped, and arq will not run them again)."""
 
     async def _loop(self) -> None:
         while True:
@@ -135,6 +142,7 @@ class Sweeper(Background):
                 await self.beat()
                 await self.sweep()
             except Exception:  # Redis away, say: try again at the next beat
+                self.failures += 1
                 logger.warning("sweeper pass failed", exc_info=True)
             await asyncio.sleep(self._heartbeat_s)
 
@@ -180,4 +188,8 @@ class Sweeper(Background):
             await self._redis.zrem(self._keys.running, job_id)
             if entry is not None:
                 closed.append(job_id)
+                if entry.retry:
+                    self.closed_retry += 1
+                else:
+                    self.closed_final += 1
         return closed

@@ -27,12 +27,14 @@ from redis.asyncio import Redis
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.schemas.errors import ClientStateError, PublishError
+from tokenbus.worker.stats import BATCH_SIZES, SECONDS, Buckets
 from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
 
 logger = logging.getLogger(__name__)
 
-_Item = tuple["Sink", bytes, int]
-"""What one call queued for a job: its commands packed in the Redis protocol, and how many."""
+_Item = tuple["Sink", bytes, int, int]
+"""What one call queued for a job: its commands packed in the Redis protocol, how many, and how
+many of them are stream entries (``XADD``; the others are a job's ``ZADD``, ``ZREM``, ``EXPIRE``)."""
 
 
 class Sink:
@@ -104,8 +106,22 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.fence: Fence | None = None
+        # What the metrics endpoint reads (worker/metrics.py): plain ints and buckets, counted per
+        # batch by the writer, never per entry.
         self.retries = 0
+        """Batches sent again after Redis failed them."""
+        self.failures = 0
+        """Pipelines that failed (Redis unreachable, a timeout): each retry, and each batch given up."""
         self.lost_total = 0
+        """Commands given up after ``give_up_s`` of failures."""
+        self.entries_written = 0
+        """Stream entries Redis accepted (every tag-stream copy counts)."""
+        self.entries_lost = 0
+        """Stream entries given up or refused by Redis (``OOM`` at ``maxmemory``, say)."""
+        self.batch_sizes = Buckets(BATCH_SIZES)
+        """Commands per pipeline written."""
+        self.round_trips = Buckets(SECONDS)
+        """Seconds from sending a pipeline to its last reply, for each one written."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Publisher:
@@ -136,25 +152,35 @@ class Publisher:
 
     def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
         """Queue any other command (``EXPIRE``, ``ZADD``...) in order with the job's entries."""
-        self.send(sink, pack(args), 1)
+        self.send(sink, pack(args), 1, entries=0)
 
     def template(self, streams: Sequence[tuple[str, int]], fields: list[Any]) -> ChunkTemplate:
         """A template for the chunks of one model call (see :class:`ChunkTemplate`); queue what it
         packs with :meth:`send`."""
         return self._xadd.template(streams, fields)
 
-    def send(self, sink: Sink, packed: bytes, count: int) -> None:
-        """Queue ``count`` commands already packed (by a :meth:`template`) for ``sink``'s job.
-        Never blocks."""
+    def send(self, sink: Sink, packed: bytes, count: int, *, entries: int | None = None) -> None:
+        """Queue ``count`` commands already packed (by a :meth:`template`) for ``sink``'s job, of
+        which ``entries`` (default: all) are stream entries. Never blocks."""
         if self._task is None or self._closing:
             raise ClientStateError("publisher is not running")
-        self._queue.append((sink, packed, count))
+        self._queue.append((sink, packed, count, count if entries is None else entries))
         self._queued += 1
         sink.last_index = self._queued
         if not self._wake.is_set():
             self._wake.set()
         if len(self._queue) >= self._buffer_max and self._writable.is_set():
             self._writable.clear()
+
+    @property
+    def reconnects(self) -> int:
+        """Connections the writer opened after its first (each after a failure)."""
+        return max(0, self._wire.connects - 1)
+
+    @property
+    def buffered(self) -> int:
+        """Calls queued and not yet taken by the writer (each one entry or a chunk's copies)."""
+        return len(self._queue)
 
     @property
     def congested(self) -> bool:
@@ -239,12 +265,14 @@ class Publisher:
                 unfenced = await self._unfenced(batch)
                 if len(unfenced) != count:
                     batch = unfenced
-                    packed = b"".join([commands for _, commands, _ in batch])
-                    count = sum([n for _, _, n in batch])
+                    packed = b"".join([commands for _, commands, _, _ in batch])
+                    count = sum([n for _, _, n, _ in batch])
                 if not batch:
                     return
+                sent = time.monotonic()
                 refused = await self._wire.execute(packed, count)
             except REDIS_UNAVAILABLE as e:
+                self.failures += 1
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
                     self._lose(batch, e, waited)
@@ -255,26 +283,36 @@ class Publisher:
                 logger.warning("publishing %d entries failed (%s); retry %d in %.2fs", len(batch), e, attempt, delay)
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
+            self.round_trips.observe(time.monotonic() - sent)
+            self.batch_sizes.observe(count)
+            entries = sum([e for _, _, _, e in batch])
             if refused:
-                self._refused(batch, refused)
+                entries -= self._refused(batch, refused)
+            self.entries_written += entries
             return
 
-    def _refused(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]]) -> None:
-        """Record each error reply on the job whose command it answers (by command index)."""
-        ends = list(itertools.accumulate(n for _, _, n in batch))
+    def _refused(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]]) -> int:
+        """Record each error reply on the job whose command it answers (by command index); return
+        how many of them refused a stream entry."""
+        ends = list(itertools.accumulate(n for _, _, n, _ in batch))
+        entries = 0
         for index, error in refused:
             item = bisect.bisect_right(ends, index)
-            sink, commands, n = batch[item]
+            sink, commands, n, xadds = batch[item]
             what = describe(commands, index - (ends[item] - n))
             sink.errors.append(f"{what}: {error}")
+            entries += 1 if xadds else 0
             logger.error("job %s: Redis refused %s: %s", sink.job_id, what, error)
+        self.entries_lost += entries
+        return entries
 
     def _lose(self, batch: list[_Item], error: BaseException, waited: float) -> None:
-        for sink, _, n in batch:
+        for sink, _, n, _ in batch:
             sink.lost += n
-        lost = sum([n for _, _, n in batch])
+        lost = sum([n for _, _, n, _ in batch])
         self.lost_total += lost
-        jobs = sorted({sink.job_id for sink, _, _ in batch})
+        self.entries_lost += sum([e for _, _, _, e in batch])
+        jobs = sorted({sink.job_id for sink, _, _, _ in batch})
         logger.error(
             "gave up publishing %d entries of jobs %s after %.1fs: %s",
             lost,

@@ -22,6 +22,7 @@ from tokenbus.worker.publisher import Publisher
 from tokenbus.worker.redis_client import redis_from_settings
 from tokenbus.worker.registry import Graph, GraphRegistry, load_graph
 from tokenbus.worker.settings import Settings
+from tokenbus.worker.stats import JobStats
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class WorkerResources:
     publisher: Publisher
     sweeper: Sweeper
     registry: GraphRegistry
+    jobs: JobStats
+    """Jobs started and finished, per graph, for the metrics endpoint."""
     _stack: contextlib.AsyncExitStack
     _tracked: set[asyncio.Task[Any]] = field(default_factory=set)
     ended: set[str] = field(default_factory=set)
@@ -88,6 +91,7 @@ class WorkerResources:
                 publisher=publisher,
                 sweeper=sweeper,
                 registry=GraphRegistry(graphs),
+                jobs=JobStats(list(graphs)),
                 _stack=stack.pop_all(),
             )
         logger.info("worker serves graphs: %s", ", ".join(resources.registry.names))

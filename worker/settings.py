@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     publish_buffer_max: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_PUBLISH_BUFFER")
     publish_give_up_s: float = Field(default=30.0, gt=0, validation_alias="TOKENBUS_PUBLISH_GIVE_UP")
 
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, validation_alias="TOKENBUS_METRICS_PORT")
+    """Port of the worker's ``/metrics`` and ``/healthz``; unset: no endpoint (0: any free port)."""
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, validation_alias="TOKENBUS_METRICS_HOST")
+    health_max_lag_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEALTH_MAX_LAG")
+    """``/healthz`` fails while the event loop has not run for this many seconds (a stuck loop)."""
+
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, value: str) -> str:

@@ -32,6 +32,9 @@ class Wakeups(Background):
         self.channel = channel
         self._retry_s = retry_s
         self._event = asyncio.Event()
+        self.subscriptions = 0
+        """Times the channel was subscribed to (the first, then after each drop): read by the metrics endpoint."""
+        self.failures = 0
 
     def set(self) -> None:
         """Wake the worker from within (a job slot was freed)."""
@@ -49,10 +52,12 @@ class Wakeups(Background):
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
+                    self.subscriptions += 1
                     self._event.set()  # a job may have been announced while nobody listened
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self._event.set()
             except REDIS_UNAVAILABLE as e:
+                self.failures += 1
                 logger.warning("listening for wake-ups on %s failed (%s); retrying", self.channel, e)
                 await asyncio.sleep(self._retry_s)

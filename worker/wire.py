@@ -225,6 +225,8 @@ class Wire:
         self._busy_since: float | None = None  # when the batch in flight was sent
         self._watchdog: asyncio.TimerHandle | None = None
         self._timed_out = False
+        self.connects = 0
+        """Connections opened (the first, then one after each failure): read by the metrics endpoint."""
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         """Send ``count`` packed commands; return the errors Redis replied with, by command index.
@@ -272,6 +274,7 @@ class Wire:
             conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             assert isinstance(conn, AbstractConnection)  # TCP, TLS or Unix socket
             await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, SELECT as configured
+            self.connects += 1
             transport = transport_of(conn)
             if transport is None:
                 raise redis_errors.ConnectionError("connection closed")
