@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tokenbus.logs import LOG_FORMATS, logging_config
 from tokenbus.schemas.errors import TokenbusError
 from tokenbus.schemas.job import STREAM_MODES
 
@@ -19,12 +20,16 @@ logger = logging.getLogger(__name__)
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915  # one statement per option
     parser = argparse.ArgumentParser(prog="tokenbus", description=__doc__)
     parser.add_argument(
         "--log-level",
         help="DEBUG, INFO, WARNING (logs go to stderr; default INFO, WARNING for demo and tail)",
     )
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="plain",
+        help="plain lines, or json: one object per line, with job_id, attempt and graph where a line is about a job",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run an arq worker that runs graph jobs")
@@ -101,23 +106,8 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sep", default="", help="text printed after each token (the how-to uses '|')")
 
 
-def configure_logging(level: str) -> None:
-    logging.config.dictConfig(
-        {
-            "version": 1,
-            "disable_existing_loggers": False,
-            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-            "handlers": {
-                "stderr": {
-                    "class": "logging.StreamHandler",
-                    "stream": "ext://sys.stderr",
-                    "formatter": "plain",
-                }
-            },
-            "root": {"handlers": ["stderr"], "level": level.upper()},
-            "loggers": {name: {"level": "WARNING"} for name in ("httpx", "httpcore", "httpx2", "httpcore2")},
-        }
-    )
+def configure_logging(level: str, log_format: str = "plain") -> None:
+    logging.config.dictConfig(logging_config(level, log_format))
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:
@@ -132,7 +122,8 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level or ("INFO" if args.command in ("worker", "model-server", "serve") else "WARNING"))
+    default_level = "INFO" if args.command in ("worker", "model-server", "serve") else "WARNING"
+    configure_logging(args.log_level or default_level, args.log_format)
     from tokenbus import commands
     from tokenbus.worker.settings import Settings
 

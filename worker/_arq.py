@@ -5,7 +5,8 @@ overrides arq's ``_poll_iteration`` (a poll that survives any error, and waits f
 ``start_jobs`` (every claim of a poll in one round trip, as a lease), ``run_job``, ``finish_job``
 and ``finish_failed_job`` (bad jobs closed, the end of a job done under its lease), and ``close``
 (bounded), and uses ``_release_sem_dec_counter_on_complete`` and ``_handle_signals``.
-:func:`tolerate_missing_info` replaces arq's ``log_redis_info`` for the embedded fakeredis.
+:func:`tolerate_missing_info` replaces arq's ``log_redis_info`` for the embedded fakeredis, and
+:func:`redact_job_arguments` arq's ``args_to_string`` (a job's arguments are users' prompts).
 
 The public API that would replace it: none in arq 0.28; a queue of tokenbus's own (or arq 0.29+
 hooks, should they come) would.
@@ -31,15 +32,19 @@ from redis import exceptions as redis_errors
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.schemas.entries import Entry, EntryType, ErrorType
 from tokenbus.schemas.errors import ClientStateError, InvalidJobId, shown
+from tokenbus.schemas.job import is_valid_graph_name
 from tokenbus.schemas.keys import is_valid_job_id, validate_job_id, wake_channel
 from tokenbus.worker.background import stop
 from tokenbus.worker.job import RESOURCES
 from tokenbus.worker.lease import Leases
+from tokenbus.worker.log_context import bind_job
 from tokenbus.worker.orphans import WORKER_LOST, close_attempt, newest_entry
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.wakeups import Wakeups
 
-PRIVATE_NAMES = ("_poll_iteration", "_release_sem_dec_counter_on_complete", "_handle_signals", "log_redis_info")
+PRIVATE_NAMES = (
+    "_poll_iteration", "_release_sem_dec_counter_on_complete", "_handle_signals", "log_redis_info", "args_to_string",
+)  # fmt: skip
 """What this module uses of the library's private parts: no other module of tokenbus may (tests/test_layers.py)."""
 WRITTEN_FOR = ("0.28",)
 """The arq minor versions this module was written and tested against."""
@@ -75,6 +80,7 @@ class TokenbusWorker(Worker):
     """
 
     def __init__(self, *args: Any, poll_delay_s: float, shutdown_margin_s: float, **kwargs: Any) -> None:
+        redact_job_arguments()
         super().__init__(*args, poll_delay=0, **kwargs)
         self.idle_poll_s = poll_delay_s
         self.shutdown_margin_s = shutdown_margin_s
@@ -226,6 +232,7 @@ class TokenbusWorker(Worker):
     async def run_job(self, job_id: str, score: int) -> None:
         """arq's run of one job; a job that cannot be run (an id or envelope arq fails on) is
         closed and taken off the queue instead of ending the worker."""
+        bind_job(job_id=job_id if is_valid_job_id(job_id) else shown(job_id))  # this task's lines (arq's too) name it
         try:
             validate_job_id(job_id)
         except InvalidJobId as e:
@@ -365,3 +372,25 @@ def tolerate_missing_info() -> None:
         log_func(f"redis: embedded fakeredis, db_keys={await redis.dbsize()}")
 
     arq.worker.log_redis_info = log_redis_info  # type: ignore[attr-defined]
+
+
+@functools.cache
+def redact_job_arguments() -> None:
+    """arq logs the first 80 characters of each job's arguments as the job starts: a tokenbus job's
+    argument is its request, whose input holds what users wrote (their prompts), and logs must not.
+    arq 0.28 has no option for it (``log_results`` is about results), so its formatter is replaced
+    with one that names the graph only."""
+    import arq.worker
+
+    if not callable(getattr(arq.worker, "args_to_string", None)):
+        raise ImportError("arq.worker.args_to_string is gone: job arguments would be logged unredacted")
+    arq.worker.args_to_string = _redacted_arguments  # type: ignore[attr-defined]
+
+
+def _redacted_arguments(args: Any, kwargs: Any) -> str:
+    """What a job's start line shows of its arguments: the graph a request names, nothing else."""
+    request = args[0] if len(args) == 1 and not kwargs else None
+    graph = request.get("graph") if isinstance(request, dict) else None
+    if isinstance(graph, str) and is_valid_graph_name(graph):
+        return f"graph={graph}, input redacted"
+    return f"{len(args)} arguments and {len(kwargs)} keyword arguments, redacted"

@@ -12,6 +12,7 @@ from tokenbus.schemas.errors import InvalidJobRequest, TokenbusError
 from tokenbus.schemas.job import JobRequest, is_valid_graph_name
 from tokenbus.worker.emitter import JobEmitter, Outcome
 from tokenbus.worker.lease import Leases
+from tokenbus.worker.log_context import bind_job
 from tokenbus.worker.orphans import close_attempt, newest_entry
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.streaming import stream_graph
@@ -49,6 +50,7 @@ async def run_graph(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str,
             )  # fmt: skip
     request: Any = args[0] if len(args) == 1 and not kwargs else _Envelope(len(args), sorted(kwargs))
     graph = _graph_name(request)
+    bind_job(job_id=job_id, attempt=attempt, graph=graph)  # this job's log lines carry them
     emitter = resources.emitter(job_id, attempt)
     leases: Leases | None = ctx.get(LEASES)
     if leases is not None:

@@ -223,7 +223,10 @@ class Leases(Background):
                 self._fenced_live += 1
             self.tokens.pop(job_id, None)
             self.lost += 1
-            logger.error("job %s: this worker lost its lease (another may run it now); stopping the attempt", job_id)
+            logger.error(
+                "job %s: this worker lost its lease (another may run it now); stopping the attempt", job_id,
+                extra={"job_id": job_id},
+            )  # fmt: skip
             self._on_lost(job_id)
         if not self.tokens:
             self.valid_until = float("inf")

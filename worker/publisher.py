@@ -302,7 +302,7 @@ class Publisher:
             what = describe(commands, index - (ends[item] - n))
             sink.errors.append(f"{what}: {error}")
             entries += 1 if xadds else 0
-            logger.error("job %s: Redis refused %s: %s", sink.job_id, what, error)
+            logger.error("job %s: Redis refused %s: %s", sink.job_id, what, error, extra={"job_id": sink.job_id})
         self.entries_lost += entries
         return entries
 

@@ -14,7 +14,7 @@ from tokenbus import cli
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """``tokenbus ARGS`` in this process: its exit status, stdout and stderr."""
-    monkeypatch.setattr(cli, "configure_logging", lambda level: None)  # the test run's logging stays as it is
+    monkeypatch.setattr(cli, "configure_logging", lambda *_: None)  # the test run's logging stays as it is
     monkeypatch.setattr(sys, "path", list(sys.path))  # `worker` puts its --app-dir on it
 
     def run(*args: str) -> tuple[int, str, str]:
