@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx2
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from tests.conftest import RunWorker
+from tests.sse import free_port
 from tests.support import JOKE, POEM, Process, follow_job, read_stream, settings_env, wait_for, wait_until
 from tokenbus.consumer.groups import GroupConsumer
 from tokenbus.consumer.jobs import job_result
@@ -122,9 +124,14 @@ async def test_gateway_worker_and_reader_users_run_a_job_end_to_end(
         assert await client.enqueue("joke_poem", {"topic": "cats"}, job_id=job_id) == job_id  # idempotent
         aborted = await client.enqueue("joke_poem", {"topic": "cats"})
         assert await client.abort(aborted)  # before any worker has seen it
-    worker = await Process.start("worker", env=settings_env(worker_settings), name="worker")
+    metrics_port = free_port()
+    worker_env = {**settings_env(worker_settings), "TOKENBUS_METRICS_PORT": str(metrics_port)}
+    worker = await Process.start("worker", env=worker_env, name="worker")
     try:
         await worker.wait_line("worker serves graphs")
+        async with httpx2.AsyncClient(timeout=10) as http:  # the metrics' and health check's own queries
+            assert (await http.get(f"http://127.0.0.1:{metrics_port}/healthz")).status_code == 200
+            assert "\ntokenbus_queue_depth " in (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         channel = wake_channel(settings.queue_name)
 
         async def subscribed() -> bool:

@@ -76,14 +76,19 @@ async def test_the_gateway_service_serves_and_its_healthcheck_passes(
     gateway = await Process.start(*command[1:], env=env, name="gateway")
     try:
         await gateway.wait_line("gateway listening on")
-        test = spec["healthcheck"]["test"]
-        assert test[:2] == ["CMD", "python"]
-        check = await asyncio.create_subprocess_exec(
-            sys.executable, *[a.replace(":8000/", f":{port}/") for a in test[2:]]
-        )
-        assert await check.wait() == 0
+        assert await healthcheck(spec, 8000, port) == 0
     finally:
         await gateway.stop()
+
+
+async def healthcheck(spec: dict[str, Any], in_container: int, port: int) -> int:
+    """Run a service's healthcheck command against ``port`` instead of its port in the container."""
+    test = spec["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"]
+    check = await asyncio.create_subprocess_exec(
+        sys.executable, *[a.replace(f":{in_container}/", f":{port}/") for a in test[2:]]
+    )
+    return await check.wait()
 
 
 def test_worker_scales_and_shuts_down_gracefully(compose: dict[str, Any]) -> None:
@@ -97,6 +102,7 @@ async def test_services_run_as_local_processes(compose: dict[str, Any], settings
     """Two workers (``--scale worker=2``) and the consumer, as compose would start them."""
     env = settings_env(settings)
     processes: list[Process] = []
+    metrics_ports: list[int] = []
 
     async def start(service: str, name: str) -> Process:
         spec = compose["services"][service]
@@ -104,6 +110,9 @@ async def test_services_run_as_local_processes(compose: dict[str, Any], settings
         service_env.update({k: env[k] for k in ("REDIS_URL", "TOKENBUS_PREFIX", "TOKENBUS_QUEUE")})
         if service == "worker":
             service_env.update(OPENAI_BASE_URL=env["OPENAI_BASE_URL"], OPENAI_API_KEY=env["OPENAI_API_KEY"])
+            assert service_env["TOKENBUS_METRICS_HOST"] == "0.0.0.0"  # for Prometheus, from the compose network
+            metrics_ports.append(free_port())  # one machine here, a container each there
+            service_env.update(TOKENBUS_METRICS_PORT=str(metrics_ports[-1]), TOKENBUS_METRICS_HOST="127.0.0.1")
         full_env = {k: v for k, v in env.items() if k not in spec["environment"]} | service_env
         proc = await Process.start(*spec["command"][1:], env=full_env, name=name)
         processes.append(proc)
@@ -113,6 +122,8 @@ async def test_services_run_as_local_processes(compose: dict[str, Any], settings
         workers = [await start("worker", f"worker-{i}") for i in range(2)]
         for w in workers:
             await w.wait_line("worker serves graphs")
+        for port in metrics_ports:  # each worker's healthcheck, as compose runs it in its container
+            assert await healthcheck(compose["services"]["worker"], 9100, port) == 0
         consumer = await start("consumer", "consumer")
         await consumer.wait_line("following")
         job_ids = []

@@ -4,10 +4,12 @@ Each role lists the commands it sends, the keys it touches (read ``%R~``, write 
 ``~``, Redis 7.0's key permissions) and the Pub/Sub channels it uses (``&``), as found in the
 code that runs under it:
 
-- **worker** (``worker/app.py`` on arq, ``worker/publisher.py``, ``worker/orphans.py``): arq's job,
-  in-progress, retry and result keys and its abort set, the queue and its health-check key, the
-  ``<queue>:wake`` channel, ``INFO``/``DBSIZE`` (arq logs them at start); appends to job and tag
-  streams, reads job streams back (the sweeper), ``<prefix>:running`` and ``<prefix>:sweeping:*``;
+- **worker** (``worker/app.py`` on arq, ``worker/publisher.py``, ``worker/orphans.py``,
+  ``worker/metrics.py``): arq's job, in-progress, retry and result keys and its abort set, the
+  queue and its health-check key, the ``<queue>:wake`` channel, ``INFO``/``DBSIZE`` (arq logs them
+  at start); appends to job and tag streams, reads job streams back (the sweeper),
+  ``<prefix>:running`` and ``<prefix>:sweeping:*``; ``ZCOUNT``/``ZCARD`` of the queue and
+  ``<prefix>:running`` (the metrics' queue depth);
   ``EVAL``/``EVALSHA`` of the lease scripts (:mod:`tokenbus.worker.lease`), whose commands Redis checks
   against the same rules.
 - **enqueuer** (``worker/client.py``): arq's ``WATCH``/``MULTI`` enqueue of ``arq:job:<id>`` onto the
@@ -142,8 +144,8 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
         # arq's jobs: GET the job, INCRBY (redis-py's incr)/EXPIRE/SETEX its try count, SET NX PX/PSETEX/PEXPIRE/EXISTS
         # its in-progress key, SET its result, DEL them when it ends; PSETEX/DEL the health check
         "+get", "+set", "+psetex", "+setex", "+incrby", "+expire", "+pexpire", "+exists", "+del",
-        # arq's queue and abort set; tokenbus's <prefix>:running heartbeats
-        "+zadd", "+zrem", "+zincrby", "+zscore", "+zcard", "+zrange", "+zrangebyscore", "+zremrangebyscore",
+        # arq's queue and abort set; tokenbus's <prefix>:running heartbeats; ZCOUNT: the metrics' queue depth
+        "+zadd", "+zrem", "+zincrby", "+zscore", "+zcard", "+zcount", "+zrange", "+zrangebyscore", "+zremrangebyscore",
         "+xadd", "+xrevrange",  # publishing; each attempt and the sweeper read a job's last entry back
         "+subscribe", "+unsubscribe",  # wake-ups
         # leases (worker/lease.py): compare-and-set scripts, run with this user's rights on the keys above
