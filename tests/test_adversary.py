@@ -311,6 +311,7 @@ async def test_rolling_restart_ends_every_job_once_with_its_full_text(
     print(f"rolling restart: {restarts} restarts, {interrupted} of {len(job_ids)} jobs interrupted and run again")
 
 
+@pytest.mark.timeout(300)  # twelve worker starts: on a busy machine their imports alone take minutes
 async def test_sigterm_as_a_worker_starts_exits_within_grace(
     redis_server: RedisServerProcess, model_server: ThreadedModelServer, prefix: str
 ) -> None:
