@@ -4,41 +4,88 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging.config
+import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn, TypeAlias
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
+from redis import exceptions as redis_errors
 
 from tokenbus.logs import LOG_FORMATS, logging_config
+from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.errors import TokenbusError
 from tokenbus.schemas.job import STREAM_MODES
 
 logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
+EXIT_CLOSED_PIPE = 141
+"""Whoever read stdout stopped (``| head``): the exit status of a process ended by SIGPIPE."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LONG_RUNNING = ("worker", "model-server", "serve")
+"""Commands that log at INFO by default; the others log warnings only."""
+CHECK_REDIS_FIRST = ("enqueue", "tail", "groups")
+"""Commands that connect to Redis at once: a Redis they cannot use fails them in one line."""
 
 
-def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915  # one statement per option
-    parser = argparse.ArgumentParser(prog="tokenbus", description=__doc__)
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (argparse prints the usage and the error on two)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="tokenbus", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tokenbus {importlib.metadata.version('tokenbus')}")
+    _add_global_options(parser, default=None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    _add_worker_commands(sub)
+    _add_stream_commands(sub)
+    _add_other_commands(sub)
+    return parser
+
+
+Commands: TypeAlias = "argparse._SubParsersAction[Parser]"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
     parser.add_argument(
-        "--log-level",
-        help="DEBUG, INFO, WARNING (logs go to stderr; default INFO, WARNING for demo and tail)",
-    )
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default=default,
+        help="logs go to stderr; default INFO for worker, serve and model-server, WARNING for the others; "
+        "DEBUG also shows the traceback of an error",
+    )  # fmt: skip
     parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="plain",
+        "--log-format", choices=LOG_FORMATS, default="plain" if default is None else default,
         help="plain lines, or json: one object per line, with job_id, attempt and graph where a line is about a job",
     )  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("worker", help="run an arq worker that runs graph jobs")
+
+def _global_options() -> Parser:
+    """The global options, for every command too (`tokenbus worker --log-level DEBUG`); given
+    after the command, they win over the same given before it."""
+    options = Parser(add_help=False)
+    _add_global_options(options, default=argparse.SUPPRESS)
+    return options
+
+
+def _command(commands: Commands, name: str, *, help: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help, parents=[_global_options()])
+    return parser
+
+
+def _add_worker_commands(sub: Commands) -> None:
+    p = _command(sub, "worker", help="run an arq worker that runs graph jobs")
     p.add_argument(
         "--app-dir", default=".", help="directory put first on the import path for TOKENBUS_GRAPHS (default: here)"
     )
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
 
-    p = sub.add_parser("enqueue", help="enqueue a graph job and print its id")
+    p = _command(sub, "enqueue", help="enqueue a graph job and print its id")
     p.add_argument("graph", help="registered graph name, e.g. joke_poem")
     p.add_argument("--input", default="{}", help="graph input as a JSON object")
     p.add_argument(
@@ -50,34 +97,41 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915  # one statement
     p.add_argument("--tag", action="append", dest="tags", help="only fan out chunks with these tags (repeatable)")
     p.add_argument("--job-id", help="idempotency key: the same id is never run twice")
     p.add_argument("--timeout", type=float, help="job timeout in seconds")
-    p.add_argument("--config", default="{}", help="JSON passed to the graph as config['configurable']")
+    p.add_argument("--config", default="{}", help="JSON object passed to the graph as config['configurable']")
     p.add_argument("--follow", action="store_true", help="print the job's tokens until it ends")
     _add_output_args(p)
 
-    p = sub.add_parser("tail", help="print entries of tag or job streams as they arrive")
+
+def _add_stream_commands(sub: Commands) -> None:
+    p = _command(sub, "tail", help="print entries of tag or job streams as they arrive")
     p.add_argument("--tag", action="append", dest="tags", default=[], help="tag stream to follow (repeatable)")
     p.add_argument("--job", action="append", dest="jobs", default=[], help="only this job (repeatable)")
     p.add_argument("--node", action="append", dest="nodes", default=[], help="only entries from this node")
-    p.add_argument("--type", action="append", dest="types", default=[], help="only entries of this type")
+    p.add_argument(
+        "--type", action="append", dest="types", default=[], choices=[t.value for t in EntryType], metavar="TYPE",
+        help=f"only entries of this type ({', '.join(t.value for t in EntryType)}; repeatable)",
+    )  # fmt: skip
     start = p.add_mutually_exclusive_group()
     start.add_argument("--from-start", action="store_true", help="read what the streams hold, then follow")
     start.add_argument("--from", dest="from_id", help="resume after this entry id")
     p.add_argument("--group", help="read through this consumer group (XREADGROUP + XACK)")
     p.add_argument("--consumer", help="consumer name within --group")
-    p.add_argument("--until-final", action="store_true", help="exit after the followed jobs end")
+    p.add_argument("--until-final", action="store_true", help="exit after the followed jobs (--job) end")
     _add_output_args(p)
 
-    p = sub.add_parser("groups", help="show consumer groups of tag streams: consumers, pending, lag")
+    p = _command(sub, "groups", help="show consumer groups of tag streams: consumers, pending, lag")
     p.add_argument("--tag", action="append", dest="tags", required=True, help="tag stream (repeatable)")
 
-    p = sub.add_parser("demo", help="the LangGraph how-to end to end: joke and poem tokens by tag")
+
+def _add_other_commands(sub: Commands) -> None:
+    p = _command(sub, "demo", help="the LangGraph how-to end to end: joke and poem tokens by tag")
     p.add_argument("--topic", default="cats")
     p.add_argument(
         "--redis", choices=["auto", "server", "fake"], default="auto",
         help="without REDIS_URL: a private redis-server (auto: when installed) or embedded fakeredis",
     )  # fmt: skip
 
-    p = sub.add_parser("acl", help="print ACL SETUSER rules for a least-privilege Redis user (pipe into redis-cli)")
+    p = _command(sub, "acl", help="print ACL SETUSER rules for a least-privilege Redis user (pipe into redis-cli)")
     p.add_argument("role", metavar="ROLE", help="worker, enqueuer, reader (of --tag streams) or gateway")
     p.add_argument("--user", help="the user's name (default: tokenbus-ROLE)")
     p.add_argument("--password", help="the user's password (default: a new one, printed on stderr)")
@@ -86,24 +140,27 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915  # one statement
     )
     p.add_argument("--groups", action="store_true", help="reader, gateway: also read through consumer groups")
 
-    p = sub.add_parser("serve", help="run the HTTP/SSE gateway: jobs and their tokens for browsers")
+    p = _command(sub, "serve", help="run the HTTP/SSE gateway: jobs and their tokens for browsers")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-For from --forwarded-allow-ips")
     p.add_argument("--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-* are trusted")
 
-    p = sub.add_parser("model-server", help="serve the offline OpenAI-compatible model")
+    p = _command(sub, "model-server", help="serve the offline OpenAI-compatible model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8400)
     p.add_argument("--tokens-per-s", type=float, default=0.0, help="pace tokens (0: as fast as possible)")
     p.add_argument("--fault", action="append", default=[], help="MATCH:status|error|disconnect|stall[:AFTER]")
-    return parser
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    _add_format_arg(p)
     p.add_argument("--sep", default="", help="text printed after each token (the how-to uses '|')")
+
+
+def _add_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["text", "jsonl"], default="text", help="text for people, JSON lines to pipe")
 
 
 def configure_logging(level: str, log_format: str = "plain") -> None:
@@ -122,28 +179,56 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    default_level = "INFO" if args.command in ("worker", "model-server", "serve") else "WARNING"
-    configure_logging(args.log_level or default_level, args.log_format)
-    from tokenbus import commands
+    configure_logging(args.log_level or ("INFO" if args.command in LONG_RUNNING else "WARNING"), args.log_format)
+    from tokenbus.problems import redis_problem, settings_problem
+    from tokenbus.worker.redis_client import redis_url
     from tokenbus.worker.settings import Settings
 
+    settings: Settings | None = None
     try:
         settings = Settings()
-    except ValidationError as e:
-        print(f"tokenbus: bad configuration: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    handler: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = getattr(
-        commands, args.command.replace("-", "_")
-    )
-    try:
-        if args.command == "worker":
-            commands.use_app_dir(args.app_dir)
-        return run(handler(settings, args))
+        return run(_run_command(settings, args))
+    except (ValidationError, SettingsError) as e:
+        return _failed(settings_problem(e), e)
     except TokenbusError as e:
-        print(f"tokenbus: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(str(e), e)
+    except redis_errors.RedisError as e:
+        return _failed(redis_problem(e, redis_url(settings) if settings else "REDIS_URL"), e)
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_CLOSED_PIPE
     except KeyboardInterrupt:
         return 130
+
+
+async def _run_command(settings: Any, args: argparse.Namespace) -> int:
+    from tokenbus import commands
+    from tokenbus.problems import check_redis
+
+    handler: Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]] = getattr(
+        commands, args.command.replace("-", "_")
+    )
+    if args.command == "worker":
+        commands.use_app_dir(args.app_dir)
+        await check_redis(settings, wait_if_down=True)  # a worker waits for Redis; not for a wrong password
+    elif args.command in CHECK_REDIS_FIRST:
+        await check_redis(settings)
+    return await handler(settings, args)
+
+
+def _failed(message: str, error: BaseException) -> int:
+    """One line on stderr, and exit status 2; the traceback only at ``--log-level DEBUG``."""
+    logger.debug("what failed, in full:", exc_info=error)
+    print(f"tokenbus: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def _drop_stdout() -> None:
+    """Stdout's reader has gone: send what Python still holds for it (flushed at exit) nowhere,
+    so that the exit is quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

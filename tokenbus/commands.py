@@ -76,6 +76,9 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
         config = orjson.loads(args.config)
     except orjson.JSONDecodeError as e:
         raise InvalidJobRequest(f"--config is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        kind = type(config).__name__
+        raise InvalidJobRequest(f"--config must be a JSON object, such as '{{\"key\": 1}}', not a {kind}")
     async with await TokenbusClient.connect(settings) as client:
         job_id = await client.enqueue(
             args.graph,
@@ -94,7 +97,9 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
 
 async def tail(settings: Settings, args: argparse.Namespace) -> int:
     if not args.tags and not args.jobs:
-        raise SystemExit("tokenbus tail: give --tag (repeatable) or --job")
+        raise CommandError("tail: give --tag (repeatable) or --job")
+    if args.until_final and not args.jobs:
+        raise CommandError("tail: --until-final stops once the jobs of --job end: give --job too")
     if args.group:
         return await _tail_group(settings, args)
     start = BEGINNING if args.from_start else (args.from_id or LATEST)
@@ -138,7 +143,7 @@ async def _follow(settings: Settings, args: argparse.Namespace, *, jobs: list[st
 async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
     """``tokenbus tail --group G --consumer C``: print entries, acking each once printed."""
     if not args.consumer:
-        raise SystemExit("tokenbus tail: --group needs --consumer")
+        raise CommandError("tail: --group needs --consumer")
     keys = settings.keys
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
     redis = redis_from_settings(settings, socket_timeout=30)

@@ -95,7 +95,7 @@ class TokenbusClient:
                 "tags": None if tags is None else tuple(tags),
                 "job_id": job_id,
                 "timeout_s": timeout_s,
-                "config": dict(config or {}),
+                "config": {} if config is None else config,
             }
         )
         return await self.enqueue_request(request)

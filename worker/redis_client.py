@@ -1,19 +1,38 @@
-"""Redis clients built from settings (one place for URL defaults and socket options)."""
+"""Redis clients built from settings (one place for URL defaults, socket options and retries)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 
 from tokenbus.worker.settings import Settings
+
+T = TypeVar("T")
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 """What redis-py raises when Redis cannot be reached or did not answer: retry later, on a new connection."""
+REFUSED_CREDENTIALS = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
+"""Connection errors to Redis that waiting does not mend: the credentials of ``REDIS_URL`` were refused."""
 
 
 def redis_url(settings: Settings) -> str:
     return settings.redis_url or DEFAULT_REDIS_URL
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def redis_from_settings(settings: Settings, *, socket_timeout: float | None = 30.0) -> Redis:
@@ -25,3 +44,27 @@ def redis_from_settings(settings: Settings, *, socket_timeout: float | None = 30
         health_check_interval=30,
     )
     return client
+
+
+class _Refused(Exception):
+    def __init__(self, error: redis_errors.RedisError) -> None:
+        self.error = error
+
+
+class ConnectionRetry(Retry):
+    """redis-py's retry of connection errors, except refused credentials (a wrong password, a
+    disabled ACL user): those are raised at once, not retried for as long as an outage would be."""
+
+    async def call_with_retry(
+        self, do: Callable[[], Awaitable[T]], fail: Callable[[redis_errors.RedisError], Any]
+    ) -> T:
+        async def once() -> T:
+            try:
+                return await do()
+            except REFUSED_CREDENTIALS as e:
+                raise _Refused(e) from e
+
+        try:
+            return await super().call_with_retry(once, fail)
+        except _Refused as refused:
+            raise refused.error from None

@@ -41,7 +41,10 @@ def load_graph(path: str) -> Graph:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise GraphLoadError(f"cannot import {module_name!r} for graph {path!r}: {e}") from e
+        raise GraphLoadError(
+            f"cannot import {module_name!r} for graph {path!r}: {e} "
+            "(run the worker from the directory that holds it, or give --app-dir)"
+        ) from e
     try:
         obj: Any = getattr(module, attribute)
     except AttributeError:

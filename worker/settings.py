@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -51,6 +53,13 @@ class Settings(BaseSettings):
     health_max_lag_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEALTH_MAX_LAG")
     """``/healthz`` fails while the event loop has not run for this many seconds (a stuck loop)."""
 
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value)
+        return value
+
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, value: str) -> str:
@@ -80,3 +89,26 @@ class Settings(BaseSettings):
     def offline(self) -> bool:
         """No model endpoint configured: the example graph talks to the built-in offline model."""
         return self.openai_api_key is None and self.openai_base_url is None
+
+
+REDIS_URL_FORMS = "redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/redis.sock"
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ``ValueError`` saying what is wrong with ``url`` if redis-py and arq cannot both use it."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises for a port that is not a number in range
+    except ValueError as e:
+        raise ValueError(f"not a Redis URL ({e}); use {REDIS_URL_FORMS}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"not a Redis URL (scheme {parts.scheme or 'missing'!r}); use {REDIS_URL_FORMS}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"a unix:// URL needs the socket's path; use {REDIS_URL_FORMS}")
+        return
+    if not parts.hostname:
+        raise ValueError(f"no host in the URL; use {REDIS_URL_FORMS}")
+    db = parse_qs(parts.query).get("db", [parts.path.lstrip("/")])[0]
+    if db and not db.isdigit():
+        raise ValueError(f"the database must be a number, not {db!r}; use {REDIS_URL_FORMS}")

@@ -1,0 +1,115 @@
+"""What went wrong, in one line a person can act on: settings that do not validate, and a Redis
+that cannot be reached or refuses. The CLI prints these instead of a traceback (``--log-level
+DEBUG`` shows the traceback too)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from pydantic import SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsError
+from redis import exceptions as redis_errors
+
+from tokenbus.schemas.errors import TokenbusError, shown
+from tokenbus.worker.redis_client import (
+    REDIS_UNAVAILABLE,
+    REFUSED_CREDENTIALS,
+    redis_from_settings,
+    redis_url,
+    shown_url,
+)
+from tokenbus.worker.settings import Settings
+
+CONFIGURATION = "see the README's Configuration"
+_JSON_EXAMPLES = {"TOKENBUS_GRAPHS": '{"name": "package.module:attribute"}'}
+
+
+def settings_problem(error: ValidationError | SettingsError, model: type[BaseSettings] = Settings) -> str:
+    """One line naming each environment variable that is wrong, and why."""
+    if isinstance(error, SettingsError):
+        found = re.search(r'field "(\w+)"', str(error))
+        field = model.model_fields.get(found.group(1)) if found else None
+        name = str(field.validation_alias) if field is not None else "a setting"
+        cause = _one_line(str(error.__cause__ or error))
+        example = _JSON_EXAMPLES.get(name)
+        takes = f"; it takes JSON, e.g. {example}" if example else "; it takes JSON"
+        return f"bad configuration: {name} is not valid JSON ({cause}){takes} ({CONFIGURATION})"
+    problems = []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ")
+        name = ".".join(str(part) for part in item["loc"])
+        if not name:  # a rule over several settings: the message names them
+            problems.append(message)
+            continue
+        problems.append(f"{name}={_shown_input(name, item.get('input'))}: {message}")
+    return f"bad configuration: {'; '.join(_one_line(p) for p in problems)} ({CONFIGURATION})"
+
+
+def _shown_input(name: str, value: Any) -> str:
+    if isinstance(value, SecretStr) or any(word in name for word in ("KEY", "SECRET", "PASSWORD")):
+        return "<hidden>"
+    if name == "REDIS_URL" and isinstance(value, str):
+        return repr(shown_url(value))
+    return shown(value)
+
+
+def redis_problem(error: BaseException, url: str) -> str:
+    """What an error of redis-py, met on connecting to or using ``url``, means, and what to do."""
+    where = shown_url(url)
+    detail = _one_line(str(error)) or type(error).__name__
+    if isinstance(error, REFUSED_CREDENTIALS):
+        if "authentication required" in detail.lower():
+            return f"Redis at {where} needs a password: give it in REDIS_URL (redis://[user]:password@host:port/db)"
+        if "without any password configured" in detail:
+            return f"Redis at {where} has no password set, but REDIS_URL gives one: remove it, or set one on the server"
+        return (
+            f"Redis at {where} refused the user and password of REDIS_URL ({detail}): check both; "
+            "an ACL user must exist and be on (ACL LIST)"
+        )
+    if isinstance(error, redis_errors.NoPermissionError):
+        return (
+            f"the Redis user of REDIS_URL may not do this ({detail}): give it the rules of its role "
+            "(tokenbus acl ROLE), or use a user that may"
+        )
+    if isinstance(error, redis_errors.ResponseError) and "DB index is out of range" in detail:
+        return (
+            f"Redis at {where} has no database {_database(url)} ({detail}): use a number below "
+            "its 'databases' setting (16 by default) in REDIS_URL"
+        )
+    if isinstance(error, redis_errors.InvalidResponse):
+        return f"what answers at {where} does not speak Redis ({detail}): check the host and port of REDIS_URL"
+    if isinstance(error, redis_errors.TimeoutError | TimeoutError):
+        return f"Redis at {where} did not answer in time ({detail}): is it overloaded, or the address wrong?"
+    if isinstance(error, REDIS_UNAVAILABLE):
+        return f"cannot reach Redis at {where} ({detail}): start it, or set REDIS_URL to where it runs"
+    return f"Redis at {where} refused: {detail}"
+
+
+def _database(url: str) -> str:
+    parts = urlsplit(url)
+    return parse_qs(parts.query).get("db", [parts.path.lstrip("/") or "0"])[0]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class RedisProblem(TokenbusError):
+    """Redis cannot be used with these settings; the message says why and what to do."""
+
+
+async def check_redis(settings: Settings, *, wait_if_down: bool = False) -> None:
+    """Connect and ``PING`` once, so that a command fails at once, in one line, on a Redis it
+    cannot use. ``wait_if_down``: a Redis that is not up yet is left to the caller to wait for
+    (the worker does); refused credentials, a wrong database or a non-Redis server still fail."""
+    redis = redis_from_settings(settings, socket_timeout=10.0)
+    try:
+        await redis.ping()
+    except (redis_errors.RedisError, OSError) as e:
+        if wait_if_down and isinstance(e, REDIS_UNAVAILABLE) and not isinstance(e, REFUSED_CREDENTIALS):
+            return
+        raise RedisProblem(redis_problem(e, redis_url(settings))) from e
+    finally:
+        await redis.aclose()
