@@ -89,7 +89,10 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             config=config,
         )
-    print(job_id, flush=True)
+    if args.format == "jsonl":  # only JSON lines on stdout: the id is one of them
+        print(orjson.dumps({"type": "enqueued", "job": job_id}).decode(), flush=True)
+    else:
+        print(job_id, flush=True)
     if not args.follow:
         return EXIT_OK
     return await _follow(settings, args, jobs=[job_id], tags=[], start=BEGINNING)
@@ -109,7 +112,8 @@ async def tail(settings: Settings, args: argparse.Namespace) -> int:
 async def _follow(settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str) -> int:
     """Print entries until interrupted, or until the followed jobs end; non-zero if one failed
     (1) or if entries were trimmed unread (3)."""
-    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
+    label = len(jobs) != 1 or len(tags) > 1  # text of several jobs (or tags) at once
+    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep, label=label, tags=tags)
     redis = redis_from_settings(settings)
     failed = incomplete = False
     until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
@@ -145,7 +149,8 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
     if not args.consumer:
         raise CommandError("tail: --group needs --consumer")
     keys = settings.keys
-    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep)
+    label = len(args.jobs) != 1 or len(args.tags) > 1  # text of several jobs (or tags) at once
+    printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep, label=label, tags=args.tags)
     redis = redis_from_settings(settings, socket_timeout=30)
     open_jobs = set(args.jobs) if args.jobs and args.until_final else None
     stop = asyncio.Event()
