@@ -6,7 +6,9 @@ another (``XPENDING ... IDLE`` + ``XCLAIM``, which works on Redis 7.0); an entry
 ``max_deliveries`` times without success, or that is not a tokenbus entry at all, is moved to
 the dead-letter stream (``<prefix>:dead``) and acked, so one poison entry cannot block a group.
 So is an entry whose handler raised :class:`MalformedEntry` (its ``data`` or ``meta`` is broken
-JSON): delivering it again cannot mend it.
+JSON): delivering it again cannot mend it. A dead letter handed back (:func:`tokenbus.consumer.dead.redrive`)
+is appended to its stream again with ``redrive_group``: that group handles it, the others ack it
+unhandled.
 
 A chunk carrying the tags of several of the group's streams has a copy in each: the group handles
 one. The first copy handed out (to any consumer of the group) claims the chunk in a hash,
@@ -30,7 +32,7 @@ from redis.asyncio import ConnectionPool, Redis
 from tokenbus.consumer.attempts import AttemptFilter, Restart
 from tokenbus.consumer.reader import LATEST, as_text, blocking_read_timeout
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
-from tokenbus.schemas.entries import Entry
+from tokenbus.schemas.entries import Entry, redrive_group
 from tokenbus.schemas.errors import InvalidJobId, MalformedEntry
 from tokenbus.schemas.keys import StreamKeys
 
@@ -176,9 +178,13 @@ class GroupConsumer:
         except MalformedEntry as e:
             await self._dead_letter(stream, entry_id, fields, str(e))
             return
+        redriven = redrive_group(fields)
+        if redriven is not None and redriven != self.group:  # handed back to another group
+            await self._redis.xack(stream, self.group, entry_id)
+            return
         verdict = self._attempts.accept(entry)
         restart = verdict if isinstance(verdict, Restart) else None
-        if verdict and len(entry.tags) > 1 and len(self._tags.intersection(entry.tags)) > 1:
+        if verdict and redriven is None and len(entry.tags) > 1 and len(self._tags.intersection(entry.tags)) > 1:
             try:
                 if not await self._claim_copies(entry, stream, entry_id):
                     verdict = False  # another copy of the chunk is the group's

@@ -37,7 +37,7 @@ from tokenbus.consumer.reader import (
     parse_id,
 )
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
-from tokenbus.schemas.entries import Entry
+from tokenbus.schemas.entries import Entry, redrive_group
 from tokenbus.schemas.errors import MalformedEntry
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ class Item:
         self.cache: Any = None
         try:
             self.entry: Entry | None = Entry.decode(fields, id=entry_id, stream=stream)
+            if redrive_group(fields) is not None:
+                self.entry = None  # handed back to a consumer group from the dead letters: not new
         except MalformedEntry as e:
             logger.warning("skipping entry %s of %s: %s", entry_id, stream, e)
             self.entry = None

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from tokenbus.consumer.attempts import MAX_COPIES_PER_JOB, AttemptFilter, Restart
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text
-from tokenbus.schemas.entries import TERMINAL_TYPES, Entry, EntryType
+from tokenbus.schemas.entries import TERMINAL_TYPES, Entry, EntryType, redrive_group
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys
 
@@ -95,8 +95,8 @@ async def subscribe(
                         raise
                     logger.warning("skipping entry %s of %s: %s", entry_id, stream, e)
                     continue
-                if wanted_jobs and entry.job not in wanted_jobs:
-                    continue
+                if (wanted_jobs and entry.job not in wanted_jobs) or redrive_group(fields) is not None:
+                    continue  # (a dead letter handed back to a consumer group is not new)
                 verdict = accept(entry)
                 if not verdict:
                     continue

@@ -359,6 +359,26 @@ def terminal_fields(error: str, error_type: str, retry: bool) -> list[Any]:
     return fields
 
 
+REDRIVE_GROUP = "redrive_group"
+"""On an entry handed back from the dead-letter stream (``tokenbus dead redrive``): the consumer
+group it is for. Other groups and plain readers skip it (they have seen it, or are not owed it)."""
+_REDRIVE_GROUP = REDRIVE_GROUP.encode()
+
+
+def redrive_group(fields: Fields) -> str | None:
+    """The consumer group a re-driven entry is for; None for any other entry (cheap for those:
+    tokenbus writes every chunk with exactly the contract's fields)."""
+    if isinstance(fields, list | tuple):
+        if len(fields) <= 2 * len(_FIELD_NAMES):
+            return None
+        names = fields[::2]
+        if _REDRIVE_GROUP not in names:
+            return None
+        return _bytes(fields[names.index(_REDRIVE_GROUP) * 2 + 1]).decode(errors="replace")
+    value = _as_bytes_map(fields).get(_REDRIVE_GROUP)
+    return None if value is None else value.decode(errors="replace")
+
+
 _TYPES = {t.value.encode(): t for t in EntryType}
 _FIELD_NAMES = chunk_fields("", "", 1, 0, 0, b"", "", "", b"", b"")[::2]
 """Every entry's field names, in contract order (terminal entries may add more)."""
