@@ -9,13 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.backoff import ConstantBackoff
-from redis.exceptions import AuthenticationError
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.support import Process, settings_env
 from tokenbus.redis_server import RedisServerProcess, free_port
-from tokenbus.worker.redis_client import ConnectionRetry
 from tokenbus.worker.settings import Settings
 
 PASSWORD = "the-password"
@@ -95,32 +91,6 @@ async def test_a_worker_refused_its_password_stops_at_once_instead_of_waiting_fo
     assert not any("retries remaining" in line for line in worker.stderr), worker.output
     assert [line for line in worker.stderr if line.startswith("tokenbus:")] == [worker.stderr[-1]]
     assert "refused the user and password" in worker.stderr[-1]
-
-
-async def test_an_open_connection_is_not_retried_when_its_credentials_are_refused(
-    redis_server: RedisServerProcess, acl_user: str
-) -> None:
-    """The worker's connections retry connection errors through an outage (40 times, with backoff):
-    a refused password is raised at the first."""
-
-    class Counted(ConstantBackoff):
-        computed = 0
-
-        def compute(self, failures: int) -> float:
-            Counted.computed += 1
-            return 0
-
-    client = Redis.from_url(
-        url(redis_server, user=acl_user, password="wrong"),
-        retry=ConnectionRetry(Counted(0), retries=40),
-        retry_on_error=[RedisConnectionError],
-    )
-    try:
-        with pytest.raises(AuthenticationError):
-            await client.ping()
-    finally:
-        await client.aclose()
-    assert Counted.computed == 0
 
 
 async def test_no_password_for_a_redis_that_needs_one(settings: Settings, password_server: RedisServerProcess) -> None:

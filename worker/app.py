@@ -10,13 +10,14 @@ from typing import Any
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from tokenbus.schemas.job import JOB_FUNCTION
 from tokenbus.worker._arq import TokenbusWorker
 from tokenbus.worker.job import LEASES, RESOURCES, run_graph
 from tokenbus.worker.lease import Leases
-from tokenbus.worker.redis_client import ConnectionRetry, redis_url
+from tokenbus.worker.redis_client import redis_url
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.serializer import job_deserializer, job_serializer
 from tokenbus.worker.settings import Settings
@@ -57,10 +58,9 @@ def tune_gc() -> None:
 
 
 def arq_redis_settings(settings: Settings) -> RedisSettings:
-    """arq's connection, retrying through a Redis restart instead of stopping the worker (but not
-    through refused credentials, which waiting does not mend)."""
+    """arq's connection, retrying through a Redis restart instead of stopping the worker."""
     redis_settings = RedisSettings.from_dsn(redis_url(settings))
-    redis_settings.retry = ConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
+    redis_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
     redis_settings.retry_on_error = [redis_errors.ConnectionError, redis_errors.TimeoutError]
     redis_settings.conn_retries = STARTUP_WAIT_S  # a worker started before Redis waits for it, a second apart
     return redis_settings

@@ -1,18 +1,13 @@
-"""Redis clients built from settings (one place for URL defaults, socket options and retries)."""
+"""Redis clients built from settings (one place for URL defaults and socket options)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
 
 from tokenbus.worker.settings import Settings
-
-T = TypeVar("T")
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
@@ -44,27 +39,3 @@ def redis_from_settings(settings: Settings, *, socket_timeout: float | None = 30
         health_check_interval=30,
     )
     return client
-
-
-class _Refused(Exception):
-    def __init__(self, error: redis_errors.RedisError) -> None:
-        self.error = error
-
-
-class ConnectionRetry(Retry):
-    """redis-py's retry of connection errors, except refused credentials (a wrong password, a
-    disabled ACL user): those are raised at once, not retried for as long as an outage would be."""
-
-    async def call_with_retry(
-        self, do: Callable[[], Awaitable[T]], fail: Callable[[redis_errors.RedisError], Any]
-    ) -> T:
-        async def once() -> T:
-            try:
-                return await do()
-            except REFUSED_CREDENTIALS as e:
-                raise _Refused(e) from e
-
-        try:
-            return await super().call_with_retry(once, fail)
-        except _Refused as refused:
-            raise refused.error from None
