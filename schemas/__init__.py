@@ -29,6 +29,7 @@ from tokenbus.schemas.errors import (
     PublishError,
     TokenbusError,
     UnknownGraph,
+    UnknownJob,
     UnsupportedVersion,
 )
 from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, STREAM_MODES, JobRequest, StreamMode
@@ -66,6 +67,7 @@ __all__ = [
     "TokenEntry",
     "TokenbusError",
     "UnknownGraph",
+    "UnknownJob",
     "UnsupportedVersion",
     "UpdateEntry",
     "ValuesEntry",

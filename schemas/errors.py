@@ -8,6 +8,7 @@
     │   └── MalformedEntry         a stream entry that is not a tokenbus v1 entry
     │       └── UnsupportedVersion an entry of a contract version this library does not read
     ├── UnknownGraph               a job names a graph the worker has not registered
+    ├── UnknownJob                 a job id that was never enqueued, or whose stream has expired
     ├── GraphLoadError             a `module:attribute` graph path that does not load
     ├── PayloadError               a chunk the graph streamed that cannot be encoded
     ├── PublishError               Redis refused or stayed unreachable while publishing
@@ -56,11 +57,20 @@ class UnsupportedVersion(MalformedEntry):
 
 
 class UnknownGraph(TokenbusError, LookupError):
-    def __init__(self, name: str, available: list[str]) -> None:
+    def __init__(self, name: str, available: list[str], *, served_by: str = "this worker serves") -> None:
         self.name = name
         self.available = available
         names = ", ".join(available) or "none"
-        super().__init__(f"unknown graph {name!r}; this worker serves: {names}")
+        super().__init__(f"unknown graph {name!r}; {served_by}: {names}")
+
+
+class UnknownJob(TokenbusError, LookupError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"no job {shown(job_id)}: never enqueued here (check TOKENBUS_PREFIX and TOKENBUS_QUEUE), "
+            "or it ended longer ago than TOKENBUS_JOB_TTL"
+        )
 
 
 class GraphLoadError(TokenbusError):

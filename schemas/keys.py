@@ -13,6 +13,8 @@ _JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 DEFAULT_PREFIX = "tokenbus"
+FINISHED_KEPT = 1000
+"""How many of the newest finished jobs ``<prefix>:finished`` keeps."""
 
 
 def validate_tag(tag: object) -> str:
@@ -70,6 +72,16 @@ class StreamKeys:
     def running(self) -> str:
         """The sorted set of running jobs, scored by their last heartbeat (ms)."""
         return f"{self.prefix}:running"
+
+    @property
+    def finished(self) -> str:
+        """The sorted set of the newest finished jobs (``FINISHED_KEPT``), scored by their end (ms)."""
+        return f"{self.prefix}:finished"
+
+    @property
+    def workers(self) -> str:
+        """The hash of workers (id → JSON of what each serves), refreshed every heartbeat."""
+        return f"{self.prefix}:workers"
 
     def copies(self, job_id: str, group: str) -> str:
         """Which copy of a multi-tag chunk consumer group ``group`` handles (a hash)."""

@@ -14,8 +14,8 @@ def test_the_contracts_names() -> None:
         "CancelledEntry", "ClientStateError", "ContractError", "CustomEntry", "EndEntry", "Entry", "EntryType",
         "ErrorEntry", "ErrorType", "GraphLoadError", "InvalidJobId", "InvalidJobRequest", "InvalidTag", "JobRequest",
         "MalformedEntry", "PayloadError", "PublishError", "StartEntry", "StreamKeys", "StreamMode", "TokenEntry",
-        "TokenbusError", "UnknownGraph", "UnsupportedVersion", "UpdateEntry", "ValuesEntry", "validate_job_id",
-        "validate_tag",
+        "TokenbusError", "UnknownGraph", "UnknownJob", "UnsupportedVersion", "UpdateEntry", "ValuesEntry",
+        "validate_job_id", "validate_tag",
     ]  # fmt: skip
 
 

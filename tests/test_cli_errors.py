@@ -60,7 +60,10 @@ def url(server: RedisServerProcess, *, user: str = "", password: str = "", db: i
     return f"redis://{auth}127.0.0.1:{server.port}/{db}"
 
 
-COMMANDS = [("enqueue", "joke_poem"), ("tail", "--tag", "poem"), ("groups", "--tag", "poem")]
+COMMANDS = [
+    ("enqueue", "joke_poem"), ("tail", "--tag", "poem"), ("groups", "--tag", "poem"), ("jobs",), ("status", "j"),
+    ("dead",),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c[0] for c in COMMANDS])
@@ -145,7 +148,7 @@ async def test_malformed_settings(
 
 async def test_a_malformed_gateway_setting(settings: Settings) -> None:
     env = {**settings_env(settings), "TOKENBUS_GATEWAY_TOKEN_TTL": "an hour", "TOKENBUS_GATEWAY_API_KEYS": "k"}
-    assert_one_line(await run(env, "serve", "--port", str(free_port())), "TOKENBUS_GATEWAY_TOKEN_TTL='an hour'")
+    assert_one_line(await run(env, "serve", "--port", str(free_port())), "TOKENBUS_GATEWAY_TOKEN_TTL", "valid integer")
 
 
 @pytest.mark.parametrize(
@@ -160,6 +163,11 @@ async def test_a_malformed_gateway_setting(settings: Settings) -> None:
         (("tail",), "give --tag"),
         (("tail", "--tag", "poem", "--until-final"), "--until-final stops once the jobs of --job end"),
         (("tail", "--tag", "poem", "--group", "g"), "--group needs --consumer"),
+        (("jobs", "--limit", "many"), "argument --limit: invalid int value"),
+        (("jobs", "--limit", "0"), "--limit must be 1 or more"),
+        (("status", "bad id"), "invalid job id 'bad id'"),
+        (("dead", "redrive", "--group", "g"), "give the ids of the dead letters"),
+        (("dead", "list", "1-1"), "list takes no ids"),
         (("--log-level", "LOUD", "groups", "--tag", "poem"), "argument --log-level: invalid choice: 'LOUD'"),
         (("nosuch",), "invalid choice: 'nosuch'"),
         (("worker", "--app-dir", "/nonexistent/dir"), "--app-dir /nonexistent/dir: no such directory"),

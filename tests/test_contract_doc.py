@@ -4,15 +4,17 @@ tables name nothing the code does not have."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 
-from tokenbus.schemas.entries import _FIELD_NAMES, EntryType, ErrorType
+from tokenbus.schemas.entries import _FIELD_NAMES, REDRIVE_GROUP, EntryType, ErrorType
 from tokenbus.schemas.job import JOB_FUNCTION, JobRequest
-from tokenbus.schemas.keys import StreamKeys, wake_channel
+from tokenbus.schemas.keys import FINISHED_KEPT, StreamKeys, wake_channel
+from tokenbus.worker.presence import WorkerInfo
 from tokenbus.worker.serializer import ENVELOPE_FIELDS
 
 CONTRACT = (Path(__file__).resolve().parent.parent / "schemas" / "CONTRACT.md").read_text()
@@ -57,6 +59,8 @@ def test_the_envelope_is_the_one_the_worker_reads() -> None:
         StreamKeys("PREFIX").sweeping("JOB"),
         StreamKeys("PREFIX").dead_letter,
         StreamKeys("PREFIX").copies("JOB", "GROUP"),
+        StreamKeys("PREFIX").finished,
+        StreamKeys("PREFIX").workers,
         wake_channel("QUEUE"),
         job_key_prefix + "JOB",
         in_progress_key_prefix + "JOB",
@@ -70,3 +74,11 @@ def test_every_key_the_code_writes_is_in_the_key_table(key: str) -> None:
     for name, placeholder in placeholders.items():
         key = key.replace(name, placeholder)
     assert key in table_after("## Keys")
+
+
+def test_the_operators_keys_are_described_as_the_code_writes_them() -> None:
+    record = re.search(r"`<prefix>:workers` \| hash \|.*?JSON `\{([^}]*)\}`", CONTRACT)
+    assert record is not None
+    assert re.findall(r'"(\w+)"', record.group(1)) == [f.name for f in dataclasses.fields(WorkerInfo)]
+    assert f"the newest {FINISHED_KEPT} finished jobs" in CONTRACT
+    assert f"`{REDRIVE_GROUP}`" in CONTRACT

@@ -42,3 +42,12 @@ def test_readme_documents_every_gateway_setting() -> None:
     fields = GatewaySettings.model_fields.values()
     missing = [str(f.validation_alias) for f in fields if f"`{f.validation_alias}`" not in table]
     assert not missing, f"README's gateway table lacks {missing}"
+
+
+def test_readme_documents_every_command() -> None:
+    from tokenbus.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    missing = [name for name in commands or () if f"tokenbus {name}" not in readme]
+    assert not missing, f"README shows no `tokenbus COMMAND` for {missing}"

@@ -8,13 +8,15 @@ code that runs under it:
   ``worker/metrics.py``): arq's job, in-progress, retry and result keys and its abort set, the
   queue and its health-check key, the ``<queue>:wake`` channel, ``INFO``/``DBSIZE`` (arq logs them
   at start); appends to job and tag streams, reads job streams back (the sweeper),
-  ``<prefix>:running`` and ``<prefix>:sweeping:*``; ``ZCOUNT``/``ZCARD`` of the queue and
-  ``<prefix>:running`` (the metrics' queue depth);
+  ``<prefix>:running``, ``<prefix>:sweeping:*``, ``<prefix>:finished`` and its record in
+  ``<prefix>:workers``; ``ZCOUNT``/``ZCARD`` of the queue and ``<prefix>:running`` (the metrics'
+  queue depth);
   ``EVAL``/``EVALSHA`` of the lease scripts (:mod:`tokenbus.worker.lease`), whose commands Redis checks
   against the same rules.
 - **enqueuer** (``worker/client.py``): arq's ``WATCH``/``MULTI`` enqueue of ``arq:job:<id>`` onto the
-  queue, ``PUBLISH`` on the wake channel, ``ZADD arq:abort``, and reading job streams
-  (``--follow``, ``abort(timeout_s=...)``, ``consumer.jobs.job_result``).
+  queue, ``PUBLISH`` on the wake channel, ``ZADD arq:abort``, reading job streams
+  (``--follow``, ``abort(timeout_s=...)``, ``consumer.jobs.job_result``) and ``<prefix>:workers``
+  (the graphs live workers serve).
 - **reader** of given tags (``consumer/``): ``XREAD``/``XRANGE``/``XREVRANGE``/``XINFO`` on those tag
   streams only; no job streams, which hold every tag's tokens. With ``groups``, consumer groups too:
   the group commands on those streams, ``XADD`` to ``<prefix>:dead`` only and the group's copy
@@ -144,8 +146,11 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
         # arq's jobs: GET the job, INCRBY (redis-py's incr)/EXPIRE/SETEX its try count, SET NX PX/PSETEX/PEXPIRE/EXISTS
         # its in-progress key, SET its result, DEL them when it ends; PSETEX/DEL the health check
         "+get", "+set", "+psetex", "+setex", "+incrby", "+expire", "+pexpire", "+exists", "+del",
-        # arq's queue and abort set; tokenbus's <prefix>:running heartbeats; ZCOUNT: the metrics' queue depth
+        # arq's queue and abort set; tokenbus's <prefix>:running heartbeats and <prefix>:finished; ZCOUNT: the
+        # metrics' queue depth
         "+zadd", "+zrem", "+zincrby", "+zscore", "+zcard", "+zcount", "+zrange", "+zrangebyscore", "+zremrangebyscore",
+        "+zremrangebyrank",
+        "+hset", "+hdel", "+hgetall",  # the worker's record in <prefix>:workers
         "+xadd", "+xrevrange",  # publishing; each attempt and the sweeper read a job's last entry back
         "+subscribe", "+unsubscribe",  # wake-ups
         # leases (worker/lease.py): compare-and-set scripts, run with this user's rights on the keys above
@@ -163,6 +168,8 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
         f"%W~{prefix}:tag:*",
         f"~{glob_escape(keys.running)}",
         f"%W~{prefix}:sweeping:*",
+        f"~{glob_escape(keys.finished)}",
+        f"~{glob_escape(keys.workers)}",
     )
     return [*commands, *key_patterns, f"&{glob_escape(wake_channel(queue_name))}"]
 
@@ -173,6 +180,7 @@ def _enqueuer(keys: StreamKeys, queue_name: str) -> list[str]:
         "+exists", "+psetex", "+zadd",  # arq's enqueue_job; ZADD arq:abort to abort
         "+publish",  # the wake-up
         *_READ_STREAMS,  # job streams: --follow, job_result, abort(timeout_s=...)
+        "+hgetall",  # <prefix>:workers: which graphs live workers serve (an unknown graph is refused)
     )  # fmt: skip
     key_patterns = (
         f"~{glob_escape(job_key_prefix)}*",  # WATCHed, then written; an existing id is not enqueued twice
@@ -180,6 +188,7 @@ def _enqueuer(keys: StreamKeys, queue_name: str) -> list[str]:
         f"%W~{glob_escape(queue_name)}",
         f"%W~{glob_escape(abort_jobs_ss)}",
         f"%R~{glob_escape(keys.prefix)}:job:*",
+        f"%R~{glob_escape(keys.workers)}",
     )
     return [*commands, *key_patterns, f"&{glob_escape(wake_channel(queue_name))}"]
 

@@ -28,7 +28,7 @@ EXIT_CLOSED_PIPE = 141
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LONG_RUNNING = ("worker", "model-server", "serve")
 """Commands that log at INFO by default; the others log warnings only."""
-CHECK_REDIS_FIRST = ("enqueue", "tail", "groups")
+CHECK_REDIS_FIRST = ("enqueue", "tail", "groups", "workers", "jobs", "status", "result", "cancel", "dead")
 """Commands that connect to Redis at once: a Redis they cannot use fails them in one line."""
 
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_worker_commands(sub)
     _add_stream_commands(sub)
+    _add_job_commands(sub)
     _add_other_commands(sub)
     return parser
 
@@ -99,7 +100,15 @@ def _add_worker_commands(sub: Commands) -> None:
     p.add_argument("--timeout", type=float, help="job timeout in seconds")
     p.add_argument("--config", default="{}", help="JSON object passed to the graph as config['configurable']")
     p.add_argument("--follow", action="store_true", help="print the job's tokens until it ends")
+    p.add_argument(
+        "--wait-timeout", type=float, default=10.0, metavar="S",
+        help="--follow: if no worker has taken the job after S seconds, say so, and exit 4 when no worker is "
+        "live (default 10; 0: wait silently)",
+    )  # fmt: skip
     _add_output_args(p)
+
+    p = _command(sub, "workers", help="list the live workers: graphs served, running jobs")
+    _add_format_arg(p)
 
 
 def _add_stream_commands(sub: Commands) -> None:
@@ -121,6 +130,46 @@ def _add_stream_commands(sub: Commands) -> None:
 
     p = _command(sub, "groups", help="show consumer groups of tag streams: consumers, pending, lag")
     p.add_argument("--tag", action="append", dest="tags", required=True, help="tag stream (repeatable)")
+
+    p = _command(sub, "dead", help="list, show or re-drive the entries consumer groups dead-lettered")
+    p.add_argument(
+        "action", nargs="?", choices=["list", "show", "redrive"], default="list",
+        help="list the newest (the default); show IDs in full, as JSON; redrive IDs (or --all): hand them back "
+        "to their group, appended to their stream again",
+    )  # fmt: skip
+    p.add_argument("ids", nargs="*", metavar="ID", help="ids of dead letters (in <prefix>:dead)")
+    p.add_argument("--group", help="list, redrive --all: only those of this consumer group")
+    p.add_argument("--limit", type=int, default=20, help="list: at most this many, newest first (default 20)")
+    p.add_argument("--all", action="store_true", help="redrive: every dead letter (of --group, if given)")
+    _add_format_arg(p)
+
+
+def _add_job_commands(sub: Commands) -> None:
+    p = _command(sub, "jobs", help="list running, queued and recently finished jobs")
+    p.add_argument("--limit", type=int, default=20, help="at most this many of each (default 20)")
+    _add_format_arg(p)
+
+    p = _command(
+        sub, "status", help="where a job is: queued, running (attempt, worker, entries so far) or how it ended"
+    )
+    p.add_argument("job", metavar="ID")
+    _add_format_arg(p)
+
+    p = _command(sub, "result", help="a job's final text, per tag (or per node)")
+    p.add_argument("job", metavar="ID")
+    p.add_argument("--by", choices=["tag", "node"], default="tag", help="text per tag (default) or per node")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--tag", help="print only this tag's text, as it is")
+    only.add_argument("--node", help="print only this node's text, as it is")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end first")
+    _add_format_arg(p)
+
+    p = _command(sub, "cancel", help="cancel a queued or running job; it ends 'cancelled'")
+    p.add_argument("job", metavar="ID")
+    p.add_argument(
+        "--wait", type=float, default=10.0, metavar="S",
+        help="wait up to S seconds for the job to end (default 10; 0: only ask)",
+    )  # fmt: skip
 
 
 def _add_other_commands(sub: Commands) -> None:

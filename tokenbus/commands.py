@@ -13,24 +13,34 @@ from pathlib import Path
 
 import orjson
 from pydantic import ValidationError
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.groups import GroupConsumer, group_stats
 from tokenbus.consumer.output import Printer
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from tokenbus.consumer.subscribe import streams_for, subscribe
+from tokenbus.operate import cancel, dead, jobs, result, status, workers
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import CommandError, InvalidJobRequest
 from tokenbus.schemas.job import ALL_MODES
 from tokenbus.worker.offline_model import Fault, OfflineModelServer
+from tokenbus.worker.presence import live_workers
 from tokenbus.worker.redis_client import redis_from_settings
 from tokenbus.worker.settings import Settings
+
+__all__ = ["cancel", "dead", "jobs", "result", "status", "workers"]  # commands of their own module
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INCOMPLETE = 3
 """``tail``/``--follow``: entries were trimmed before they were read (a gap was reported)."""
+EXIT_USAGE = 2
+EXIT_NOT_ENDED = 4
+"""The job has not ended: no live worker took it (``enqueue --follow``), or it is still queued or
+running (``result``)."""
 READ_BLOCK_MS = 5000
 
 
@@ -80,6 +90,7 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
         kind = type(config).__name__
         raise InvalidJobRequest(f"--config must be a JSON object, such as '{{\"key\": 1}}', not a {kind}")
     async with await TokenbusClient.connect(settings) as client:
+        workers = await client.check_graph(args.graph)  # UnknownGraph: the graphs live workers serve
         job_id = await client.enqueue(
             args.graph,
             args.input,
@@ -88,14 +99,21 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
             job_id=args.job_id,
             timeout_s=args.timeout,
             config=config,
+            check_graph=False,
         )
     if args.format == "jsonl":  # only JSON lines on stdout: the id is one of them
         print(orjson.dumps({"type": "enqueued", "job": job_id}).decode(), flush=True)
     else:
         print(job_id, flush=True)
+    if workers == []:
+        print(
+            f"[tokenbus] no live worker on queue {settings.queue_name}: job {job_id} waits until one starts "
+            "(tokenbus worker)",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
     if not args.follow:
         return EXIT_OK
-    return await _follow(settings, args, jobs=[job_id], tags=[], start=BEGINNING)
+    return await _follow(settings, args, jobs=[job_id], tags=[], start=BEGINNING, wait_timeout=args.wait_timeout)
 
 
 async def tail(settings: Settings, args: argparse.Namespace) -> int:
@@ -109,39 +127,106 @@ async def tail(settings: Settings, args: argparse.Namespace) -> int:
     return await _follow(settings, args, jobs=args.jobs, tags=args.tags, start=start)
 
 
-async def _follow(settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str) -> int:
+async def _follow(
+    settings: Settings, args: argparse.Namespace, *, jobs: list[str], tags: list[str], start: str,
+    wait_timeout: float = 0,
+) -> int:  # fmt: skip
     """Print entries until interrupted, or until the followed jobs end; non-zero if one failed
-    (1) or if entries were trimmed unread (3)."""
+    (1) or if entries were trimmed unread (3). ``wait_timeout`` (one job): if the job has not
+    started after that many seconds, say so; and stop (4) if no worker is live to start it."""
     label = len(jobs) != 1 or len(tags) > 1  # text of several jobs (or tags) at once
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep, label=label, tags=tags)
     redis = redis_from_settings(settings)
     failed = incomplete = False
     until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
     streams = streams_for(settings.keys, tags, jobs)
+    watch: _StartWatch | None = None
     try:
         # Resolve the start now, so the notice below tells exactly where reading begins.
         resume = await latest_positions(redis, streams) if start == LATEST else dict.fromkeys(streams, start)
         printer.notice("following " + ", ".join(f"{s} after {i}" for s, i in resume.items()))
-        async for item in subscribe(
-            redis,
-            tags=tags,
-            jobs=jobs,
-            nodes=getattr(args, "nodes", ()),
-            types=getattr(args, "types", ()),
-            prefix=settings.prefix,
-            resume=resume,
-            until_final=until_final,
-            block_ms=READ_BLOCK_MS,
-            parse_json=True,  # an entry with broken data or meta is skipped with a warning, not printed
-        ):
-            printer.show(item)
-            if isinstance(item, Gap):
-                incomplete = True
-            elif item.type in (EntryType.ERROR, EntryType.CANCELLED) and not getattr(item, "retry", False):
-                failed = True
+        async with asyncio.timeout(None) as deadline:
+            started = asyncio.Event()
+            if wait_timeout:
+                watch = _StartWatch(settings, redis, printer, jobs[0], wait_timeout, started, deadline)
+            async for item in subscribe(
+                redis,
+                tags=tags,
+                jobs=jobs,
+                nodes=getattr(args, "nodes", ()),
+                types=getattr(args, "types", ()),
+                prefix=settings.prefix,
+                resume=resume,
+                until_final=until_final,
+                block_ms=READ_BLOCK_MS,
+                parse_json=True,  # an entry with broken data or meta is skipped with a warning, not printed
+            ):
+                started.set()
+                printer.show(item)
+                if isinstance(item, Gap):
+                    incomplete = True
+                elif item.type in (EntryType.ERROR, EntryType.CANCELLED) and not getattr(item, "retry", False):
+                    failed = True
+    except TimeoutError:
+        if watch is None or not watch.no_worker:
+            raise
+        return EXIT_NOT_ENDED
     finally:
+        if watch is not None:
+            await watch.close()
         await redis.aclose()
     return EXIT_JOB_FAILED if failed else EXIT_INCOMPLETE if incomplete else EXIT_OK
+
+
+class _StartWatch:
+    """While a followed job has not started: every ``after_s`` seconds, look for live workers of
+    its queue; with none, say so and end the follow (through ``deadline``); with some, say once
+    that the job waits behind others."""
+
+    def __init__(
+        self, settings: Settings, redis: Redis, printer: Printer, job_id: str, after_s: float,
+        started: asyncio.Event, deadline: asyncio.Timeout,
+    ) -> None:  # fmt: skip
+        self._settings, self._redis, self._printer, self._job_id = settings, redis, printer, job_id
+        self._after_s, self._started, self._deadline = after_s, started, deadline
+        self.no_worker = False
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        queue = self._settings.queue_name
+        told = False
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._after_s):
+                    await self._started.wait()
+            if self._started.is_set():
+                return
+            try:
+                workers = await live_workers(self._redis, self._settings.keys, queue=queue)
+            except redis_errors.NoPermissionError:  # a user made before the workers' records: cannot tell
+                return
+            if not workers:
+                self._printer.notice(
+                    f"job {self._job_id}: no live worker on queue {queue} has taken it after {self._after_s:g}s; "
+                    "it stays queued: start one (tokenbus worker), or cancel it (tokenbus cancel)"
+                )
+                self.no_worker = True
+                self._deadline.reschedule(asyncio.get_running_loop().time())
+                return
+            if not told:
+                ahead = "some"
+                with contextlib.suppress(redis_errors.NoPermissionError):  # an enqueuer's user may not read the queue
+                    ahead = str(await self._redis.zrank(queue, self._job_id) or 0)
+                self._printer.notice(
+                    f"job {self._job_id} has not started after {self._after_s:g}s: {len(workers)} live workers "
+                    f"on queue {queue}, {ahead} jobs ahead of it (tokenbus jobs)"
+                )
+                told = True
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:

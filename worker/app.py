@@ -17,6 +17,7 @@ from tokenbus.schemas.job import JOB_FUNCTION
 from tokenbus.worker._arq import TokenbusWorker
 from tokenbus.worker.job import LEASES, RESOURCES, run_graph
 from tokenbus.worker.lease import Leases
+from tokenbus.worker.presence import Presence
 from tokenbus.worker.redis_client import redis_url
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.serializer import job_deserializer, job_serializer
@@ -35,6 +36,8 @@ def hard_timeout_s(settings: Settings) -> float:
     return settings.max_job_timeout_s + settings.publish_give_up_s + 2.0
 
 
+PRESENCE = "tokenbus_presence"
+"""Key of the worker's :class:`tokenbus.worker.presence.Presence` in arq's ``ctx``."""
 STARTUP_WAIT_S = 60
 """Seconds a starting worker waits for Redis to come up (arq retries its connection each second)."""
 SHUTDOWN_MARGIN_S = 10.0
@@ -91,9 +94,20 @@ def build_worker(
             from tokenbus.worker.health import MetricsServer
 
             ctx[METRICS] = await MetricsServer.start(worker, resources)
+        presence = ctx[PRESENCE] = Presence(
+            resources.redis, settings.keys, worker_id=worker.leases.holder, queue=settings.queue_name,
+            graphs=resources.registry.names, max_jobs=settings.max_jobs, heartbeat_s=settings.heartbeat_s,
+            running=lambda: len(resources.sweeper.running),
+        )  # fmt: skip
+        await presence.beat()  # enqueuers know the graphs from now on
+        presence.start()
+        logger.info("worker serves graphs: %s", ", ".join(resources.registry.names))
         tune_gc()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        presence: Presence | None = ctx.pop(PRESENCE, None)
+        if presence is not None:
+            await presence.close()
         metrics = ctx.pop(METRICS, None)
         if metrics is not None:
             await metrics.close()

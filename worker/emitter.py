@@ -20,7 +20,7 @@ from langchain_core.messages import BaseMessageChunk
 
 from tokenbus.schemas.entries import EntryType, chunk_fields, terminal_fields
 from tokenbus.schemas.errors import PayloadError
-from tokenbus.schemas.keys import StreamKeys, validate_tag
+from tokenbus.schemas.keys import FINISHED_KEPT, StreamKeys, validate_tag
 from tokenbus.schemas.state import DEFAULT_STATE_MAX_BYTES, state_json
 from tokenbus.worker.publisher import Publisher, Sink
 from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, ChunkTemplate
@@ -129,6 +129,9 @@ class JobEmitter:
                 self._publisher.xadd(self.sink, tag_streams, plain)
         self.seq += 1
         self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
+        if not outcome.retry:  # the job has ended: listed among the newest finished
+            for command in finished_commands(self._keys, self.job_id, ts):
+                self._publisher.command(self.sink, command)
 
     # -- state (updates and values modes; the job stream only) ------------------------------------
     def state_json(self, value: Any) -> bytes:
@@ -270,6 +273,14 @@ def _message_data(message: BaseMessageChunk) -> bytes:
     if message.response_metadata:
         data["response_metadata"] = message.response_metadata
     return orjson.dumps(data, default=repr)
+
+
+def finished_commands(keys: StreamKeys, job_id: str, ended_ms: int) -> list[tuple[Any, ...]]:
+    """What records a job's end in ``<prefix>:finished``, which keeps the newest ``FINISHED_KEPT``."""
+    return [
+        ("ZADD", keys.finished, ended_ms, job_id),
+        ("ZREMRANGEBYRANK", keys.finished, 0, -FINISHED_KEPT - 1),
+    ]
 
 
 def _now_ms() -> int:

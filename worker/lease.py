@@ -104,7 +104,9 @@ class Leases(Background):
         self.lease_ms = max(1, int(lease_s * 1000))
         self._renew_every_s = renew_every_s
         self._on_lost = on_lost
-        self._holder = uuid.uuid4().hex
+        self.holder = uuid.uuid4().hex
+        """This worker's id: every lease token it writes begins with it (its record in
+        ``<prefix>:workers`` has the same id)."""
         self._claims = 0
         self.tokens: dict[str, bytes] = {}  # job id -> token of the lease held
         self.sinks: dict[str, Sink] = {}  # job id -> the running attempt's sink (fenced if the lease is lost)
@@ -123,7 +125,7 @@ class Leases(Background):
     def new_token(self, job_id: str) -> bytes:
         """The token of a claim about to be made on ``job_id`` (unique to this claim)."""
         self._claims += 1
-        return f"{self._holder}:{self._claims}".encode()
+        return f"{self.holder}:{self._claims}".encode()
 
     def held(self, job_id: str, token: bytes, claimed_at: float) -> None:
         """``job_id`` was claimed with ``token`` (a round trip sent at monotonic ``claimed_at``)."""

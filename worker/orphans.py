@@ -25,7 +25,7 @@ from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType, ErrorType
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.schemas.keys import StreamKeys
 from tokenbus.worker.background import Background
-from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.emitter import StreamLimits, finished_commands
 from tokenbus.worker.lease import claimed
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ async def close_attempt(
             pipe.xadd(keys.tag(tag), fields, maxlen=limits.tag_maxlen, approximate=True)  # type: ignore[arg-type]
         if not retry:
             pipe.expire(keys.job(job_id), limits.job_ttl_s)
+            for command in finished_commands(keys, job_id, entry.ts):
+                pipe.execute_command(*command)
         await pipe.execute()
     logger.warning("job %s: closed attempt %d (%s)", job_id, attempt, entry.error)
     return entry

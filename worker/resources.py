@@ -94,7 +94,6 @@ class WorkerResources:
                 jobs=JobStats(list(graphs)),
                 _stack=stack.pop_all(),
             )
-        logger.info("worker serves graphs: %s", ", ".join(resources.registry.names))
         return resources
 
     def track(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
