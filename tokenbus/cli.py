@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from redis import exceptions as redis_errors
 
+from tokenbus.exits import EXIT_CLOSED_PIPE, EXIT_INTERRUPTED, EXIT_USAGE
 from tokenbus.logs import LOG_FORMATS, logging_config
 from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.errors import TokenbusError
@@ -22,9 +23,6 @@ from tokenbus.schemas.job import STREAM_MODES
 
 logger = logging.getLogger(__name__)
 
-EXIT_USAGE = 2
-EXIT_CLOSED_PIPE = 141
-"""Whoever read stdout stopped (``| head``): the exit status of a process ended by SIGPIPE."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LONG_RUNNING = ("worker", "model-server", "serve")
 """Commands that log at INFO by default; the others log warnings only."""
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         _drop_stdout()
         return EXIT_CLOSED_PIPE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 async def _run_command(settings: Any, args: argparse.Namespace) -> int:

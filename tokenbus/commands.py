@@ -21,6 +21,7 @@ from tokenbus.consumer.groups import GroupConsumer, group_stats
 from tokenbus.consumer.output import Printer
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from tokenbus.consumer.subscribe import streams_for, subscribe
+from tokenbus.exits import EXIT_INCOMPLETE, EXIT_JOB_FAILED, EXIT_NOT_ENDED, EXIT_OK, EXIT_USAGE
 from tokenbus.operate import cancel, dead, jobs, result, status, workers
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import CommandError, InvalidJobRequest
@@ -34,13 +35,6 @@ __all__ = ["cancel", "dead", "jobs", "result", "status", "workers"]  # commands 
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_INCOMPLETE = 3
-"""``tail``/``--follow``: entries were trimmed before they were read (a gap was reported)."""
-EXIT_USAGE = 2
-EXIT_NOT_ENDED = 4
-"""The job has not ended: no live worker took it (``enqueue --follow``), or it is still queued or
-running (``result``)."""
 READ_BLOCK_MS = 5000
 
 

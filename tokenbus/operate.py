@@ -18,17 +18,12 @@ import orjson
 
 from tokenbus.consumer.dead import DeadLetter
 from tokenbus.consumer.jobs import JobView
+from tokenbus.exits import EXIT_INCOMPLETE, EXIT_JOB_FAILED, EXIT_NOT_ENDED, EXIT_OK
 from tokenbus.schemas.entries import EntryType
-from tokenbus.schemas.errors import TokenbusError
+from tokenbus.schemas.errors import CommandError
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.settings import Settings
 from tokenbus.worker.status import JobState, JobStatus
-
-EXIT_OK, EXIT_JOB_FAILED, EXIT_INCOMPLETE, EXIT_NOT_ENDED = 0, 1, 3, 4
-
-
-class OperateError(TokenbusError):
-    """An operator command cannot do what was asked; the message says why."""
 
 
 async def workers(settings: Settings, args: argparse.Namespace) -> int:
@@ -48,7 +43,7 @@ async def workers(settings: Settings, args: argparse.Namespace) -> int:
 
 async def jobs(settings: Settings, args: argparse.Namespace) -> int:
     if args.limit < 1:
-        raise OperateError("jobs: --limit must be 1 or more")
+        raise CommandError("jobs: --limit must be 1 or more")
     async with await TokenbusClient.connect(settings) as client:
         listing = await client.jobs(limit=args.limit)
     statuses = [*listing.running, *listing.queued, *listing.finished]
@@ -106,7 +101,7 @@ async def result(settings: Settings, args: argparse.Namespace) -> int:
             (view.texts, args.tag, "tag") if args.tag is not None else (view.node_texts, args.node, "node")
         )
         if name not in texts and view.done:
-            raise OperateError(
+            raise CommandError(
                 f"job {view.job} has no text for {kind} {name!r}; its {kind}s: {', '.join(texts) or 'none'}"
             )
         _print_text(texts.get(name, ""))
@@ -147,11 +142,11 @@ async def cancel(settings: Settings, args: argparse.Namespace) -> int:
 
 async def dead(settings: Settings, args: argparse.Namespace) -> int:
     if args.action != "redrive" and args.all:
-        raise OperateError("dead: --all goes with redrive")
+        raise CommandError("dead: --all goes with redrive")
     if args.action == "list" and args.ids:
-        raise OperateError("dead: list takes no ids (dead show ID shows one)")
+        raise CommandError("dead: list takes no ids (dead show ID shows one)")
     if args.action != "list" and not args.ids and not args.all:
-        raise OperateError(f"dead {args.action}: give the ids of the dead letters (tokenbus dead lists them)")
+        raise CommandError(f"dead {args.action}: give the ids of the dead letters (tokenbus dead lists them)")
     async with await TokenbusClient.connect(settings) as client:
         if args.action == "list":
             return _list_dead(await client.dead_letters(group=args.group, count=args.limit), args)
@@ -164,7 +159,7 @@ async def dead(settings: Settings, args: argparse.Namespace) -> int:
 async def _redrive(client: TokenbusClient, args: argparse.Namespace) -> int:
     if args.all:
         if args.ids:
-            raise OperateError("dead redrive: give dead letter ids or --all, not both")
+            raise CommandError("dead redrive: give dead letter ids or --all, not both")
         letters = await client.dead_letters(group=args.group, count=100_000)
         hopeless = [letter for letter in letters if letter.entry() is None]
         if hopeless:
@@ -174,7 +169,7 @@ async def _redrive(client: TokenbusClient, args: argparse.Namespace) -> int:
             )
         letters = [letter for letter in letters if letter.entry() is not None]
     elif args.group:
-        raise OperateError("dead redrive: --group goes with --all")
+        raise CommandError("dead redrive: --group goes with --all")
     else:
         letters = await _dead_letters_by_id(client, args.ids)
     by_id = {letter.id: letter for letter in letters}
@@ -190,7 +185,7 @@ async def _dead_letters_by_id(client: TokenbusClient, ids: Sequence[str]) -> lis
     for dead_id in ids:
         letter = await client.dead_letter(dead_id)
         if letter is None:
-            raise OperateError(f"no dead letter {dead_id} (tokenbus dead lists them)")
+            raise CommandError(f"no dead letter {dead_id} (tokenbus dead lists them)")
         letters.append(letter)
     return letters
 

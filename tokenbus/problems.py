@@ -12,7 +12,7 @@ from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 from redis import exceptions as redis_errors
 
-from tokenbus.schemas.errors import TokenbusError, shown
+from tokenbus.schemas.errors import CommandError, shown
 from tokenbus.worker.redis_client import (
     REDIS_UNAVAILABLE,
     REFUSED_CREDENTIALS,
@@ -96,7 +96,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class RedisProblem(TokenbusError):
+class RedisProblem(CommandError):
     """Redis cannot be used with these settings; the message says why and what to do."""
 
 
