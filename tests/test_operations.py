@@ -369,3 +369,23 @@ async def test_a_terminal_entry_and_start_name_the_graph_after_arq_forgets_the_j
                 entry(EntryType.END, "old", 1))  # fmt: skip
     status = await client.status("old")
     assert (status.state, status.graph, status.attempt, status.entries) == (JobState.END, "g", 1, 0)
+
+
+async def test_a_worker_whose_user_predates_the_operators_keys_runs_jobs_all_the_same(
+    settings: Settings, redis: Redis, redis_server: Any, client: TokenbusClient, run_burst_worker: RunWorker
+) -> None:
+    """A worker user made before ``<prefix>:workers`` and ``<prefix>:finished`` existed may not
+    write them: the worker is unlisted and the job unindexed, but the job ends well, once."""
+    user = f"{settings.prefix}-old-worker"
+    await redis.execute_command(
+        "ACL", "SETUSER", user, "on", ">pw", "allkeys", "allchannels", "+@all", "-hset", "-zremrangebyrank"
+    )
+    try:
+        job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"])
+        await run_burst_worker(redis_url=f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0")
+    finally:
+        await redis.execute_command("ACL", "DELUSER", user)
+    view = await client.result(job_id)
+    assert (view.status, view.text) == (EntryType.END, JOKE + POEM)
+    entries = await redis.xrange(settings.keys.job(job_id))
+    assert [f[b"type"] for _, f in entries].count(b"end") == 1

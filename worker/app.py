@@ -99,8 +99,11 @@ def build_worker(
             graphs=resources.registry.names, max_jobs=settings.max_jobs, heartbeat_s=settings.heartbeat_s,
             running=lambda: len(resources.sweeper.running),
         )  # fmt: skip
-        await presence.beat()  # enqueuers know the graphs from now on
-        presence.start()
+        try:
+            await presence.beat()  # enqueuers know the graphs from now on
+            presence.start()
+        except redis_errors.NoPermissionError as e:
+            presence.refused(e)
         logger.info("worker serves graphs: %s", ", ".join(resources.registry.names))
         tune_gc()
 

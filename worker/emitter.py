@@ -129,9 +129,14 @@ class JobEmitter:
                 self._publisher.xadd(self.sink, tag_streams, plain)
         self.seq += 1
         self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
-        if not outcome.retry:  # the job has ended: listed among the newest finished
-            for command in finished_commands(self._keys, self.job_id, ts):
-                self._publisher.command(self.sink, command)
+
+    def record_finished(self) -> None:
+        """List the job among the newest finished (``<prefix>:finished``), once its final entry
+        is written. Queued on a sink of its own: an operator's index that Redis refuses (a worker
+        user made before the key existed) fails nothing of the job."""
+        record = self._publisher.sink(self.job_id)
+        for command in finished_commands(self._keys, self.job_id, _now_ms()):
+            self._publisher.command(record, command)
 
     # -- state (updates and values modes; the job stream only) ------------------------------------
     def state_json(self, value: Any) -> bytes:

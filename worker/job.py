@@ -157,6 +157,7 @@ async def _write_terminal(
     resources.sweeper.running.discard(emitter.job_id)
     if written and not outcome.retry and not sink.fenced:
         resources.ended.add(emitter.job_id)
+        emitter.record_finished()
     return outcome
 
 

@@ -19,6 +19,7 @@ import logging
 import time
 
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType, ErrorType
@@ -103,9 +104,15 @@ async def close_attempt(
             pipe.xadd(keys.tag(tag), fields, maxlen=limits.tag_maxlen, approximate=True)  # type: ignore[arg-type]
         if not retry:
             pipe.expire(keys.job(job_id), limits.job_ttl_s)
-            for command in finished_commands(keys, job_id, entry.ts):
-                pipe.execute_command(*command)
         await pipe.execute()
+    if not retry:  # listed among the newest finished; an index Redis refuses fails nothing
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for command in finished_commands(keys, job_id, entry.ts):
+                    pipe.execute_command(*command)
+                await pipe.execute()
+        except redis_errors.ResponseError as e:
+            logger.warning("job %s: could not list it in %s: %s", job_id, keys.finished, e)
     logger.warning("job %s: closed attempt %d (%s)", job_id, attempt, entry.error)
     return entry
 

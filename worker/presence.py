@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import orjson
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from tokenbus.consumer.reader import as_text
@@ -132,6 +133,9 @@ class Presence(Background):
             await asyncio.sleep(self._heartbeat_s)
             try:
                 await self.beat()
+            except redis_errors.NoPermissionError as e:
+                self.refused(e)
+                return
             except REDIS_UNAVAILABLE as e:
                 logger.warning("writing this worker's record to %s failed (%s); retrying", self._keys.workers, e)
             except Exception:
@@ -148,9 +152,18 @@ class Presence(Background):
                 await self._redis.hdel(self._keys.workers, *dead)  # type: ignore[misc]
         self._beats += 1
 
+    def refused(self, error: Exception) -> None:
+        """Redis refuses this worker's record (its user was made before the record existed): the
+        worker runs jobs all the same, unlisted."""
+        logger.warning(
+            "cannot write this worker's record to %s (%s): enqueuers cannot check the graphs it serves; "
+            "give its Redis user the worker role's rules again (tokenbus acl worker)",
+            self._keys.workers, error,
+        )  # fmt: skip
+
     async def close(self) -> None:
         await super().close()
         try:
             await self._redis.hdel(self._keys.workers, self.info.id)  # type: ignore[misc]
-        except REDIS_UNAVAILABLE as e:  # the record ages out by itself
+        except (*REDIS_UNAVAILABLE, redis_errors.ResponseError) as e:  # the record ages out by itself
             logger.warning("deleting this worker's record from %s failed (%s)", self._keys.workers, e)
