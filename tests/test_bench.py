@@ -40,10 +40,12 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
         "ratio_bus_alone_custom_vs_floor",
     ]:  # fmt: skip
         assert expected in names, f"{expected} missing from {sorted(names)}"
-    # A paced ceiling is 0 when even one job misses its deadline, as on a machine busy with other work.
-    can_be_zero = ("memory_", "paced_ceiling_", "ratio_paced_ceiling_")
-    assert all(r["min"] > 0 for name, r in report["results"].items() if not name.startswith(can_be_zero))
-    assert all(r["min"] >= 0 for r in report["results"].values())
+    # A paced ceiling is 0 when even one job misses its deadline, as on a machine busy with other
+    # work; memory growth may be negative (the worker gave memory back).
+    ceilings = ("paced_ceiling_", "ratio_paced_ceiling_")
+    results = {name: r for name, r in report["results"].items() if not name.startswith("memory_")}
+    assert all(r["min"] > 0 for name, r in results.items() if not name.startswith(ceilings)), results
+    assert all(r["min"] >= 0 for r in results.values()), results
     assert (ROOT / "bench" / "results" / "profile.txt").exists()
 
 
