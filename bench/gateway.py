@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import resource
 import shutil
@@ -37,7 +38,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,14 +356,22 @@ class Bench:
             self.readers.remove(reader)
 
 
-async def fanout_point(bench: Bench, gateway: Gateway, side: str, jobs: int, per_job: int) -> dict[str, float]:
-    """One load point through one side (``gateway`` or ``subscribe``); what it measured."""
+async def fanout_point(
+    bench: Bench,
+    gateway: Gateway | None,
+    jobs: int,
+    per_job: int,
+    measuring: Callable[[], Awaitable[Any]] | None = None,
+) -> dict[str, float]:
+    """One load point through a gateway, or through ``subscribe()`` (``gateway`` None); what it
+    measured. ``measuring`` is called once the readers are connected, as the tokens start."""
     args = bench.args
     bench.points += 1
     job_ids = [f"p{bench.points}-{i}" for i in range(jobs)]
     producer = Producer(bench.redis, bench.prefix, job_ids)
     await producer.start_jobs()
-    if side == "gateway":
+    side = "subscribe" if gateway is None else "gateway"
+    if gateway is not None:
         readers = await bench.sse_readers(min(args.sse_processes, jobs * per_job), gateway)
         paths = [f"/jobs/{j}/events" for _ in range(per_job) for j in job_ids]
         measured = gateway.pid
@@ -377,6 +386,8 @@ async def fanout_point(bench: Bench, gateway: Gateway, side: str, jobs: int, per
         if sum(o["opened"] for o in opened) != len(paths):
             raise RuntimeError(f"{side}: only {opened} of {len(paths)} readers opened")
         await asyncio.gather(*(r.ask({"mark": True}) for r in readers))
+        if measuring is not None:
+            await measuring()
         cpu0, redis0, self0, t0 = proc_cpu_s(measured), await bench.redis_cpu_s(), self_cpu_s(), time.monotonic()
         wait0, busy0 = proc_runq_wait_s(measured), cpu_busy_s(bench.pinning.cpu)
         late = await producer.run(args.rate, args.duration)
@@ -402,7 +413,7 @@ async def fanout_point(bench: Bench, gateway: Gateway, side: str, jobs: int, per
     first = min(d["first_ns"] for d in done if d["first_ns"])
     last = max(d["last_ns"] for d in done)
     wall = t1 - t0
-    readers_cpu = sum(d["cpu_s"] for d in done) if side == "gateway" else 0.0
+    readers_cpu = sum(d["cpu_s"] for d in done) if gateway is not None else 0.0
     return {
         "offered_events_per_s": jobs * per_job * args.rate,
         "events_per_s": tokens / ((last - first) / 1e9) if last > first else 0.0,
@@ -433,16 +444,21 @@ def ceiling(p99_by_load: dict[float, float], limit: float = CEILING_P99_MS) -> f
 
 
 async def fanout(bench: Bench) -> None:
+    """Both series, every point through each side in turn (the order rotates from run to run)."""
     args = bench.args
-    gateway = Gateway(bench.redis_url, bench.prefix, bench.pinning)
-    await gateway.start()
+    gateways = {"gateway": Gateway(bench.redis_url, bench.prefix, bench.pinning)}
+    for name, src in args.compare:
+        gateways[f"gateway_{name}"] = Gateway(bench.redis_url, bench.prefix, bench.pinning, PYTHONPATH=src)
+    for gateway in gateways.values():
+        await gateway.start()
     series = {
         "fanout": [(args.fanout_jobs, c) for c in args.clients],
         "jobs": [(j, 1) for j in args.jobs],
     }
+    all_sides = [*gateways, "subscribe"]
     try:
         for run in range(args.runs):
-            sides = ["gateway", "subscribe"] if run % 2 == 0 else ["subscribe", "gateway"]
+            sides = all_sides[run % len(all_sides) :] + all_sides[: run % len(all_sides)]
             for name, points in series.items():
                 p99s: dict[str, dict[float, float]] = {side: {} for side in sides}
                 for jobs, per_job in points:
@@ -450,27 +466,40 @@ async def fanout(bench: Bench) -> None:
                     for side in sides:
                         if p99s[side] and max(p99s[side].values()) > args.stop_after_ms:
                             continue  # far past its ceiling: a heavier load only takes longer to drain
-                        await gateway.quiet()
+                        gateway = gateways.get(side)
+                        for g in gateways.values():
+                            await g.quiet()
                         print(f"== run {run + 1} {name} {jobs} jobs x {per_job} {side}", file=sys.stderr, flush=True)
-                        m = measured[side] = await fanout_point(bench, gateway, side, jobs, per_job)
+                        m = measured[side] = await fanout_point(bench, gateway, jobs, per_job)
                         for key, value in m.items():
                             if key != "offered_events_per_s":
                                 bench.record(f"{side}_{jobs}j_{per_job}c_{key}", value)
                         p99s[side][m["offered_events_per_s"]] = m["p99_ms"]
-                    if len(measured) == 2:
-                        g, s = measured["gateway"], measured["subscribe"]
-                        bench.record(f"added_p99_ms_{jobs}j_{per_job}c", g["p99_ms"] - s["p99_ms"])
-                        bench.record(
-                            f"ratio_cpu_per_event_gateway_vs_subscribe_{jobs}j_{per_job}c",
-                            g["cpu_us_per_event"] / s["cpu_us_per_event"],
-                        )
+                    compare_point(bench, measured, f"{jobs}j_{per_job}c")
+                ceilings = {side: ceiling(p99s[side]) for side in sides}
                 for side in sides:
-                    bench.record(f"ceiling_{side}_{name}_events_per_s", ceiling(p99s[side]))
-                g_ceiling, s_ceiling = ceiling(p99s["gateway"]), ceiling(p99s["subscribe"])
-                if s_ceiling:
-                    bench.record(f"ratio_ceiling_gateway_vs_subscribe_{name}", g_ceiling / s_ceiling)
+                    bench.record(f"ceiling_{side}_{name}_events_per_s", ceilings[side])
+                    if side != "subscribe" and ceilings["subscribe"]:
+                        ratio = ceilings[side] / ceilings["subscribe"]
+                        bench.record(f"ratio_ceiling_{side}_vs_subscribe_{name}", ratio)
     finally:
-        await gateway.stop()
+        for gateway in gateways.values():
+            await gateway.stop()
+
+
+def compare_point(bench: Bench, measured: dict[str, dict[str, float]], point: str) -> None:
+    """What each gateway adds to the baseline at one point; and the gateway against its variants."""
+    base = measured.get("subscribe")
+    for side, m in measured.items():
+        if side == "subscribe":
+            continue
+        if base is not None:
+            bench.record(f"added_p99_ms_{side}_{point}", m["p99_ms"] - base["p99_ms"])
+            ratio = m["cpu_us_per_event"] / base["cpu_us_per_event"]
+            bench.record(f"ratio_cpu_per_event_{side}_vs_subscribe_{point}", ratio)
+        if side != "gateway" and "gateway" in measured:
+            ratio = measured["gateway"]["cpu_us_per_event"] / m["cpu_us_per_event"]
+            bench.record(f"ratio_cpu_per_event_gateway_vs_{side}_{point}", ratio)
 
 
 async def idle(bench: Bench) -> None:
@@ -526,9 +555,10 @@ async def profile(bench: Bench, at: list[tuple[int, int]]) -> None:
         for jobs, per_job in at:
             out = RESULTS / f"gateway-profile-{jobs}x{per_job}"
             RESULTS.mkdir(parents=True, exist_ok=True)
-            seconds = int(bench.args.duration)
-            recorders = [await py_spy(spy, gateway.pid, seconds, fmt, Path(f"{out}.{ext}")) for fmt, ext in FORMATS]
-            m = await fanout_point(bench, gateway, "gateway", jobs, per_job)
+            recorders: list[asyncio.subprocess.Process] = []
+            # recording starts once the connections are open: the steady state only
+            record = functools.partial(py_spies, recorders, spy, gateway.pid, int(bench.args.duration), out)
+            m = await fanout_point(bench, gateway, jobs, per_job, record)
             for r in recorders:
                 await r.wait()
             print(f"profiled {jobs} jobs x {per_job}: {orjson.dumps(m).decode()}", file=sys.stderr)
@@ -545,6 +575,11 @@ async def py_spy(spy: str, pid: int, seconds: int, fmt: str, out: Path) -> async
         spy, "record", "--pid", str(pid), "--rate", "200", "--duration", str(seconds), "--nonblocking",
         "--format", fmt, "-o", str(out), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
+
+
+async def py_spies(into: list[asyncio.subprocess.Process], spy: str, pid: int, seconds: int, out: Path) -> None:
+    """py-spy recording ``pid`` for ``seconds``: collapsed stacks (``out``.txt) and a flame graph (.svg)."""
+    into += [await py_spy(spy, pid, seconds, fmt, Path(f"{out}.{ext}")) for fmt, ext in FORMATS]
 
 
 def summarise_profile(path: Path, top: int = 25) -> str:
@@ -617,6 +652,13 @@ def point(text: str) -> tuple[int, int]:
     return int(jobs), int(per_job)
 
 
+def variant(text: str) -> tuple[str, str]:
+    name, _, src = text.partition("=")
+    if not name.isidentifier() or not Path(src, "tokenbus", "gateway").is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=DIR, DIR a tokenbus source tree")
+    return name, str(Path(src).resolve())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: proves the harness works")
@@ -634,6 +676,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beats", type=int, nargs="+", default=[10, 20, 40, 60], help="heartbeat rounds")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="TOKENBUS_GATEWAY_HEARTBEAT of the idle run")
     parser.add_argument("--profile-at", type=point, nargs="+", metavar="JOBSxCLIENTS")
+    parser.add_argument(
+        "--compare", type=variant, action="append", default=[], metavar="NAME=DIR",
+        help="also measure a gateway running the tokenbus source tree in DIR (e.g. an older commit's git archive)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.duration, args.fanout_jobs, args.clients, args.jobs = 1, 1.0, 3, [1, 2], [6]
