@@ -23,17 +23,20 @@ pytestmark = pytest.mark.e2e
 def test_quick_gateway_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "gateway.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.gateway", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "bench.gateway", "--quick", "--out", str(out), "--compare", f"same={ROOT}"],
         cwd=ROOT, capture_output=True, text=True, check=False, timeout=180,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = orjson.loads(out.read_bytes())["results"]
-    for side in ("gateway", "subscribe"):
+    for side in ("gateway", "gateway_same", "subscribe"):
         for measure in ("events_per_s", "p99_ms", "cpu_us_per_event"):
             assert results[f"{side}_3j_2c_{measure}"]["min"] > 0, f"{side}_3j_2c_{measure}"
         assert results[f"{side}_3j_2c_missing"]["max"] == 0  # every token reached every reader
-    for name in ("added_p99_ms_3j_2c", "ceiling_gateway_fanout_events_per_s", "ceiling_gateway_jobs_events_per_s",
-                 "idle_kb_per_connection", "idle_rss_growth_mb_over_beats"):  # fmt: skip
+    for name in [
+        "added_p99_ms_gateway_3j_2c", "ratio_cpu_per_event_gateway_vs_gateway_same_3j_2c",
+        "ceiling_gateway_fanout_events_per_s", "ceiling_gateway_jobs_events_per_s", "idle_kb_per_connection",
+        "idle_rss_growth_mb_over_beats",
+    ]:  # fmt: skip
         assert name in results, f"{name} missing from {sorted(results)}"
     assert results["idle_lost_connections_after_3beats"]["max"] == 0
 
