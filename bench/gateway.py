@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import orjson
 import uvloop
 from redis.asyncio import Redis
@@ -237,20 +238,51 @@ class ReaderProcess:
 # -- the producer --------------------------------------------------------------------------------
 
 
+VARYING = (b"seq", b"content", b"data", b"ts")
+"""The fields that differ between the tokens of one job."""
+
+
+def bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class XaddTemplate:
+    """One job's XADD in RESP, packed once; each token fills in its :data:`VARYING` fields."""
+
+    def __init__(self, key: str, fields: dict[bytes, bytes]) -> None:
+        args = [b"XADD", key.encode(), b"*", *(part for item in fields.items() for part in item)]
+        self._parts: list[bytes] = []
+        static = b"*%d\r\n" % len(args)
+        for i, arg in enumerate(args):
+            if i >= 3 and i % 2 == 0 and args[i - 1] in VARYING:
+                self._parts.append(static)  # the value of a varying field follows it
+                static = b""
+            else:
+                static += bulk(arg)
+        self._parts.append(static)
+
+    def pack(self, seq: bytes, content: bytes, data: bytes, ts: bytes) -> bytes:
+        p = self._parts
+        return b"".join((p[0], bulk(seq), p[1], bulk(content), p[2], bulk(data), p[3], bulk(ts), p[4]))
+
+
 class Producer:
     """Paced token entries on job streams: J jobs at R tokens/s each, evenly interleaved, written
-    with pipelined XADDs as they fall due (each carrying its write time, ``data.t``, in ns)."""
+    as they fall due, each tick's in one write on a connection of its own (RESP packed here: the
+    producer shares its CPU with the readers). Each token carries its write time, ``data.t``, in ns."""
 
-    def __init__(self, redis: Redis, prefix: str, jobs: Sequence[str]) -> None:
+    def __init__(self, redis: Redis, port: int, prefix: str, jobs: Sequence[str]) -> None:
         self._redis = redis
+        self._port = port
         self._jobs = list(jobs)
         keys = StreamKeys(prefix)
         self._keys = [keys.job(j) for j in jobs]
-        self._templates = [
-            TokenEntry(job=j, attempt=1, seq=1, ts=0, tags=("poem",), node="write_poem", content="", data=None,
-                       meta=metadata(j)).encode()
-            for j in jobs
-        ]  # fmt: skip
+        self._templates = []
+        for job, key in zip(jobs, self._keys, strict=True):
+            entry = TokenEntry(job=job, attempt=1, seq=1, ts=0, tags=("poem",), node="write_poem", meta=metadata(job))
+            fields = entry.encode()
+            assert tuple(k for k in fields if k in VARYING) == VARYING, "the contract's field order changed"
+            self._templates.append(XaddTemplate(key, fields))
         self._run_ids = [f"run-{uuid.uuid5(uuid.NAMESPACE_URL, j)}" for j in jobs]
         self.sent = 0
 
@@ -267,34 +299,52 @@ class Producer:
         n = len(self._jobs)
         dt = 1.0 / (rate * n)
         total = round(duration * rate) * n
+        words = [w.encode() for w in WORDS]
+        replies = hiredis.Reader()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self._port)
         start = time.monotonic() + 0.005
         k, lateness = 0, []
-        while k < total:
-            now = time.monotonic()
-            due = min(total, int((now - start) / dt) + 1)
-            if due > k:
-                lateness.append(now - (start + k * dt))
-                async with self._redis.pipeline(transaction=False) as pipe:
+        try:
+            while k < total:
+                now = time.monotonic()
+                due = min(total, int((now - start) / dt) + 1)
+                if due > k:
+                    lateness.append(now - (start + k * dt))
+                    commands = []
                     for i in range(k, due):
                         job, seq = i % n, i // n + 1
-                        fields = dict(self._templates[job])
-                        fields[b"seq"] = b"%d" % seq
-                        fields[b"content"] = WORDS[seq % len(WORDS)].encode()
                         t = time.time_ns()
-                        fields[b"ts"] = b"%d" % (t // 1_000_000)
-                        fields[b"data"] = orjson.dumps({"id": self._run_ids[job], "t": t})
-                        pipe.xadd(self._keys[job], fields)  # type: ignore[arg-type]
-                    await pipe.execute()
-                self.sent += due - k
-                k = due
-            # at least a tick: the loop's timers have 1 ms resolution, and a shorter sleep spins
-            await asyncio.sleep(max(TICK_S, start + k * dt - time.monotonic()))
+                        data = orjson.dumps({"id": self._run_ids[job], "t": t})
+                        ts = b"%d" % (t // 1_000_000)
+                        commands.append(self._templates[job].pack(b"%d" % seq, words[seq % len(words)], data, ts))
+                    writer.write(b"".join(commands))
+                    await self._replies(reader, replies, due - k)
+                    self.sent += due - k
+                    k = due
+                # at least a tick: the loop's timers have 1 ms resolution, and a shorter sleep spins
+                await asyncio.sleep(max(TICK_S, start + k * dt - time.monotonic()))
+        finally:
+            writer.close()
         lateness.sort()
         return {
             "late_p99_ms": lateness[int(len(lateness) * 0.99)] * 1000 if lateness else 0.0,
             "late_max_ms": lateness[-1] * 1000 if lateness else 0.0,
             "batches": len(lateness),
         }
+
+    @staticmethod
+    async def _replies(reader: asyncio.StreamReader, parser: hiredis.Reader, n: int) -> None:
+        while n:
+            reply = parser.gets()
+            if reply is False:
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise ConnectionError("Redis closed the producer's connection")
+                parser.feed(data)
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                raise RuntimeError(f"XADD refused: {reply}")
+            n -= 1
 
     async def end_jobs(self) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -331,6 +381,7 @@ class Bench:
     args: argparse.Namespace
     redis: Redis
     redis_url: str
+    redis_port: int
     pinning: Pinning
     prefix: str = field(default_factory=lambda: f"g{uuid.uuid4().hex[:8]}")
     results: dict[str, list[float]] = field(default_factory=dict)
@@ -368,7 +419,7 @@ async def fanout_point(
     args = bench.args
     bench.points += 1
     job_ids = [f"p{bench.points}-{i}" for i in range(jobs)]
-    producer = Producer(bench.redis, bench.prefix, job_ids)
+    producer = Producer(bench.redis, bench.redis_port, bench.prefix, job_ids)
     await producer.start_jobs()
     side = "subscribe" if gateway is None else "gateway"
     if gateway is not None:
@@ -513,7 +564,7 @@ async def idle(bench: Bench) -> None:
         bench.record("idle_rss_mb_0conn", rss[0])
         held = 0
         for step in args.idle_steps:
-            paths = [f"/tags/idle-{i}/events" for i in range(held, step)]
+            paths = [f"/tags/idle-{i % (args.idle_streams or step)}/events" for i in range(held, step)]
             opened = await asyncio.gather(*(r.ask({"open": paths[i :: len(readers)]}) for i, r in enumerate(readers)))
             if sum(o["opened"] for o in opened) != len(paths):
                 raise RuntimeError(f"idle: only {opened} of {len(paths)} connections opened")
@@ -617,7 +668,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     server = RedisServerProcess()  # on the driver's CPUs
     server.start()
     redis = Redis.from_url(server.url)
-    bench = Bench(args, redis, server.url, pinning)
+    bench = Bench(args, redis, server.url, server.port, pinning)
     try:
         if args.profile_at:
             await profile(bench, args.profile_at)
@@ -673,6 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-after-ms", type=float, default=250.0, help="a side's p99 past which its series stops")
     parser.add_argument("--sse-processes", type=int, default=2, help="SSE reader processes")
     parser.add_argument("--idle-steps", type=int, nargs="+", default=[500, 1000, 1500, 2000])
+    parser.add_argument("--idle-streams", type=int, default=0, help="tags the idle connections follow (0: one each)")
     parser.add_argument("--beats", type=int, nargs="+", default=[10, 20, 40, 60], help="heartbeat rounds")
     parser.add_argument("--heartbeat", type=float, default=1.0, help="TOKENBUS_GATEWAY_HEARTBEAT of the idle run")
     parser.add_argument("--profile-at", type=point, nargs="+", metavar="JOBSxCLIENTS")
