@@ -118,7 +118,9 @@ def encoded(item: Item) -> Encoded:
     if cache is None:
         assert item.entry is not None
         try:
-            payload: bytes | None = orjson.dumps(item.entry.to_dict())
+            # a right-sized copy: orjson does not shrink its output buffer (4-8 KB however short
+            # the JSON), and this is kept as long as the hub's window holds the entry
+            payload: bytes | None = bytes(memoryview(orjson.dumps(item.entry.to_dict())))
         except MalformedEntry as e:
             logger.warning("skipping entry %s of %s: %s", item.id, item.stream, e)
             payload = None
