@@ -40,6 +40,8 @@ from tokenbus.schemas.entries import Entry
 
 T_MARKER = b',"t":'
 """Where a token's write time starts in its ``data`` (``{"id": ..., "t": <ns>}``, see bench.gateway)."""
+END_MARKERS = (b"event: end", b"event: error", b"event: cancelled", b"event: overflow", b"event: gateway_error")
+"""Events after which a connection's response ends (the bench's jobs never retry)."""
 FINE_US = 100_000
 """Latencies below this are kept to 10 µs, above it to 1 ms."""
 
@@ -136,7 +138,7 @@ class SSEConnection(asyncio.Protocol):
                 self._readers.changed()
         if b"event: overflow" in chunk:
             self.overflows += 1
-        if b"event: end" in chunk or b"event: overflow" in chunk or b"event: error" in chunk:
+        if any(marker in chunk for marker in END_MARKERS):
             self._end()
 
     def _end(self) -> None:
