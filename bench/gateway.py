@@ -521,7 +521,7 @@ async def fanout(bench: Bench) -> None:
                         for g in gateways.values():
                             await g.quiet()
                         print(f"== run {run + 1} {name} {jobs} jobs x {per_job} {side}", file=sys.stderr, flush=True)
-                        m = measured[side] = await fanout_point(bench, gateway, jobs, per_job)
+                        m = measured[side] = await measure_quietly(bench, gateway, jobs, per_job)
                         for key, value in m.items():
                             if key != "offered_events_per_s":
                                 bench.record(f"{side}_{jobs}j_{per_job}c_{key}", value)
@@ -536,6 +536,23 @@ async def fanout(bench: Bench) -> None:
     finally:
         for gateway in gateways.values():
             await gateway.stop()
+
+
+async def measure_quietly(bench: Bench, gateway: Gateway | None, jobs: int, per_job: int) -> dict[str, float]:
+    """A point, measured again (up to ``--noisy-retries`` times, once the machine's load has
+    fallen) when other processes kept the measured one waiting for its CPU more than ``--noisy``
+    of the time: the machine is shared. The last measure is kept, with its count of retries."""
+    args = bench.args
+    retries = 0
+    while True:
+        m = await fanout_point(bench, gateway, jobs, per_job)
+        if m["runq_wait_share"] <= args.noisy or retries >= args.noisy_retries:
+            return {**m, "noisy_retries": retries}
+        retries += 1
+        print(f"  noisy ({m['runq_wait_share']:.0%} waiting for CPU): again once the load falls", file=sys.stderr)
+        deadline = time.monotonic() + args.noisy_wait_s
+        while os.getloadavg()[0] > args.noisy_load and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(5)
 
 
 def compare_point(bench: Bench, measured: dict[str, dict[str, float]], point: str) -> None:
@@ -722,6 +739,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 5, 10, 20, 40], help="clients per job")
     parser.add_argument("--jobs", type=int, nargs="+", default=[100, 200, 400, 800], help="jobs (1 client each)")
     parser.add_argument("--stop-after-ms", type=float, default=250.0, help="a side's p99 past which its series stops")
+    parser.add_argument("--noisy", type=float, default=0.1, help="runq wait share past which a point is redone")
+    parser.add_argument("--noisy-retries", type=int, default=2)
+    parser.add_argument("--noisy-load", type=float, default=1.5, help="1-min load average to wait for before redoing")
+    parser.add_argument("--noisy-wait-s", type=float, default=300.0, help="longest wait for that load")
     parser.add_argument("--sse-processes", type=int, default=2, help="SSE reader processes")
     parser.add_argument("--idle-steps", type=int, nargs="+", default=[500, 1000, 1500, 2000])
     parser.add_argument("--idle-streams", type=int, default=0, help="tags the idle connections follow (0: one each)")
@@ -736,6 +757,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.runs, args.duration, args.fanout_jobs, args.clients, args.jobs = 1, 1.0, 3, [1, 2], [6]
         args.idle_steps, args.beats, args.heartbeat = [10, 20], [2, 3], 0.2
+        args.noisy_retries = 0  # the test suite runs beside other tests: no waiting for quiet
     return args
 
 
