@@ -174,6 +174,21 @@ async def test_a_resumed_tail_of_several_tags_passes_no_copy_twice(
     assert poem_ids[1] < cursor.split(",")[1]
 
 
+async def test_clients_of_one_entry_share_its_encoding_but_not_their_cursors(
+    gateway: str, follow: Any, redis: Redis, keys: StreamKeys
+) -> None:
+    alone = [await follow(f"{gateway}/tags/poem/events") for _ in range(2)]
+    with_joke = await follow(f"{gateway}/tags/joke/events?tag=poem")
+    joke_id = (await write(redis, keys.tag("joke"), token("j7", 1, "ha", tag="joke")))[0]
+    await with_joke.until(lambda f: f.entries(), "the joke")
+    poem_id = (await write(redis, keys.tag("poem"), token("j8", 1, "roses")))[0]
+    for follower in [*alone, with_joke]:
+        await follower.until(lambda f: any(e["content"] == "roses" for e in f.entries()), "the poem's token")
+    sent = [[e for e in f.events if e.id is not None][-1] for f in [*alone, with_joke]]
+    assert [e.id for e in sent] == [poem_id, poem_id, f"{joke_id},{poem_id}"]
+    assert sent[0].data == sent[1].data == sent[2].data and sent[0].json["content"] == "roses"
+
+
 async def test_a_key_that_is_not_a_stream_fails_its_followers_only(
     gateway: str, follow: Any, redis: Redis, keys: StreamKeys
 ) -> None:

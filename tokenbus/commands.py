@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import sys
@@ -36,6 +37,9 @@ __all__ = ["cancel", "dead", "jobs", "result", "status", "workers"]  # commands 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
+GATEWAY_GC_THRESHOLDS = (50_000, 20, 100)
+"""The gateway's garbage-collector thresholds: the worker's (``tokenbus.worker.app.GC_THRESHOLDS``,
+which an install without the worker extra cannot import), for the same reason."""
 
 
 @contextlib.contextmanager
@@ -326,6 +330,11 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
         forwarded_allow_ips=args.forwarded_allow_ips,
     )  # fmt: skip
     server = uvicorn.Server(config)
+    # The hub's windows hold thousands of decoded entries (dicts, lists): with Python's default
+    # thresholds the collector walks them all every few thousand events, pausing every client at
+    # once. What is loaded by now lives as long as the process: frozen out of the collector's passes.
+    gc.freeze()
+    gc.set_threshold(*GATEWAY_GC_THRESHOLDS)
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("gateway listening on http://%s:%d (connections wait until it has started)", host, args.port)
     with listener:

@@ -99,16 +99,34 @@ def restart_event(restart: Restart) -> bytes:
     return _event("restart", orjson.dumps(restart_json(restart)))
 
 
-def entry_json(item: Item) -> bytes | None:
-    """The entry's JSON, made once per entry for all clients (None: its ``data``/``meta`` is broken)."""
-    if item.cache is None:
+class Encoded:
+    """What the gateway makes of an entry once, for all its clients (kept in :attr:`Item.cache`):
+    its JSON, and the whole SSE event of a client that follows the entry's stream alone (its
+    ``id:`` is the entry's own id, so every such client is sent the same bytes)."""
+
+    __slots__ = ("event", "json")
+
+    def __init__(self, json: bytes | None) -> None:
+        self.json = json
+        """None: the entry's ``data`` or ``meta`` is broken; it is skipped."""
+        self.event: bytes | None = None
+
+
+def encoded(item: Item) -> Encoded:
+    """The entry's encodings, made on first use."""
+    cache = item.cache
+    if cache is None:
         assert item.entry is not None
         try:
-            item.cache = orjson.dumps(item.entry.to_dict())
+            # a right-sized copy: orjson does not shrink its output buffer (4-8 KB however short
+            # the JSON), and this is kept as long as the hub's window holds the entry
+            payload: bytes | None = bytes(memoryview(orjson.dumps(item.entry.to_dict())))
         except MalformedEntry as e:
             logger.warning("skipping entry %s of %s: %s", item.id, item.stream, e)
-            item.cache = False
-    return item.cache or None
+            payload = None
+        cache = item.cache = Encoded(payload)
+    assert isinstance(cache, Encoded)
+    return cache
 
 
 class Buffer:
@@ -266,8 +284,11 @@ class EventStream:
                 out += gap_event(Gap(item.stream, BEGINNING, item.id))
         if not self._filters.passes(entry):
             return out, False
-        payload = entry_json(item)
-        if payload is None:
+        cache = encoded(item)
+        if cache.json is None:
             return out, entry.is_final
-        event_id = item.id if len(cursor) == 1 else ",".join(cursor[s] for s in self._streams)
-        return out + _event(entry.type.value, payload, event_id), entry.is_final
+        if len(cursor) == 1:  # the cursor is the entry's id: the event is the same for every client
+            if cache.event is None:
+                cache.event = _event(entry.type.value, cache.json, item.id)
+            return out + cache.event, entry.is_final
+        return out + _event(entry.type.value, cache.json, ",".join(cursor[s] for s in self._streams)), entry.is_final
