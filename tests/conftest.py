@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from tests.browser import browser  # noqa: F401  (the fixture: a headless Chromium)
 from tests.support import ENV_PREFIXES, FAULTS, ThreadedModelServer
-from tokenbus.redis_server import RedisServerProcess
+from tokenbus.redis_server import RedisClusterProcesses, RedisServerProcess
 from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.serializer import job_deserializer, job_serializer
@@ -35,6 +35,18 @@ def redis_server() -> Iterator[RedisServerProcess]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    """A private 3-master / 3-replica Redis Cluster, shared by the session's cluster tests.
+
+    A test that kills a node leaves the cluster failed over (still serving every slot); tests
+    that need their own topology start a :class:`RedisClusterProcesses` of their own."""
+    cluster = RedisClusterProcesses()
+    cluster.start()
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture(scope="session")

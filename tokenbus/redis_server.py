@@ -95,6 +95,10 @@ class RedisServerProcess:
             self._process.wait()
         self._process = None
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def restart(self, *, kill: bool = True) -> None:
         """Stop (SIGKILL by default: a crash) and start again on the same port and data."""
         self.stop(kill=kill)
@@ -139,12 +143,159 @@ class FakeRedisServer:
         self.stop()
 
 
+CLUSTER_BUS_OFFSET = 10000  # a cluster node's bus listens on its port + 10000
+
+
+def free_cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (+10000) is free too: below 55536."""
+    for _ in range(1000):
+        port = free_port()
+        if port in taken or port + CLUSTER_BUS_OFFSET > 65535 or port + CLUSTER_BUS_OFFSET in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
+
+
+class RedisClusterProcesses:
+    """A private Redis Cluster on 127.0.0.1: ``masters`` masters with ``replicas`` replicas each.
+
+    Every node is a :class:`RedisServerProcess` with ``--cluster-enabled yes``; the cluster is made
+    by ``redis-cli --cluster create``. ``node_timeout_ms`` is how long a master may be silent before
+    its replica takes over (short, for the failover tests). Whoever starts it stops it.
+    """
+
+    kind = "redis-cluster"
+
+    def __init__(self, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        taken: set[int] = set()
+        self.nodes: list[RedisServerProcess] = []
+        for _ in range(masters * (1 + replicas)):
+            port = free_cluster_port(taken)
+            taken.update((port, port + CLUSTER_BUS_OFFSET))
+            args = (
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms), "--cluster-replica-validity-factor", "0",
+            )  # fmt: skip
+            self.nodes.append(RedisServerProcess(port=port, extra_args=args))
+        self._replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """A seed node's URL: a cluster client learns the rest from it."""
+        return self.nodes[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def start(self) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise FileNotFoundError("redis-cli is not installed (apt-get install redis-tools)")
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self._replicas), "--cluster-yes"],
+                check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+            )  # fmt: skip
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until every live node says ``cluster_state:ok`` and knows every node."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            infos = [_command(node.port, "CLUSTER", "INFO") for node in self.nodes if node.running]
+            known = [_command(node.port, "CLUSTER", "NODES") for node in self.nodes if node.running]
+            if all(b"cluster_state:ok" in info for info in infos) and all(
+                text.count(b"\n") >= len(self.nodes) for text in known
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster on ports {self.ports} was not ready within {timeout_s}s")
+            time.sleep(0.05)
+
+    def master_of(self, key: str) -> RedisServerProcess:
+        """The node serving ``key``'s slot now (asked of a live node)."""
+        slot = int(_command(self.live_node().port, "CLUSTER", "KEYSLOT", key))
+        for node in self.nodes:
+            if not node.running:
+                continue
+            for line in _command(node.port, "CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                if "master" not in fields[2] or "fail" in fields[2] or fields[7] != "connected":
+                    continue
+                for span in fields[8:]:
+                    if span.startswith("["):
+                        continue
+                    low, _, high = span.partition("-")
+                    if int(low) <= slot <= int(high or low):
+                        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                        return next(n for n in self.nodes if n.port == port)
+            break
+        raise LookupError(f"no master serves the slot of {key!r}")
+
+    def kill_master_of(self, key: str, *, timeout_s: float = 60.0) -> tuple[RedisServerProcess, RedisServerProcess]:
+        """SIGKILL the master serving ``key`` and wait until its replica serves the slot: (old, new)."""
+        old = self.master_of(key)
+        old.stop(kill=True)
+        deadline = time.monotonic() + timeout_s
+        while (new := self._serving(key)) in (old, None):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no replica took over {key!r}'s slot from port {old.port} within {timeout_s}s")
+            time.sleep(0.05)
+        self.wait_ready(timeout_s)
+        assert new is not None
+        return old, new
+
+    def _serving(self, key: str) -> RedisServerProcess | None:
+        try:
+            return self.master_of(key)
+        except LookupError:
+            return None  # between a master's loss and its replica's promotion
+
+    def live_node(self) -> RedisServerProcess:
+        return next(node for node in self.nodes if node.running)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
 def start_private_redis(*, prefer_fake: bool = False) -> RedisServerProcess | FakeRedisServer:
     """A started private Redis: ``redis-server`` when installed (unless ``prefer_fake``), else fakeredis."""
     server: RedisServerProcess | FakeRedisServer
     server = FakeRedisServer() if prefer_fake or redis_server_binary() is None else RedisServerProcess()
     server.start()
     return server
+
+
+def _command(port: int, *args: str) -> bytes:
+    """One command to a local node over a plain socket; the reply's payload (no type byte)."""
+    import hiredis
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(hiredis.pack_command(args))
+        reader = hiredis.Reader()
+        while (reply := reader.gets()) is False:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"port {port} closed the connection")
+            reader.feed(chunk)
+    if isinstance(reply, hiredis.ReplyError):
+        raise RuntimeError(f"port {port}: {' '.join(args)}: {reply}")
+    return reply if isinstance(reply, bytes) else str(reply).encode()
 
 
 def _pings(port: int) -> bool:
