@@ -286,7 +286,8 @@ def _command(port: int, *args: str) -> bytes:
     import hiredis
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(hiredis.pack_command(args))
+        command: tuple[Any, ...] = args
+        s.sendall(hiredis.pack_command(command))
         reader = hiredis.Reader()
         while (reply := reader.gets()) is False:
             chunk = s.recv(65536)
