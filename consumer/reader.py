@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.resp import pack
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class StreamReader:
         commands: list[tuple[Any, ...]] = [("XRANGE", stream, "-", "+", "COUNT", 1) for stream, _ in checks]
         streams = [*self.positions, *self.positions.values()]
         commands.append(("XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *streams))
-        await self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
+        await self._conn.send_packed_command(b"".join(map(pack, commands)), check_health=False)
         self._sent, self._verify = checks, []
 
     async def _receive(self) -> tuple[list[Gap], Any]:

@@ -26,9 +26,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.resp import pack
 from tokenbus.schemas.errors import ClientStateError, PublishError
 from tokenbus.worker.stats import BATCH_SIZES, SECONDS, Buckets
-from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
+from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe
 
 logger = logging.getLogger(__name__)
 

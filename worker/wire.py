@@ -20,13 +20,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
+from tokenbus.consumer.resp import pack
 from tokenbus.worker._redis import transport_of
-
-
-def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in the Redis protocol."""
-    packed: bytes = hiredis.pack_command(args)
-    return packed
 
 
 def describe(packed: bytes, index: int) -> str:
