@@ -206,7 +206,9 @@ class JobEmitter:
         if self.on_first_chunk is not None:
             first, self.on_first_chunk = self.on_first_chunk, None
             first()
-        self._publisher.send(self.sink, template.pack(self.seq, content, data, _now_ms()), template.commands)
+        self._publisher.send(
+            self.sink, template.pack(self.seq, content, data, _now_ms()), template.commands, route=template.route
+        )
         self.seq += 1
 
     def _message_data(self, message: BaseMessageChunk) -> bytes:

@@ -1,11 +1,20 @@
-"""Redis clients built from settings (one place for URL defaults and socket options)."""
+"""Redis clients built from settings (one place for URL defaults, socket options and deployments).
+
+Two deployments, which may be one: the **queue** (arq's keys and the wake-up channel: one Redis,
+``REDIS_URL``, or the master that ``TOKENBUS_SENTINELS`` name) and the **streams** (every key under
+the prefix: ``TOKENBUS_STREAMS_URL``, a single Redis or a Redis Cluster; by default the queue's).
+"""
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
+from arq.connections import RedisSettings
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.sentinel import Sentinel
 
 from tokenbus.worker.settings import Settings
 
@@ -15,9 +24,17 @@ REDIS_UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OS
 REFUSED_CREDENTIALS = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
 """Connection errors to Redis that waiting does not mend: the credentials of ``REDIS_URL`` were refused."""
 
+StreamsRedis: TypeAlias = Redis | RedisCluster
+"""A client of the streams' deployment: a single Redis, or a Redis Cluster."""
+
 
 def redis_url(settings: Settings) -> str:
     return settings.redis_url or DEFAULT_REDIS_URL
+
+
+def streams_url(settings: Settings) -> str:
+    """The URL of the streams' deployment (a seed node of a cluster)."""
+    return settings.streams_url or redis_url(settings)
 
 
 def shown_url(url: str) -> str:
@@ -30,12 +47,66 @@ def shown_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
+def _options(socket_timeout: float | None) -> dict[str, Any]:
+    return {"socket_timeout": socket_timeout, "socket_connect_timeout": 10.0, "health_check_interval": 30}
+
+
 def redis_from_settings(settings: Settings, *, socket_timeout: float | None = 30.0) -> Redis:
-    """A client for ``REDIS_URL`` (``rediss://`` and ``user:password@`` work as usual)."""
-    client: Redis = Redis.from_url(
-        redis_url(settings),
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=10.0,
-        health_check_interval=30,
-    )
+    """A client of the queue's Redis: ``REDIS_URL`` (``rediss://`` and ``user:password@`` work as
+    usual), or the master the Sentinels of ``TOKENBUS_SENTINELS`` name, followed through failovers."""
+    if settings.sentinels is None:
+        client: Redis = Redis.from_url(redis_url(settings), **_options(socket_timeout))
+        return client
+    return sentinel_master(settings, **_options(socket_timeout))
+
+
+def arq_settings(settings: Settings) -> RedisSettings:
+    """arq's connection to the queue's Redis: ``REDIS_URL``, or through the Sentinels of
+    ``TOKENBUS_SENTINELS`` to the master they name (``REDIS_URL`` then gives its credentials,
+    database and TLS; arq's Sentinel pool takes no retry policy of its own)."""
+    redis_settings = RedisSettings.from_dsn(redis_url(settings))
+    if settings.sentinels is not None:
+        redis_settings.host = settings.sentinel_addresses
+        redis_settings.sentinel = True
+        redis_settings.sentinel_master = settings.sentinel_master
+    return redis_settings
+
+
+def sentinel_master(settings: Settings, *, redis_class: type[Redis] = Redis, **options: Any) -> Redis:
+    """A client of ``TOKENBUS_SENTINEL_MASTER`` as the Sentinels name it now: each new connection
+    asks them where the master is. ``REDIS_URL`` gives the user, password, database and TLS."""
+    url = parse_url(redis_url(settings))
+    credentials: dict[str, Any] = {name: url[name] for name in ("username", "password", "db") if name in url}
+    if url.get("connection_class") is SSLConnection:
+        credentials["ssl"] = True
+    sentinel = Sentinel(settings.sentinel_addresses, **credentials, **options)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(settings.sentinel_master, redis_class=_SentinelMaster)
+    assert isinstance(client, _SentinelMaster)
+    client.sentinels = sentinel.sentinels
+    return client
+
+
+class _SentinelMaster(Redis):
+    """A Sentinel master's client that closes its clients of the Sentinels with its own pool."""
+
+    sentinels: list[Redis] = []  # set per instance by sentinel_master()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for client in self.sentinels:
+            await client.aclose()
+
+
+def streams_from_settings(settings: Settings, *, socket_timeout: float | None = 30.0) -> StreamsRedis:
+    """A client of the streams' deployment: a :class:`RedisCluster` with ``TOKENBUS_STREAMS_CLUSTER``
+    (it learns the nodes from the node of ``TOKENBUS_STREAMS_URL``), else a single Redis (by
+    default the queue's: a client of its own all the same)."""
+    if settings.streams_cluster:
+        cluster: RedisCluster = RedisCluster.from_url(
+            streams_url(settings), socket_timeout=socket_timeout, socket_connect_timeout=10.0
+        )
+        return cluster
+    if settings.streams_url is None:
+        return redis_from_settings(settings, socket_timeout=socket_timeout)
+    client: Redis = Redis.from_url(settings.streams_url, **_options(socket_timeout))
     return client
