@@ -283,22 +283,7 @@ class RedisClusterProcesses:
 
     def wait_replicated(self, master: RedisServerProcess, timeout_s: float = 30.0) -> None:
         """Until every replica of ``master`` has all it wrote (replication is asynchronous)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            info = dict(
-                line.split(":", 1)
-                for line in _command(master.port, "INFO", "replication").decode().split()
-                if ":" in line
-            )
-            replicas = [
-                dict(kv.split("=") for kv in v.split(",")) for k, v in info.items() if re.fullmatch(r"slave\d+", k)
-            ]
-            offset = info.get("master_repl_offset")
-            if replicas and all(r.get("offset") == offset for r in replicas):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the replicas of port {master.port} did not catch up within {timeout_s}s")
-            time.sleep(0.01)
+        wait_replicated(master, timeout_s)
 
     def node_id(self, node: RedisServerProcess) -> str:
         return _command(node.port, "CLUSTER", "MYID").decode()
@@ -439,6 +424,21 @@ class RedisSentinelProcesses:
         self.replica.close()
         self.master.close()
         self._dir.cleanup()
+
+
+def wait_replicated(master: RedisServerProcess, timeout_s: float = 30.0) -> None:
+    """Until every replica of ``master`` has all it wrote (replication is asynchronous)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = _command(master.port, "INFO", "replication").decode()
+        info = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        replicas = [dict(kv.split("=") for kv in v.split(",")) for k, v in info.items() if re.fullmatch(r"slave\d+", k)]
+        offset = info.get("master_repl_offset")
+        if replicas and all(r.get("offset") == offset for r in replicas):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the replicas of port {master.port} did not catch up within {timeout_s}s")
+        time.sleep(0.01)
 
 
 def start_private_redis(*, prefer_fake: bool = False) -> RedisServerProcess | FakeRedisServer:
