@@ -6,10 +6,11 @@ RESP version are set up as configured, then writes packed pipelines to its trans
 the replies in a protocol of its own: a connection's ``_writer`` is where its transport is.
 
 On a Redis Cluster the publisher writes to each primary on a wire of its own, and asks redis-py's
-cluster client where each hash slot lives (:class:`ClusterTopology`): its ``nodes_manager`` (the
-slot table, and ``initialize()``, which reloads it from ``CLUSTER SLOTS``) and a node's
-``connection_class`` and ``connection_kwargs`` (how redis-py connects to it: credentials, TLS).
-These are undocumented attributes of redis-py 5's ``redis.asyncio.cluster``, not underscored.
+cluster client where each hash slot lives (:class:`ClusterTopology`): its ``nodes_manager``'s
+``get_node_from_slot()`` (the slot table), and a node's ``connection_class`` and
+``connection_kwargs`` (how redis-py connects to it: credentials, TLS). These are undocumented
+attributes of redis-py 5's ``redis.asyncio.cluster``, not underscored. The table is reloaded
+with the client's public ``aclose()`` and ``initialize()``, as redis-py does on a lost node.
 
 The public API that would replace them: none in redis-py; the wire would open its own
 ``asyncio`` connection and repeat redis-py's connection set-up, and the cluster's topology would
@@ -67,15 +68,18 @@ class ClusterTopology:
 
     def connection(self, name: str) -> AbstractConnection:
         """A new, unconnected connection to node ``name``."""
-        node = self._cluster.nodes_manager.get_node(node_name=name)
+        node = self._cluster.get_node(node_name=name)
         if node is None:
             raise redis_errors.ConnectionError(f"no node {name} in the cluster")
         connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
         return connection
 
     async def refresh(self) -> None:
-        """Reload the slot table from the cluster (after ``MOVED``, a failover, a node lost)."""
+        """Reload the slot table from the cluster (after ``MOVED``, a failover, a node lost) as
+        redis-py's client does itself on such errors: closed, then initialized again under its
+        lock (two refreshes at once would reload the table over each other)."""
         try:
-            await self._cluster.nodes_manager.initialize()
+            await self._cluster.aclose()
+            await self._cluster.initialize()
         except redis_errors.RedisClusterException as e:  # no node answered: the cluster is away
             raise redis_errors.ConnectionError(f"the cluster's topology could not be read: {e}") from e

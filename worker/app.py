@@ -18,7 +18,7 @@ from tokenbus.worker._arq import TokenbusWorker
 from tokenbus.worker.job import LEASES, RESOURCES, run_graph
 from tokenbus.worker.lease import Leases
 from tokenbus.worker.presence import Presence
-from tokenbus.worker.redis_client import arq_settings
+from tokenbus.worker.redis_client import arq_sentinel_pool, arq_settings
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.serializer import job_deserializer, job_serializer
 from tokenbus.worker.settings import Settings
@@ -127,6 +127,9 @@ def build_worker(
         functions=[func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)],
         queue_name=settings.queue_name,
         redis_settings=arq_redis_settings(settings),
+        redis_pool=None
+        if settings.sentinels is None
+        else arq_sentinel_pool(settings, job_deserializer=job_deserializer),
         on_startup=startup,
         on_shutdown=shutdown,
         ctx=ctx,

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from arq.connections import ArqRedis, create_pool
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, expires_extra_ms
 from arq.utils import timestamp_ms
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -24,7 +24,7 @@ from tokenbus.schemas.errors import UnknownGraph, UnknownJob
 from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, JobRequest, StreamMode
 from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys, wake_channel
 from tokenbus.worker.presence import WorkerInfo, live_workers
-from tokenbus.worker.redis_client import StreamsRedis, arq_settings, streams_from_settings
+from tokenbus.worker.redis_client import StreamsRedis, arq_sentinel_pool, arq_settings, streams_from_settings
 from tokenbus.worker.serializer import job_deserializer, job_serializer
 from tokenbus.worker.settings import Settings
 from tokenbus.worker.status import JobList, JobStatus, job_status, list_jobs
@@ -61,12 +61,21 @@ class TokenbusClient:
 
     @classmethod
     async def connect(cls, settings: Settings) -> TokenbusClient:
-        pool = await create_pool(
-            arq_settings(settings),
-            job_serializer=job_serializer,
-            job_deserializer=job_deserializer,
-            default_queue_name=settings.queue_name,
-        )
+        if settings.sentinels is None:
+            pool = await create_pool(
+                arq_settings(settings),
+                job_serializer=job_serializer,
+                job_deserializer=job_deserializer,
+                default_queue_name=settings.queue_name,
+            )
+        else:  # it connects when first used
+            pool = arq_sentinel_pool(
+                settings,
+                job_serializer=job_serializer,
+                job_deserializer=job_deserializer,
+                default_queue_name=settings.queue_name,
+                expires_extra_ms=expires_extra_ms,
+            )
         streams = streams_from_settings(settings) if settings.streams_apart else None
         return cls(
             pool, queue_name=settings.queue_name, prefix=settings.prefix, owns_pool=True,

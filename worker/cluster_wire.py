@@ -90,6 +90,11 @@ class ClusterWire:
         counts for one Redis)."""
         return 1 + self._reconnects + sum(max(0, wire.connects - 1) for wire in self._wires.values())
 
+    @property
+    def in_flight(self) -> set[str]:
+        """The nodes (``host:port``) with a pipeline in flight."""
+        return {node for node, wire in self._wires.items() if wire.busy}
+
     def load(self, items: Sequence[tuple[bytes, Route | None]]) -> None:
         """Take a new batch: each item's packed commands and their route."""
         todo: list[_Command] = []

@@ -356,6 +356,11 @@ class Publisher:
         )
 
     @property
+    def nodes_in_flight(self) -> set[str]:
+        """The cluster nodes (``host:port``) with a pipeline in flight (none on one Redis)."""
+        return set() if self._cluster is None else self._cluster.in_flight
+
+    @property
     def redirects(self) -> int:
         """Commands sent again to another cluster node (``MOVED``, ``ASK``); 0 on one Redis."""
         return 0 if self._cluster is None else self._cluster.redirects

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
 
 from tokenbus.worker.settings import Settings
 
@@ -72,18 +74,38 @@ def arq_settings(settings: Settings) -> RedisSettings:
     return redis_settings
 
 
-def sentinel_master(settings: Settings, *, redis_class: type[Redis] = Redis, **options: Any) -> Redis:
+def sentinel_master(settings: Settings, *, redis_class: type[Redis] | None = None, **options: Any) -> Redis:
     """A client of ``TOKENBUS_SENTINEL_MASTER`` as the Sentinels name it now: each new connection
-    asks them where the master is. ``REDIS_URL`` gives the user, password, database and TLS."""
+    asks them where the master is. ``REDIS_URL`` gives the user, password, database and TLS.
+    Closing it closes its clients of the Sentinels too."""
     url = parse_url(redis_url(settings))
     credentials: dict[str, Any] = {name: url[name] for name in ("username", "password", "db") if name in url}
     if url.get("connection_class") is SSLConnection:
         credentials["ssl"] = True
+    # a command on a connection to a master that is gone reconnects: to the master the Sentinels name now
+    options.setdefault("retry", Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5))
+    options.setdefault("retry_on_error", [redis_errors.ConnectionError, redis_errors.TimeoutError])
     sentinel = Sentinel(settings.sentinel_addresses, **credentials, **options)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(settings.sentinel_master, redis_class=_SentinelMaster)
-    assert isinstance(client, _SentinelMaster)
+    client = sentinel.master_for(settings.sentinel_master, redis_class=redis_class or _SentinelMaster)
+    assert isinstance(client, _SentinelMaster | _ArqSentinelMaster)
     client.sentinels = sentinel.sentinels
     return client
+
+
+def arq_sentinel_pool(settings: Settings, **attributes: Any) -> ArqRedis:
+    """arq's pool for a queue behind Sentinel (``attributes``: the serializers and queue name that
+    arq's ``create_pool`` sets): made here rather than by arq, whose Sentinel pool is never closed
+    with its clients of the Sentinels, and takes no retry policy."""
+    pool = sentinel_master(settings, redis_class=_ArqSentinelMaster, socket_connect_timeout=10.0)
+    assert isinstance(pool, ArqRedis)
+    for name, value in attributes.items():
+        setattr(pool, name, value)
+    return pool
+
+
+async def _close_all(clients: list[Redis]) -> None:
+    for client in clients:
+        await client.aclose()
 
 
 class _SentinelMaster(Redis):
@@ -93,8 +115,17 @@ class _SentinelMaster(Redis):
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool)
-        for client in self.sentinels:
-            await client.aclose()
+        await _close_all(self.sentinels)
+
+
+class _ArqSentinelMaster(ArqRedis):
+    """arq's pool on a Sentinel master, closing its clients of the Sentinels with it."""
+
+    sentinels: list[Redis] = []  # set per instance by sentinel_master()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await _close_all(self.sentinels)
 
 
 def streams_from_settings(settings: Settings, *, socket_timeout: float | None = 30.0) -> StreamsRedis:

@@ -311,6 +311,11 @@ class Wire:
             self._busy_since = None
             self._timed_out = False
 
+    @property
+    def busy(self) -> bool:
+        """A batch is in flight (sent, not all of its replies in)."""
+        return self._busy_since is not None
+
     def _check_deadline(self) -> None:
         """The watchdog: cut the connection of a batch in flight for ``timeout_s`` (its reply
         then fails at once); otherwise wait again, for as long as the batch in flight has left.
