@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -362,6 +363,24 @@ def topology(port: int) -> list[tuple[str, str, str, tuple[str, ...]]]:
     return sorted(rows)
 
 
+def settled(rows: list[tuple[str, str, str, tuple[str, ...]]]) -> bool:
+    """3 masters serving slots, each followed by one replica."""
+    masters = [row[0] for row in rows if row[1] == "master" and row[3]]
+    return (
+        len(rows) == 6
+        and len(masters) == 3
+        and sorted(row[2] for row in rows if row[1] == "replica") == sorted(masters)
+    )
+
+
+def assert_topology(port: int, expected: list[tuple[str, str, str, tuple[str, ...]]]) -> None:
+    """``port``'s node sees ``expected`` (the same ids, roles and slots), once gossip has settled."""
+    deadline = time.monotonic() + 30
+    while (seen := topology(port)) != expected:
+        assert time.monotonic() < deadline, f"the cluster changed: {seen} instead of {expected}"
+        time.sleep(0.05)
+
+
 def local_cluster_nodes() -> tuple[list[RedisServerProcess], dict[str, str]]:
     """The cluster file's nodes, each started from its own command on a free port pair, and the
     init service's environment naming them (the first by a name, as compose does, not an IP)."""
@@ -413,15 +432,16 @@ def test_the_cluster_init_makes_the_cluster_once(
         info = cluster_info(node.port)
         assert info["cluster_state"] == "ok" and info["cluster_slots_assigned"] == "16384"
         assert info["cluster_known_nodes"] == "6" and info["cluster_size"] == "3"
-    made_topology = topology(nodes[0].port)
-    masters = [row for row in made_topology if row[1] == "master"]
-    assert len(masters) == 3 and all(row[3] for row in masters)
-    assert sorted(row[2] for row in made_topology if row[1] == "replica") == sorted(row[0] for row in masters)
+    # the replicas' roles reach every node by gossip, a moment after cluster_state:ok
+    deadline = time.monotonic() + 30
+    while not settled(made_topology := topology(nodes[0].port)):
+        assert time.monotonic() < deadline, f"no 3 masters with a replica each: {made_topology}"
+        time.sleep(0.05)
 
     again = run_init(env)  # `docker compose up` once more
     assert again.returncode == 0, again.stderr
     assert "nothing created" in again.stderr and "creating" not in again.stderr
-    assert topology(nodes[0].port) == made_topology
+    assert_topology(nodes[0].port, made_topology)
 
     for node in nodes:  # every node restarts (nodes.conf kept): the init runs while they re-form
         node.stop()
@@ -430,7 +450,7 @@ def test_the_cluster_init_makes_the_cluster_once(
     restarted = run_init(env)
     assert restarted.returncode == 0, restarted.stderr
     assert "nothing created" in restarted.stderr
-    assert topology(nodes[0].port) == made_topology
+    assert_topology(nodes[0].port, made_topology)
 
     # a node that lost its data is named, never joined or re-created over: that is the operator's call
     stray = RedisServerProcess(
@@ -442,7 +462,7 @@ def test_the_cluster_init_makes_the_cluster_once(
         assert with_stray.returncode == 0, with_stray.stderr
         assert f"not part of the cluster: 127.0.0.1:{stray.port}" in with_stray.stderr
         assert cluster_info(stray.port)["cluster_known_nodes"] == "1"
-        assert topology(nodes[0].port) == made_topology
+        assert_topology(nodes[0].port, made_topology)
     finally:
         stray.close()
 

@@ -30,9 +30,12 @@ for node in $nodes; do
     done
 done
 
+# every node says cluster_state:ok and knows (by gossip) at least the nodes listed
 wait_ok() {
+    count=0
+    for node in $nodes; do count=$((count + 1)); done
     for node in $nodes; do
-        until [ "$(info "$node" cluster_state)" = ok ]; do
+        until [ "$(info "$node" cluster_state)" = ok ] && [ "$(info "$node" cluster_known_nodes)" -ge "$count" ]; do
             if late; then
                 say "$node: cluster_state is not ok after ${wait_s}s (redis-cli --cluster check $node)"
                 exit 1
