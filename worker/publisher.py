@@ -9,6 +9,11 @@ entry. Past ``buffer_max`` queued entries, :meth:`Publisher.wait_writable` makes
 can wait do so (a model's token callback); a node's ``writer(...)`` call cannot, so its payloads
 are buffered past it (``worker.streaming``). A retried batch may be applied twice; consumers drop
 the copies by ``(job, attempt, seq)``.
+
+With ``coalesce_after`` set (``TOKENBUS_COALESCE=adaptive``), the publisher counts as congested
+while that many calls wait in its buffer: then a job may :meth:`Publisher.replace` its last call
+still waiting with one that holds more (``worker.coalesce`` merges chunks of one model call into
+it). Nothing waits to be merged: only what is in the buffer anyway, behind a batch in flight.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class Publisher:
         give_up_s: float = 30.0,
         backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
         yield_every: int = 64,
+        coalesce_after: int | None = None,
     ) -> None:
         self._wire = Wire(redis)
         self._xadd = XaddPacker()
@@ -96,6 +102,8 @@ class Publisher:
         self._backoff_s = tuple(backoff_s)
         self._queue: list[_Item] = []
         self._queued = 0  # items ever queued
+        self._taken = 0  # items ever taken by the writer: the queue holds items _taken + 1 to _queued
+        self._coalesce_after = coalesce_after
         self._done = 0  # items ever written or counted lost
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -122,6 +130,8 @@ class Publisher:
         """Commands per pipeline written."""
         self.round_trips = Buckets(SECONDS)
         """Seconds from sending a pipeline to its last reply, for each one written."""
+        self.chunks_merged = 0
+        """Chunks merged into the entry of the chunk before them (``coalesce_after``), not written alone."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Publisher:
@@ -186,6 +196,27 @@ class Publisher:
     def congested(self) -> bool:
         return not self._writable.is_set()
 
+    @property
+    def coalescing(self) -> bool:
+        """Whether chunks should be merged now: coalescing is on and ``coalesce_after`` calls
+        wait in the buffer (Redis or the writer does not keep up)."""
+        after = self._coalesce_after
+        return after is not None and len(self._queue) >= after
+
+    def waiting(self, sink: Sink, index: int) -> bool:
+        """Whether the call ``sink`` queued as ``index`` (its ``last_index`` then) is still in the
+        buffer, not yet taken by the writer, and nothing of the job was queued after it."""
+        return index > self._taken and index == sink.last_index
+
+    def replace(self, sink: Sink, index: int, packed: bytes) -> None:
+        """Put ``packed`` in place of the call ``sink`` queued as ``index``, which must be
+        :meth:`waiting`: the same commands (as many, to the same keys), holding more."""
+        if not self.waiting(sink, index):
+            raise ClientStateError(f"call {index} of job {sink.job_id} is no longer waiting")
+        position = index - self._taken - 1
+        _, _, count, entries = self._queue[position]
+        self._queue[position] = (sink, packed, count, entries)
+
     def should_yield(self) -> bool:
         """True once per ``yield_every`` items queued. The writer is a task of the same event loop:
         a model that never suspends (one that answers from memory) would starve it until the job
@@ -234,6 +265,7 @@ class Publisher:
                 batch = self._queue[: self._batch_max]
                 del self._queue[: self._batch_max]
             taken = len(batch)
+            self._taken += taken
             if not self._writable.is_set() and len(self._queue) < self._buffer_max // 2:
                 self._writable.set()
             try:

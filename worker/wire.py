@@ -78,7 +78,7 @@ class ChunkTemplate:
     (BENCHMARKS.md).
     """
 
-    __slots__ = ("_between", "_edges", "commands")
+    __slots__ = ("_between", "_edges", "_heads", "_merged_heads", "_tail", "commands")
 
     def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
         header = b"*%d\r\n" % (len(fields) + 6)
@@ -101,6 +101,8 @@ class ChunkTemplate:
         heads = [header + prefix + first for prefix in prefixes]
         tail = b"\r\n" + last
         self._edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        self._heads, self._tail = (len(fields) + 6, prefixes, first), tail
+        self._merged_heads: list[bytes] | None = None
 
     def pack(self, seq: int, content: str, data: bytes, ts: int) -> bytes:
         """The commands of one chunk, one per stream, back to back."""
@@ -114,6 +116,23 @@ class ChunkTemplate:
             headers[len(t)], t,
         ))  # fmt: skip
         return chunk.join(self._edges)
+
+    def pack_merged(self, seq: int, content: str, data: bytes, ts: int, n: int) -> bytes:
+        """The commands of an entry holding ``n`` chunks (``n`` > 1): :meth:`pack`'s fields and,
+        after them, ``n`` (contract: the count of a merged chunk)."""
+        heads = self._merged_heads
+        if heads is None:
+            count, prefixes, first = self._heads
+            heads = self._merged_heads = [b"*%d\r\n" % (count + 2) + prefix + first for prefix in prefixes]
+        tail = self._tail + pack_args((b"n", n))
+        edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
+        after_seq, after_content, after_data = self._between
+        chunk = b"".join((
+            b"$%d\r\n" % len(s), s, after_seq, b"$%d\r\n" % len(c), c, after_content,
+            b"$%d\r\n" % len(data), data, after_data, b"$%d\r\n" % len(t), t,
+        ))  # fmt: skip
+        return chunk.join(edges)
 
 
 class XaddPacker:
