@@ -154,6 +154,11 @@ class WorkerCollector(Collector):
             publisher.entries_lost,
         )
         yield CounterMetricFamily(
+            "tokenbus_entries_unacknowledged",
+            "Stream entries Redis took but fewer than TOKENBUS_WAIT_REPLICAS replicas acknowledged in time",
+            publisher.entries_unacknowledged,
+        )
+        yield CounterMetricFamily(
             "tokenbus_publish_retries", "Publish pipelines sent again after Redis failed them", publisher.retries
         )
         yield CounterMetricFamily(

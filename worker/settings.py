@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     buffer are merged into one entry (``worker/coalesce.py``; contract field ``n``)."""
     coalesce_after: int = Field(default=256, ge=1, validation_alias="TOKENBUS_COALESCE_AFTER")
     """Calls waiting in the publisher's buffer from which it counts as congested (``adaptive`` only)."""
+    wait_replicas: int = Field(default=0, ge=0, validation_alias="TOKENBUS_WAIT_REPLICAS")
+    """Replicas that must acknowledge each publish pipeline (``WAIT``) before its entries count as
+    written; 0: no ``WAIT``."""
+    wait_timeout_ms: int = Field(default=1000, ge=1, le=20_000, validation_alias="TOKENBUS_WAIT_TIMEOUT_MS")
+    """How long each ``WAIT`` waits for them (below the publisher's 30 s reply timeout)."""
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535, validation_alias="TOKENBUS_METRICS_PORT")
     """Port of the worker's ``/metrics`` and ``/healthz``; unset: no endpoint (0: any free port)."""

@@ -184,6 +184,8 @@ class _Replies(asyncio.Protocol):
         self._errors: list[tuple[int, redis_errors.ResponseError]] = []
         self._waiter: asyncio.Future[list[tuple[int, redis_errors.ResponseError]]] | None = None
         self.lost = False
+        self.last: Any = None
+        """The last reply of the batch (a ``WAIT``'s count of replicas, when the batch ends with one)."""
 
     def expect(self, count: int) -> asyncio.Future[list[tuple[int, redis_errors.ResponseError]]]:
         """A future of the errors among the next ``count`` replies, by index (the others, XADD's
@@ -204,6 +206,7 @@ class _Replies(asyncio.Protocol):
                     return
                 if isinstance(reply, hiredis.ReplyError):
                     self._errors.append((self._index, redis_errors.ResponseError(str(reply))))
+                self.last = reply
                 self._index += 1
                 self._left -= 1
         except hiredis.ProtocolError as e:
@@ -246,6 +249,11 @@ class Wire:
         self._timed_out = False
         self.connects = 0
         """Connections opened (the first, then one after each failure): read by the metrics endpoint."""
+
+    @property
+    def last_reply(self) -> Any:
+        """The last reply of the batch :meth:`execute` returned from last."""
+        return None if self._replies is None else self._replies.last
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         """Send ``count`` packed commands; return the errors Redis replied with, by command index.
