@@ -93,6 +93,7 @@ class JobEmitter:
         self._meta: _Meta | None = None
         self._payload: tuple[Any, tuple[str, ...], ChunkTemplate] | None = None
         self._data: tuple[str | None, dict[str, Any], bytes] | None = None
+        self._coalescing = publisher.coalesce_after is not None
         self._merge: Merge | None = None  # the last chunk queued while coalescing, which the next may join
 
     @property
@@ -179,7 +180,7 @@ class JobEmitter:
         content = message.content if isinstance(message.content, str) else message.text
         data = self._message_data(message)
         self.tokens += 1
-        plain = self._data is not None and data is self._data[2]  # no tool-call chunks, no usage
+        plain = self._coalescing and self._data is not None and data is self._data[2]  # no tool calls, no usage
         self._chunk(template, content, data, None if plain else _UNMERGEABLE)
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
@@ -217,7 +218,7 @@ class JobEmitter:
             first()
         publisher, seq = self._publisher, self.seq
         self.seq += 1
-        if publisher.coalescing and payload is not _UNMERGEABLE:
+        if self._coalescing and payload is not _UNMERGEABLE and publisher.coalescing:
             self._coalesce(template, seq, content, data, payload)
             return
         publisher.send(self.sink, template.pack(seq, content, data, _now_ms()), template.commands)

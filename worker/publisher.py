@@ -121,7 +121,8 @@ class Publisher:
         self._queue: list[_Item] = []
         self._queued = 0  # items ever queued
         self._taken = 0  # items ever taken by the writer: the queue holds items _taken + 1 to _queued
-        self._coalesce_after = coalesce_after
+        self.coalesce_after = coalesce_after
+        """Calls waiting from which chunks are merged (``TOKENBUS_COALESCE_AFTER``); None: never."""
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self._wait = pack(("WAIT", wait_replicas, wait_timeout_ms)) if wait_replicas else b""
@@ -223,7 +224,7 @@ class Publisher:
     def coalescing(self) -> bool:
         """Whether chunks should be merged now: coalescing is on and ``coalesce_after`` calls
         wait in the buffer (Redis or the writer does not keep up)."""
-        after = self._coalesce_after
+        after = self.coalesce_after
         return after is not None and len(self._queue) >= after
 
     def waiting(self, sink: Sink, index: int) -> bool:
