@@ -39,6 +39,25 @@ def test_a_chunk_template_packs_what_hiredis_packs(streams: list[tuple[str, int]
         assert packer.pack(streams, fields) == expected
 
 
+@pytest.mark.parametrize("streams", [STREAMS[:1], STREAMS])
+def test_a_merged_chunk_packs_its_fields_and_then_its_count(streams: list[tuple[str, int]]) -> None:
+    template = XaddPacker().template(
+        streams, chunk_fields(EntryType.TOKEN, "j1", 2, SEQ, TS, b'["poem"]', "call_model", CONTENT, DATA, META)
+    )
+    for n, content in [(2, "ab"), (12345, "é" * 5000)]:
+        fields = chunk_fields(EntryType.TOKEN, "j1", 2, 9, 17, b'["poem"]', "call_model", content, b"{}", META)
+        expected = [
+            hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *fields, "n", n)) for key, cap in streams
+        ]
+        assert template.pack_merged(9, content, b"{}", 17, n) == b"".join(expected)
+        reader = hiredis.Reader()
+        reader.feed(expected[0])
+        assert Entry.decode(reader.gets()[6:]).n == n
+    single = chunk_fields(EntryType.TOKEN, "j1", 2, 9, 17, b'["poem"]', "call_model", "ab", b"{}", META)
+    packed = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *single)) for key, cap in streams]
+    assert template.pack(9, "ab", b"{}", 17) == b"".join(packed)  # the template still packs single chunks
+
+
 def test_the_packed_entry_decodes_to_its_values() -> None:
     template = XaddPacker().template(
         STREAMS[:1], chunk_fields(EntryType.CUSTOM, "j1", 1, SEQ, TS, b"[]", "n", CONTENT, DATA, b"{}")

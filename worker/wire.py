@@ -73,7 +73,7 @@ class ChunkTemplate:
     (BENCHMARKS.md).
     """
 
-    __slots__ = ("_between", "_edges", "commands")
+    __slots__ = ("_between", "_edges", "_heads", "_merged_heads", "_tail", "commands")
 
     def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
         header = b"*%d\r\n" % (len(fields) + 6)
@@ -96,6 +96,8 @@ class ChunkTemplate:
         heads = [header + prefix + first for prefix in prefixes]
         tail = b"\r\n" + last
         self._edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        self._heads, self._tail = (len(fields) + 6, prefixes, first), tail
+        self._merged_heads: list[bytes] | None = None
 
     def pack(self, seq: int, content: str, data: bytes, ts: int) -> bytes:
         """The commands of one chunk, one per stream, back to back."""
@@ -109,6 +111,23 @@ class ChunkTemplate:
             headers[len(t)], t,
         ))  # fmt: skip
         return chunk.join(self._edges)
+
+    def pack_merged(self, seq: int, content: str, data: bytes, ts: int, n: int) -> bytes:
+        """The commands of an entry holding ``n`` chunks (``n`` > 1): :meth:`pack`'s fields and,
+        after them, ``n`` (contract: the count of a merged chunk)."""
+        heads = self._merged_heads
+        if heads is None:
+            count, prefixes, first = self._heads
+            heads = self._merged_heads = [b"*%d\r\n" % (count + 2) + prefix + first for prefix in prefixes]
+        tail = self._tail + pack_args((b"n", n))
+        edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
+        after_seq, after_content, after_data = self._between
+        chunk = b"".join((
+            b"$%d\r\n" % len(s), s, after_seq, b"$%d\r\n" % len(c), c, after_content,
+            b"$%d\r\n" % len(data), data, after_data, b"$%d\r\n" % len(t), t,
+        ))  # fmt: skip
+        return chunk.join(edges)
 
 
 class XaddPacker:
@@ -160,6 +179,8 @@ class _Replies(asyncio.Protocol):
         self._errors: list[tuple[int, redis_errors.ResponseError]] = []
         self._waiter: asyncio.Future[list[tuple[int, redis_errors.ResponseError]]] | None = None
         self.lost = False
+        self.last: Any = None
+        """The last reply of the batch (a ``WAIT``'s count of replicas, when the batch ends with one)."""
 
     def expect(self, count: int) -> asyncio.Future[list[tuple[int, redis_errors.ResponseError]]]:
         """A future of the errors among the next ``count`` replies, by index (the others, XADD's
@@ -180,6 +201,7 @@ class _Replies(asyncio.Protocol):
                     return
                 if isinstance(reply, hiredis.ReplyError):
                     self._errors.append((self._index, redis_errors.ResponseError(str(reply))))
+                self.last = reply
                 self._index += 1
                 self._left -= 1
         except hiredis.ProtocolError as e:
@@ -222,6 +244,11 @@ class Wire:
         self._timed_out = False
         self.connects = 0
         """Connections opened (the first, then one after each failure): read by the metrics endpoint."""
+
+    @property
+    def last_reply(self) -> Any:
+        """The last reply of the batch :meth:`execute` returned from last."""
+        return None if self._replies is None else self._replies.last
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         """Send ``count`` packed commands; return the errors Redis replied with, by command index.
