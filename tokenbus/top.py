@@ -107,8 +107,7 @@ def _rate(rate: float | None) -> str:
 
 
 def _jobs(snapshot: Snapshot, now: float) -> RenderableType:
-    title = f"Running jobs (the {len(snapshot.running)} oldest: --limit)" if snapshot.more_running else "Running jobs"
-    table = _table(title, "JOB", "GRAPH", "ATTEMPT", "WORKER", "AGE", "TOKENS", "TOK/S")
+    table = _table("Running jobs", "JOB", "GRAPH", "ATTEMPT", "WORKER", "AGE", "TOKENS", "TOK/S")
     for job in snapshot.running:
         s = job.status
         table.add_row(
@@ -117,18 +116,27 @@ def _jobs(snapshot: Snapshot, now: float) -> RenderableType:
         )  # fmt: skip
     if not snapshot.running:
         table.add_row("(none)")
+    if snapshot.more_running:
+        return Group(table, _note(f"more run: the {len(snapshot.running)} oldest are shown (--limit)"))
     return table
 
 
 def _tags(snapshot: Snapshot, now: float) -> RenderableType:
-    found = snapshot.tags_found if snapshot.tags_complete else f"{snapshot.tags_found}+ (search stopped at its budget)"
-    shown = f" ({len(snapshot.tags)} of {found}: the newest)" if len(snapshot.tags) != snapshot.tags_found else ""
-    table = _table(f"Tag streams{shown}", "TAG", "ENTRIES", "TOK/S", "LAST")
+    table = _table("Tag streams", "TAG", "ENTRIES", "TOK/S", "LAST")
     for tag in sorted(snapshot.tags, key=lambda t: (-(t.rate or 0.0), t.tag)):
         table.add_row(tag.tag, str(tag.info.length), _rate(tag.rate), ago(tag.info.last_ms, now, " ago"))
     if not snapshot.tags:
         table.add_row("(none)")
-    return table
+    notes = []
+    if len(snapshot.tags) < snapshot.tags_found:
+        notes.append(f"the {len(snapshot.tags)} written to last of {snapshot.tags_found} found are shown")
+    if not snapshot.tags_complete:
+        notes.append("the search for tag streams stopped at its budget: there may be more")
+    return Group(table, _note("; ".join(notes) + " (--tag names them)")) if notes else table
+
+
+def _note(text: str) -> Text:
+    return Text(f" {text}", style="dim")
 
 
 def _groups(snapshot: Snapshot) -> RenderableType:
