@@ -10,21 +10,14 @@ import httpx2
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import make_settings
 from tests.sse import free_port
-from tests.support import Process, ThreadedModelServer, start_gateway, start_worker, wait_for
+from tests.support import Process, start_gateway, start_worker, wait_for
 from tests.test_metrics import ROOT, Samples, parse, value
-from tokenbus.redis_server import RedisServerProcess
 from tokenbus.worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
 KEY = "metrics-api-key"
-
-
-@pytest.fixture
-def paced_settings(redis_server: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str) -> Settings:
-    return make_settings(redis_server.url, paced_model.base_url, prefix)
 
 
 @pytest.fixture

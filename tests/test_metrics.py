@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +140,6 @@ def assert_documented(exposed: set[str]) -> None:
     assert table == {family(n) for n in exposed if n.startswith("tokenbus_")}
     dashboard = (ROOT / "deploy" / "grafana" / "tokenbus.json").read_text()
     assert set(re.findall(r"tokenbus_\w+", dashboard)) <= exposed
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServerProcess]:
-    server = RedisServerProcess()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.mark.e2e

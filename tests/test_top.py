@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -186,14 +186,6 @@ async def test_top_shows_a_running_jobs_tokens_per_second_and_quits_on_q(
         assert terminal.stderr.read_text() == ""
     finally:
         assert await worker.stop() == 0, worker.output
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServerProcess]:
-    server = RedisServerProcess()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.mark.e2e
