@@ -65,6 +65,15 @@ def paced_model() -> Iterator[ThreadedModelServer]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisServerProcess]:
+    """A redis-server of the test's own, to stop or restart."""
+    server = RedisServerProcess()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
@@ -72,6 +81,11 @@ def prefix() -> str:
 @pytest.fixture
 def settings(redis_server: RedisServerProcess, model_server: ThreadedModelServer, prefix: str) -> Settings:
     return make_settings(redis_server.url, model_server.base_url, prefix)
+
+
+@pytest.fixture
+def paced_settings(redis_server: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str) -> Settings:
+    return make_settings(redis_server.url, paced_model.base_url, prefix)
 
 
 def make_settings(redis_url: str, model_url: str, prefix: str, **overrides: Any) -> Settings:
