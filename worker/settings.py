@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(default=300.0, gt=0, validation_alias="TOKENBUS_JOB_TIMEOUT")
     max_job_timeout_s: float = Field(default=900.0, gt=0, validation_alias="TOKENBUS_MAX_JOB_TIMEOUT")
     max_jobs: int = Field(default=50, ge=1, validation_alias="TOKENBUS_MAX_JOBS")
-    poll_delay_s: float = Field(default=0.05, gt=0, validation_alias="TOKENBUS_POLL_DELAY")
+    poll_delay_s: float = Field(default=1.0, gt=0, validation_alias="TOKENBUS_POLL_DELAY")
     max_tries: int = Field(default=5, ge=1, validation_alias="TOKENBUS_MAX_TRIES")
     shutdown_grace_s: int = Field(default=30, ge=0, validation_alias="TOKENBUS_SHUTDOWN_GRACE")
     heartbeat_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEARTBEAT")
