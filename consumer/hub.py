@@ -37,6 +37,7 @@ from tokenbus.consumer.reader import (
     parse_id,
 )
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.resp import pack
 from tokenbus.schemas.entries import Entry, redrive_group
 from tokenbus.schemas.errors import MalformedEntry
 
@@ -292,7 +293,8 @@ class StreamHub:
         self._reading = frozenset(windows)
         try:
             args = [*windows, *(w.last_id for w in windows.values())]
-            await conn.send_command("XREAD", "COUNT", self._batch, "BLOCK", self._block_ms, "STREAMS", *args)
+            command = ("XREAD", "COUNT", self._batch, "BLOCK", self._block_ms, "STREAMS", *args)
+            await conn.send_packed_command(pack(command), check_health=False)
             reply = await conn.read_response(disable_decoding=True, timeout=self._read_timeout)
         finally:
             self._reading = None

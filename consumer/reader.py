@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.resp import pack
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,27 @@ BEGINNING = "0-0"
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Entries between ``after`` and ``first_available`` were (or may have been) trimmed unread."""
+    """Entries between ``after`` and ``first_available`` were (or may have been) trimmed unread;
+    or, with ``missing`` set, a job stream's ``seq`` jumped there: the entries of ``job``'s
+    ``attempt`` numbered ``missing`` (first, last) are not in the stream (deleted, or lost before
+    Redis kept them: a failover, a publisher that gave up)."""
 
     stream: str
     after: str
     first_available: str | None
+    job: str | None = None
+    attempt: int | None = None
+    missing: tuple[int, int] | None = None
     type: Literal["gap"] = "gap"
 
     def __str__(self) -> str:
+        if self.missing is not None:
+            first, last = self.missing
+            seqs = f"seq {first}" if first == last else f"seqs {first}-{last}"
+            return (
+                f"gap in {self.stream}: job {self.job} attempt {self.attempt}: {seqs} missing "
+                f"(between {self.after} and {self.first_available})"
+            )
         oldest = self.first_available
         return f"gap in {self.stream}: entries after {self.after} were trimmed (oldest left: {oldest})"
 
@@ -143,7 +157,7 @@ class StreamReader:
         commands: list[tuple[Any, ...]] = [("XRANGE", stream, "-", "+", "COUNT", 1) for stream, _ in checks]
         streams = [*self.positions, *self.positions.values()]
         commands.append(("XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *streams))
-        await self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
+        await self._conn.send_packed_command(b"".join(map(pack, commands)), check_health=False)
         self._sent, self._verify = checks, []
 
     async def _receive(self) -> tuple[list[Gap], Any]:

@@ -37,9 +37,12 @@ __all__ = ["cancel", "dead", "jobs", "result", "status", "workers"]  # commands 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
-GATEWAY_GC_THRESHOLDS = (50_000, 20, 100)
-"""The gateway's garbage-collector thresholds: the worker's (``tokenbus.worker.app.GC_THRESHOLDS``,
-which an install without the worker extra cannot import), for the same reason."""
+GATEWAY_GC_THRESHOLDS = (700, 10, 1000)
+"""The gateway's garbage-collector thresholds: Python's young generation (a pass over at most ~700
+new objects is short, so no client's event waits long behind one), and full passes a hundred
+times rarer than Python's default (what is loaded at start is frozen; the rest is mostly
+short-lived). The worker's larger young generation made the gateway's p99 latency 2-3x longer
+(BENCHMARKS.md, "Gateway")."""
 
 
 @contextlib.contextmanager

@@ -42,9 +42,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import RedisCluster
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.resp import pack
 from tokenbus.schemas.errors import ClientStateError
 from tokenbus.worker._redis import ClusterTopology
-from tokenbus.worker.wire import Route, Wire, pack
+from tokenbus.worker.wire import Route, Wire
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ stream and a copy of each chunk to the stream of each of its tags, and ends the 
 terminal entry on every stream it wrote to. State entries (``update``, ``values``) and the final
 state (``result`` of ``end``) go to the job stream only, as JSON by the contract's State rules.
 LangGraph hands the same metadata dict to every chunk of one model call, so the metadata is
-encoded once per call, not once per token.
+encoded once per call, not once per token. While the publisher is congested and coalescing is on,
+chunks of one call may be merged into one entry (``worker.coalesce``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tokenbus.schemas.entries import EntryType, chunk_fields, terminal_fields
 from tokenbus.schemas.errors import PayloadError
 from tokenbus.schemas.keys import FINISHED_KEPT, StreamKeys, validate_tag
 from tokenbus.schemas.state import DEFAULT_STATE_MAX_BYTES, state_json
+from tokenbus.worker.coalesce import Merge
 from tokenbus.worker.publisher import Publisher, Sink
 from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, ChunkTemplate
 
@@ -91,6 +93,8 @@ class JobEmitter:
         self._meta: _Meta | None = None
         self._payload: tuple[Any, tuple[str, ...], ChunkTemplate] | None = None
         self._data: tuple[str | None, dict[str, Any], bytes] | None = None
+        self._coalescing = publisher.coalesce_after is not None
+        self._merge: Merge | None = None  # the last chunk queued while coalescing, which the next may join
 
     @property
     def chunks(self) -> int:
@@ -176,7 +180,8 @@ class JobEmitter:
         content = message.content if isinstance(message.content, str) else message.text
         data = self._message_data(message)
         self.tokens += 1
-        self._chunk(template, content, data)
+        plain = self._coalescing and self._data is not None and data is self._data[2]  # no tool calls, no usage
+        self._chunk(template, content, data, None if plain else _UNMERGEABLE)
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
@@ -200,16 +205,39 @@ class JobEmitter:
             ) from e
         content = payload.get("content") if mapping else None
         self.payloads += 1
-        self._chunk(template, content if content.__class__ is str else "", data)
+        if content.__class__ is str:
+            self._chunk(template, content, data, payload if payload.__class__ is dict else _UNMERGEABLE)
+        else:
+            self._chunk(template, "", data, _UNMERGEABLE)
 
-    def _chunk(self, template: ChunkTemplate, content: str, data: bytes) -> None:
+    def _chunk(self, template: ChunkTemplate, content: str, data: bytes, payload: Any) -> None:
+        """Queue a chunk. ``payload``: a custom chunk's (a dict whose ``content`` is ``content``),
+        None for a token, or ``_UNMERGEABLE`` for a chunk no other may join (``worker.coalesce``)."""
         if self.on_first_chunk is not None:
             first, self.on_first_chunk = self.on_first_chunk, None
             first()
-        self._publisher.send(
-            self.sink, template.pack(self.seq, content, data, _now_ms()), template.commands, route=template.route
-        )
+        publisher, seq = self._publisher, self.seq
         self.seq += 1
+        if self._coalescing and payload is not _UNMERGEABLE and publisher.coalescing:
+            self._coalesce(template, seq, content, data, payload)
+            return
+        publisher.send(self.sink, template.pack(seq, content, data, _now_ms()), template.commands, route=template.route)
+
+    def _coalesce(self, template: ChunkTemplate, seq: int, content: str, data: bytes, payload: Any) -> None:
+        """Merge the chunk into the job's last entry if that one waits in the buffer and it joins
+        without loss; otherwise queue it as an entry later chunks may join."""
+        publisher, merge = self._publisher, self._merge
+        if (
+            merge is not None
+            and merge.joins(template, seq, data, payload)
+            and publisher.waiting(self.sink, merge.index)
+        ):
+            publisher.replace(self.sink, merge.index, merge.add(content))
+            publisher.chunks_merged += 1
+            return
+        ts = _now_ms()
+        publisher.send(self.sink, template.pack(seq, content, data, ts), template.commands, route=template.route)
+        self._merge = Merge(template, self.sink.last_index, seq, content, data, ts, payload is not None)
 
     def _message_data(self, message: BaseMessageChunk) -> bytes:
         """The ``data`` of a token: usually the call's message id and response metadata alone, the
@@ -258,6 +286,10 @@ class JobEmitter:
         )  # fmt: skip
         streams = [self._job_stream, *((key, self._limits.tag_maxlen) for key in tag_keys)]
         return self._publisher.template(streams, fields)
+
+
+_UNMERGEABLE: Any = object()
+"""What a chunk that no other may join passes as its payload (``JobEmitter._chunk``)."""
 
 
 def _tags_of(value: Any) -> Iterable[str]:

@@ -69,6 +69,9 @@ class WorkerResources:
                 batch_max=settings.publish_batch_max,
                 buffer_max=settings.publish_buffer_max,
                 give_up_s=settings.publish_give_up_s,
+                coalesce_after=settings.coalesce_after if settings.coalesce == "adaptive" else None,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout_ms=settings.wait_timeout_ms,
             ).start()
             stack.push_async_callback(publisher.close)
             limits = StreamLimits(

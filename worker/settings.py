@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -57,6 +58,16 @@ class Settings(BaseSettings):
     publish_batch_max: int = Field(default=4096, ge=1, validation_alias="TOKENBUS_PUBLISH_BATCH")
     publish_buffer_max: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_PUBLISH_BUFFER")
     publish_give_up_s: float = Field(default=30.0, gt=0, validation_alias="TOKENBUS_PUBLISH_GIVE_UP")
+    coalesce: Literal["off", "adaptive"] = Field(default="off", validation_alias="TOKENBUS_COALESCE")
+    """``adaptive``: while the publisher is congested, chunks of one model call still waiting in its
+    buffer are merged into one entry (``worker/coalesce.py``; contract field ``n``)."""
+    coalesce_after: int = Field(default=256, ge=1, validation_alias="TOKENBUS_COALESCE_AFTER")
+    """Calls waiting in the publisher's buffer from which it counts as congested (``adaptive`` only)."""
+    wait_replicas: int = Field(default=0, ge=0, validation_alias="TOKENBUS_WAIT_REPLICAS")
+    """Replicas that must acknowledge each publish pipeline (``WAIT``) before its entries count as
+    written; 0: no ``WAIT``. Not with ``TOKENBUS_STREAMS_CLUSTER`` (refused)."""
+    wait_timeout_ms: int = Field(default=1000, ge=1, le=20_000, validation_alias="TOKENBUS_WAIT_TIMEOUT_MS")
+    """How long each ``WAIT`` waits for them (below the publisher's 30 s reply timeout)."""
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535, validation_alias="TOKENBUS_METRICS_PORT")
     """Port of the worker's ``/metrics`` and ``/healthz``; unset: no endpoint (0: any free port)."""
@@ -87,6 +98,13 @@ class Settings(BaseSettings):
             )
         if self.streams_cluster and self.streams_url is not None and self.streams_url.startswith("unix:"):
             raise ValueError("a Redis Cluster is reached over TCP: TOKENBUS_STREAMS_URL cannot be a unix:// socket")
+        if self.streams_cluster and self.wait_replicas:
+            raise ValueError(
+                "TOKENBUS_WAIT_REPLICAS cannot be used with TOKENBUS_STREAMS_CLUSTER: WAIT counts the replicas "
+                "of one node's writes on one connection, and a publish batch goes to several cluster nodes. "
+                "Unset TOKENBUS_WAIT_REPLICAS (a cluster replicates asynchronously: a failover may lose "
+                "acknowledged entries, and job-stream readers report the missing seqs as gaps)"
+            )
         if self.sentinels is not None and self.redis_url is not None and self.redis_url.startswith("unix:"):
             raise ValueError("with TOKENBUS_SENTINELS, REDIS_URL gives credentials over TCP, not a unix:// socket")
         return self

@@ -92,6 +92,12 @@ def notice_event(kind: str, **fields: Any) -> bytes:
 
 
 def gap_event(gap: Gap) -> bytes:
+    """Entries trimmed unread; with ``missing`` ([first, last] ``seq``), a job stream's seq jump."""
+    if gap.missing is not None:
+        return notice_event(
+            "gap", stream=gap.stream, after=gap.after, first_available=gap.first_available, job=gap.job,
+            attempt=gap.attempt, missing=list(gap.missing),
+        )  # fmt: skip
     return notice_event("gap", stream=gap.stream, after=gap.after, first_available=gap.first_available)
 
 
@@ -199,7 +205,7 @@ class EventStream:
         self._streams = list(streams)
         self._filters = filters
         self._job = job
-        self._attempts = AttemptFilter(tag_streams)
+        self._attempts = AttemptFilter(tag_streams, job_streams=self._streams if job is not None else ())
         ids = parse_cursor(cursor, len(self._streams)) if cursor else None
         default = BEGINNING if job is not None else LATEST  # a job from its start, tags from now
         self._positions = dict(zip(self._streams, ids or [default] * len(self._streams), strict=True))
@@ -276,7 +282,9 @@ class EventStream:
         if not verdict:
             return b"", False
         out = b""
-        if verdict is not True:
+        if isinstance(verdict, Gap):
+            out += gap_event(verdict)
+        elif verdict is not True:
             out += restart_event(verdict)
         if self._unstarted:
             self._unstarted = False
