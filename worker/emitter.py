@@ -221,7 +221,7 @@ class JobEmitter:
         if self._coalescing and payload is not _UNMERGEABLE and publisher.coalescing:
             self._coalesce(template, seq, content, data, payload)
             return
-        publisher.send(self.sink, template.pack(seq, content, data, _now_ms()), template.commands)
+        publisher.send(self.sink, template.pack(seq, content, data, _now_ms()), template.commands, route=template.route)
 
     def _coalesce(self, template: ChunkTemplate, seq: int, content: str, data: bytes, payload: Any) -> None:
         """Merge the chunk into the job's last entry if that one waits in the buffer and it joins
@@ -236,7 +236,7 @@ class JobEmitter:
             publisher.chunks_merged += 1
             return
         ts = _now_ms()
-        publisher.send(self.sink, template.pack(seq, content, data, ts), template.commands)
+        publisher.send(self.sink, template.pack(seq, content, data, ts), template.commands, route=template.route)
         self._merge = Merge(template, self.sink.last_index, seq, content, data, ts, payload is not None)
 
     def _message_data(self, message: BaseMessageChunk) -> bytes:

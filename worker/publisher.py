@@ -10,6 +10,10 @@ can wait do so (a model's token callback); a node's ``writer(...)`` call cannot,
 are buffered past it (``worker.streaming``). A retried batch may be applied twice; consumers drop
 the copies by ``(job, attempt, seq)``.
 
+On a Redis Cluster (a :class:`RedisCluster` client) each queued item carries its :class:`Route`
+(the hash slot of each command's key) and each batch goes out as one pipeline per primary
+(:mod:`tokenbus.worker.cluster_wire`, which says how order is kept and redirections followed).
+
 With ``coalesce_after`` set (``TOKENBUS_COALESCE=adaptive``), the publisher counts as congested
 while that many calls wait in its buffer: then a job may :meth:`Publisher.replace` its last call
 still waiting with one that holds more (``worker.coalesce`` merges chunks of one model call into
@@ -19,7 +23,8 @@ With ``wait_replicas`` set (``TOKENBUS_WAIT_REPLICAS``), each batch ends with ``
 <timeout>`` on the same connection: its entries count as written only once that many replicas
 acknowledged them. Those of a batch fewer replicas acknowledged within the timeout are counted
 on each job's :class:`Sink` as unacknowledged (Redis holds them, but a failover may lose them),
-and the job ends with an ``error`` that says how many.
+and the job ends with an ``error`` that says how many. Not on a Redis Cluster: ``WAIT`` counts the
+replicas of the node of its connection only, and a batch goes to several (refused when made).
 """
 
 from __future__ import annotations
@@ -31,22 +36,24 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.consumer.resp import pack
 from tokenbus.schemas.errors import ClientStateError, PublishError
+from tokenbus.worker.cluster_wire import ClusterWire
 from tokenbus.worker.stats import BATCH_SIZES, SECONDS, Buckets
-from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe
+from tokenbus.worker.wire import ChunkTemplate, Route, Wire, XaddPacker, describe
 
 logger = logging.getLogger(__name__)
 
-_Item = tuple["Sink", bytes, int, int]
-"""What one call queued for a job: its commands packed in the Redis protocol, how many, and how
-many of them are stream entries (``XADD``; the others are a job's ``ZADD``, ``ZREM``, ``EXPIRE``)."""
+_Item = tuple["Sink", bytes, int, int, Route | None]
+"""What one call queued for a job: its commands packed in the Redis protocol, how many, how
+many of them are stream entries (``XADD``; the others are a job's ``ZADD``, ``ZREM``, ``EXPIRE``),
+and, for a Redis Cluster, their route."""
 
 
 class Sink:
@@ -102,7 +109,7 @@ class Fence(Protocol):
 class Publisher:
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         *,
         batch_max: int = 4096,
         buffer_max: int = 100_000,
@@ -113,7 +120,14 @@ class Publisher:
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
     ) -> None:
-        self._wire = Wire(redis)
+        self._cluster: ClusterWire | None = None
+        self._wire: Wire | None = None
+        if isinstance(redis, RedisCluster):
+            if wait_replicas:
+                raise ValueError("no wait_replicas on a Redis Cluster: WAIT counts one node's replicas")
+            self._cluster = ClusterWire(redis)
+        else:
+            self._wire = Wire(cast(Redis, redis))  # (mypy does not narrow redis-py's union)
         self._xadd = XaddPacker()
         self._batch_max = batch_max
         self._buffer_max = buffer_max
@@ -173,7 +187,10 @@ class Publisher:
         self._wake.set()
         await self._task
         self._task = None
-        await self._wire.close()
+        if self._cluster is not None:
+            await self._cluster.close()
+        if self._wire is not None:
+            await self._wire.close()
 
     # -- producing -------------------------------------------------------------------------------
     def sink(self, job_id: str) -> Sink:
@@ -183,23 +200,31 @@ class Publisher:
         """Queue ``XADD key MAXLEN ~ maxlen * fields...`` on each ``(key, maxlen)`` of ``streams``
         for ``sink``'s job. Never blocks."""
         commands = self._xadd.pack(streams, fields)
-        self.send(sink, b"".join(commands), len(commands))
+        route = None if self._cluster is None else Route.of([key for key, _ in streams], commands)
+        self.send(sink, b"".join(commands), len(commands), route=route)
 
     def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
-        """Queue any other command (``EXPIRE``, ``ZADD``...) in order with the job's entries."""
-        self.send(sink, pack(args), 1, entries=0)
+        """Queue any other command (``EXPIRE``, ``ZADD``...: its key second) in order with the job's entries."""
+        packed = pack(args)
+        self.send(sink, packed, 1, entries=0, route=None if self._cluster is None else Route.of([args[1]], [packed]))
 
     def template(self, streams: Sequence[tuple[str, int]], fields: list[Any]) -> ChunkTemplate:
         """A template for the chunks of one model call (see :class:`ChunkTemplate`); queue what it
-        packs with :meth:`send`."""
-        return self._xadd.template(streams, fields)
+        packs with :meth:`send`, with its ``route``."""
+        template = self._xadd.template(streams, fields)
+        if self._cluster is not None:
+            template.route = Route([key for key, _ in streams], template.fixed)
+        return template
 
-    def send(self, sink: Sink, packed: bytes, count: int, *, entries: int | None = None) -> None:
+    def send(
+        self, sink: Sink, packed: bytes, count: int, *, entries: int | None = None, route: Route | None = None
+    ) -> None:
         """Queue ``count`` commands already packed (by a :meth:`template`) for ``sink``'s job, of
-        which ``entries`` (default: all) are stream entries. Never blocks."""
+        which ``entries`` (default: all) are stream entries; ``route``: where they go on a Redis
+        Cluster (the template's). Never blocks."""
         if self._task is None or self._closing:
             raise ClientStateError("publisher is not running")
-        self._queue.append((sink, packed, count, count if entries is None else entries))
+        self._queue.append((sink, packed, count, count if entries is None else entries, route))
         self._queued += 1
         sink.last_index = self._queued
         if not self._wake.is_set():
@@ -210,7 +235,8 @@ class Publisher:
     @property
     def reconnects(self) -> int:
         """Connections the writer opened after its first (each after a failure)."""
-        return max(0, self._wire.connects - 1)
+        wire = self._cluster or self._wire
+        return 0 if wire is None else max(0, wire.connects - 1)
 
     @property
     def buffered(self) -> int:
@@ -235,12 +261,13 @@ class Publisher:
 
     def replace(self, sink: Sink, index: int, packed: bytes) -> None:
         """Put ``packed`` in place of the call ``sink`` queued as ``index``, which must be
-        :meth:`waiting`: the same commands (as many, to the same keys), holding more."""
+        :meth:`waiting`: the same commands (as many, to the same keys), holding more. On a Redis
+        Cluster the call's route cuts them (a merged chunk's commands as its template's: :class:`Route`)."""
         if not self.waiting(sink, index):
             raise ClientStateError(f"call {index} of job {sink.job_id} is no longer waiting")
         position = index - self._taken - 1
-        _, _, count, entries = self._queue[position]
-        self._queue[position] = (sink, packed, count, entries)
+        _, _, count, entries, route = self._queue[position]
+        self._queue[position] = (sink, packed, count, entries, route)
 
     def should_yield(self) -> bool:
         """True once per ``yield_every`` items queued. The writer is a task of the same event loop:
@@ -317,25 +344,31 @@ class Publisher:
         started = time.monotonic()
         attempt = 0
         packed, count = b"", -1
+        cluster, wire = self._cluster, self._wire
         while True:
             try:
                 unfenced = await self._unfenced(batch)
                 if len(unfenced) != count:
                     batch = unfenced
-                    packed = b"".join([commands for _, commands, _, _ in batch])
-                    count = sum([n for _, _, n, _ in batch])
+                    count = sum([n for _, _, n, _, _ in batch])
+                    if cluster is None:
+                        packed = b"".join([commands for _, commands, _, _, _ in batch])
+                    else:
+                        cluster.load([(commands, route) for _, commands, _, _, route in batch])
                 if not batch:
                     return
                 sent = time.monotonic()
-                if self._wait:  # (WAIT's reply is the last: its index is count)
-                    refused = await self._wire.execute(packed + self._wait, count + 1)
+                if cluster is not None:  # (no WAIT: refused when made)
+                    refused = await cluster.execute()
+                elif self._wait:  # (WAIT's reply is the last: its index is count)
+                    refused = await _single(wire).execute(packed + self._wait, count + 1)
                 else:
-                    refused = await self._wire.execute(packed, count)
+                    refused = await _single(wire).execute(packed, count)
             except REDIS_UNAVAILABLE as e:
                 self.failures += 1
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
-                    self._lose(batch, e, waited)
+                    self._lose(batch, e, waited, None if cluster is None else cluster.undelivered())
                     return
                 delay = self._backoff_s[min(attempt, len(self._backoff_s) - 1)]
                 attempt += 1
@@ -345,7 +378,7 @@ class Publisher:
                 continue
             self.round_trips.observe(time.monotonic() - sent)
             self.batch_sizes.observe(count)
-            entries = sum([e for _, _, _, e in batch])
+            entries = sum([e for _, _, _, e, _ in batch])
             if self._wait:
                 refused, unacked = self._acknowledged(batch, refused, count)
                 entries -= unacked
@@ -360,7 +393,7 @@ class Publisher:
         """After a batch ending with ``WAIT``: the error replies to its own commands, and how many of
         its stream entries Redis took (not refused) that fewer than ``wait_replicas`` replicas
         acknowledged (every one, or none), counted on their jobs' sinks."""
-        replicas = self._wire.last_reply
+        replicas = _single(self._wire).last_reply
         waited = [error for index, error in refused if index == count]
         refused = [(index, error) for index, error in refused if index != count]
         if waited or not isinstance(replicas, int):
@@ -370,7 +403,7 @@ class Publisher:
             return refused, 0
         refused_at = {index for index, _ in refused}
         unacked = start = 0
-        for sink, _, n, xadds in batch:
+        for sink, _, n, xadds, _ in batch:
             if xadds:
                 taken = xadds - sum([1 for index in range(start, start + n) if index in refused_at])
                 sink.unacked += taken
@@ -387,11 +420,11 @@ class Publisher:
     def _refused(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]]) -> int:
         """Record each error reply on the job whose command it answers (by command index); return
         how many of them refused a stream entry."""
-        ends = list(itertools.accumulate(n for _, _, n, _ in batch))
+        ends = list(itertools.accumulate(n for _, _, n, _, _ in batch))
         entries = 0
         for index, error in refused:
             item = bisect.bisect_right(ends, index)
-            sink, commands, n, xadds = batch[item]
+            sink, commands, n, xadds, _ = batch[item]
             what = describe(commands, index - (ends[item] - n))
             sink.errors.append(f"{what}: {error}")
             entries += 1 if xadds else 0
@@ -399,13 +432,19 @@ class Publisher:
         self.entries_lost += entries
         return entries
 
-    def _lose(self, batch: list[_Item], error: BaseException, waited: float) -> None:
-        for sink, _, n, _ in batch:
+    def _lose(
+        self, batch: list[_Item], error: BaseException, waited: float, undelivered: list[int] | None = None
+    ) -> None:
+        """Count ``batch`` lost on its jobs' sinks; only its ``undelivered`` commands (by index)
+        if the others were written (on a cluster, the nodes that took theirs)."""
+        if undelivered is not None:
+            batch = _undelivered(batch, undelivered)
+        for sink, _, n, _, _ in batch:
             sink.lost += n
-        lost = sum([n for _, _, n, _ in batch])
+        lost = sum([n for _, _, n, _, _ in batch])
         self.lost_total += lost
-        self.entries_lost += sum([e for _, _, _, e in batch])
-        jobs = sorted({sink.job_id for sink, _, _, _ in batch})
+        self.entries_lost += sum([e for _, _, _, e, _ in batch])
+        jobs = sorted({sink.job_id for sink, _, _, _, _ in batch})
         logger.error(
             "gave up publishing %d entries of jobs %s after %.1fs: %s",
             lost,
@@ -414,8 +453,39 @@ class Publisher:
             error,
         )
 
+    @property
+    def nodes_in_flight(self) -> set[str]:
+        """The cluster nodes (``host:port``) with a pipeline in flight (none on one Redis)."""
+        return set() if self._cluster is None else self._cluster.in_flight
+
+    @property
+    def redirects(self) -> int:
+        """Commands sent again to another cluster node (``MOVED``, ``ASK``); 0 on one Redis."""
+        return 0 if self._cluster is None else self._cluster.redirects
+
     def _release_waiters(self) -> None:
         while self._waiters and self._waiters[0][0] <= self._done:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_result(None)
+
+
+def _single(wire: Wire | None) -> Wire:
+    if wire is None:
+        raise ClientStateError("the publisher has no wire")
+    return wire
+
+
+def _undelivered(batch: list[_Item], indexes: list[int]) -> list[_Item]:
+    """The items of ``batch`` holding the commands at ``indexes``, each counting only those
+    (as commands, and as entries if the item's commands are entries)."""
+    ends = list(itertools.accumulate(n for _, _, n, _, _ in batch))
+    counts: dict[int, int] = {}
+    for index in indexes:
+        item = bisect.bisect_right(ends, index)
+        counts[item] = counts.get(item, 0) + 1
+    return [
+        (sink, commands, counts[i], counts[i] if xadds else 0, route)
+        for i, (sink, commands, _, xadds, route) in enumerate(batch)
+        if i in counts
+    ]

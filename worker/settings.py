@@ -18,6 +18,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True, env_ignore_empty=True)
 
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    """The queue's Redis (arq's keys, the wake-up channel), and the streams' unless ``TOKENBUS_STREAMS_URL`` is set."""
+    sentinels: str | None = Field(default=None, validation_alias="TOKENBUS_SENTINELS")
+    """``host:port,host:port...`` of Redis Sentinels: the queue's Redis is the master they name
+    (``TOKENBUS_SENTINEL_MASTER``); ``REDIS_URL`` then gives only its user, password, database and TLS."""
+    sentinel_master: str = Field(default="mymaster", min_length=1, validation_alias="TOKENBUS_SENTINEL_MASTER")
+    streams_url: str | None = Field(default=None, validation_alias="TOKENBUS_STREAMS_URL")
+    """Where the ``<prefix>:`` keys live (streams, running, finished, workers, dead letters);
+    unset: on the queue's Redis (``REDIS_URL``, or its Sentinel master)."""
+    streams_cluster: bool = Field(default=False, validation_alias="TOKENBUS_STREAMS_CLUSTER")
+    """``TOKENBUS_STREAMS_URL`` is a node of a Redis Cluster (said, not detected: a client that
+    guessed wrong would send cross-slot commands, or route a single Redis's keys by slot)."""
     prefix: str = Field(default="tokenbus", validation_alias="TOKENBUS_PREFIX")
     queue_name: str = Field(default="tokenbus:queue", validation_alias="TOKENBUS_QUEUE")
 
@@ -54,7 +65,7 @@ class Settings(BaseSettings):
     """Calls waiting in the publisher's buffer from which it counts as congested (``adaptive`` only)."""
     wait_replicas: int = Field(default=0, ge=0, validation_alias="TOKENBUS_WAIT_REPLICAS")
     """Replicas that must acknowledge each publish pipeline (``WAIT``) before its entries count as
-    written; 0: no ``WAIT``."""
+    written; 0: no ``WAIT``. Not with ``TOKENBUS_STREAMS_CLUSTER`` (refused)."""
     wait_timeout_ms: int = Field(default=1000, ge=1, le=20_000, validation_alias="TOKENBUS_WAIT_TIMEOUT_MS")
     """How long each ``WAIT`` waits for them (below the publisher's 30 s reply timeout)."""
 
@@ -64,12 +75,39 @@ class Settings(BaseSettings):
     health_max_lag_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEALTH_MAX_LAG")
     """``/healthz`` fails while the event loop has not run for this many seconds (a stuck loop)."""
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "streams_url")
     @classmethod
     def _valid_redis_url(cls, value: str | None) -> str | None:
         if value is not None:
             check_redis_url(value)
         return value
+
+    @field_validator("sentinels")
+    @classmethod
+    def _valid_sentinels(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_sentinels(value)
+        return value
+
+    @model_validator(mode="after")
+    def _deployments_fit(self) -> Settings:
+        if self.streams_cluster and self.streams_url is None:
+            raise ValueError(
+                "TOKENBUS_STREAMS_CLUSTER needs TOKENBUS_STREAMS_URL (a node of the cluster): "
+                "the queue cannot live on a Redis Cluster (arq's keys cross slots)"
+            )
+        if self.streams_cluster and self.streams_url is not None and self.streams_url.startswith("unix:"):
+            raise ValueError("a Redis Cluster is reached over TCP: TOKENBUS_STREAMS_URL cannot be a unix:// socket")
+        if self.streams_cluster and self.wait_replicas:
+            raise ValueError(
+                "TOKENBUS_WAIT_REPLICAS cannot be used with TOKENBUS_STREAMS_CLUSTER: WAIT counts the replicas "
+                "of one node's writes on one connection, and a publish batch goes to several cluster nodes. "
+                "Unset TOKENBUS_WAIT_REPLICAS (a cluster replicates asynchronously: a failover may lose "
+                "acknowledged entries, and job-stream readers report the missing seqs as gaps)"
+            )
+        if self.sentinels is not None and self.redis_url is not None and self.redis_url.startswith("unix:"):
+            raise ValueError("with TOKENBUS_SENTINELS, REDIS_URL gives credentials over TCP, not a unix:// socket")
+        return self
 
     @field_validator("prefix")
     @classmethod
@@ -97,12 +135,35 @@ class Settings(BaseSettings):
         return self.lease_s if self.lease_s is not None else 3 * self.heartbeat_s
 
     @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels of ``TOKENBUS_SENTINELS`` (empty: the queue's Redis is ``REDIS_URL`` itself)."""
+        return [] if self.sentinels is None else parse_sentinels(self.sentinels)
+
+    @property
+    def streams_apart(self) -> bool:
+        """The streams live on a deployment of their own (``TOKENBUS_STREAMS_URL``)."""
+        return self.streams_url is not None
+
+    @property
     def offline(self) -> bool:
         """No model endpoint configured: the example graph talks to the built-in offline model."""
         return self.openai_api_key is None and self.openai_base_url is None
 
 
 REDIS_URL_FORMS = "redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/redis.sock"
+
+
+def parse_sentinels(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as addresses; ``ValueError`` saying what is wrong."""
+    addresses = []
+    for part in value.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"not a list of Sentinels: {part.strip()!r}; use host:port,host:port (26379 is the usual port)"
+            )
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
 
 
 def check_redis_url(url: str) -> None:
