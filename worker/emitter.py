@@ -37,6 +37,8 @@ class StreamLimits:
     job_maxlen: int = 100_000
     job_ttl_s: int = 86_400
     state_max_bytes: int = DEFAULT_STATE_MAX_BYTES
+    tag_ttl_s: int | None = None
+    """``TOKENBUS_TAG_TTL``: tag streams expire this long after an attempt's first write and its end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class JobEmitter:
         """Called once, at the attempt's first chunk (its time to first token)."""
         self.tag_filter: frozenset[str] | None = None
         self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
+        self._unexpiring: list[str] = []  # tag streams of this attempt's next chunk, their expiry not yet set
         self._meta: _Meta | None = None
         self._payload: tuple[Any, tuple[str, ...], ChunkTemplate] | None = None
         self._data: tuple[str | None, dict[str, Any], bytes] | None = None
@@ -133,6 +136,9 @@ class JobEmitter:
                 self._publisher.xadd(self.sink, tag_streams, plain)
         self.seq += 1
         self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
+        if self._limits.tag_ttl_s is not None:
+            for key in self.tag_streams:
+                self._publisher.command(self.sink, ("EXPIRE", key, self._limits.tag_ttl_s))
 
     def record_finished(self) -> None:
         """List the job among the newest finished (``<prefix>:finished``), once its final entry
@@ -220,8 +226,20 @@ class JobEmitter:
         self.seq += 1
         if self._coalescing and payload is not _UNMERGEABLE and publisher.coalescing:
             self._coalesce(template, seq, content, data, payload)
-            return
-        publisher.send(self.sink, template.pack(seq, content, data, _now_ms()), template.commands, route=template.route)
+        else:
+            publisher.send(
+                self.sink, template.pack(seq, content, data, _now_ms()), template.commands, route=template.route
+            )
+        if self._unexpiring:
+            self._expire_new_tag_streams()
+
+    def _expire_new_tag_streams(self) -> None:
+        """Set the expiry of the tag streams this attempt has just written to for the first time
+        (after the chunk's XADD, which may have created them: EXPIRE of no key does nothing)."""
+        assert self._limits.tag_ttl_s is not None
+        for key in self._unexpiring:
+            self._publisher.command(self.sink, ("EXPIRE", key, self._limits.tag_ttl_s))
+        self._unexpiring.clear()
 
     def _coalesce(self, template: ChunkTemplate, seq: int, content: str, data: bytes, payload: Any) -> None:
         """Merge the chunk into the job's last entry if that one waits in the buffer and it joins
@@ -278,7 +296,10 @@ class JobEmitter:
         fanout = [t for t in tags if self.tag_filter is None or t in self.tag_filter]
         tag_keys = [self._keys.tag(t) for t in fanout]
         for key in tag_keys:
-            self.tag_streams.setdefault(key)
+            if key not in self.tag_streams:
+                self.tag_streams[key] = None
+                if self._limits.tag_ttl_s is not None:
+                    self._unexpiring.append(key)
         fields = chunk_fields(
             kind, self.job_id, self.attempt, SEQ, TS, orjson.dumps(tags) if tags else _EMPTY_JSON_LIST,
             str(metadata.get("langgraph_node", "")), CONTENT, DATA,

@@ -75,8 +75,9 @@ class WorkerResources:
             ).start()
             stack.push_async_callback(publisher.close)
             limits = StreamLimits(
-                settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s, settings.state_max_bytes
-            )
+                settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s, settings.state_max_bytes,
+                tag_ttl_s=settings.tag_ttl_s,
+            )  # fmt: skip
             sweeper = Sweeper(
                 redis,
                 settings.keys,

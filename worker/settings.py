@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     tag_maxlen: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_TAG_MAXLEN")
     job_maxlen: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_JOB_MAXLEN")
     job_ttl_s: int = Field(default=86_400, ge=1, validation_alias="TOKENBUS_JOB_TTL")
+    tag_ttl_s: int | None = Field(default=None, ge=1, validation_alias="TOKENBUS_TAG_TTL")
+    """Seconds a tag stream lives after the last attempt that wrote to it (each attempt sets it at
+    its first write to the stream and at its end); unset: tag streams never expire."""
 
     job_timeout_s: float = Field(default=300.0, gt=0, validation_alias="TOKENBUS_JOB_TIMEOUT")
     max_job_timeout_s: float = Field(default=900.0, gt=0, validation_alias="TOKENBUS_MAX_JOB_TIMEOUT")
@@ -114,6 +117,16 @@ class Settings(BaseSettings):
     def _valid_prefix(cls, value: str) -> str:
         StreamKeys(value)
         return value
+
+    @model_validator(mode="after")
+    def _tag_streams_outlive_jobs(self) -> Settings:
+        longest = max(self.job_timeout_s, self.max_job_timeout_s)
+        if self.tag_ttl_s is not None and self.tag_ttl_s < longest:
+            raise ValueError(
+                f"TOKENBUS_TAG_TTL ({self.tag_ttl_s}s) must be at least the longest a job may run "
+                f"(TOKENBUS_MAX_JOB_TIMEOUT, {longest:g}s): a tag stream must not expire under a running job"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Settings:
