@@ -34,14 +34,27 @@ BEGINNING = "0-0"
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Entries between ``after`` and ``first_available`` were (or may have been) trimmed unread."""
+    """Entries between ``after`` and ``first_available`` were (or may have been) trimmed unread;
+    or, with ``missing`` set, a job stream's ``seq`` jumped there: the entries of ``job``'s
+    ``attempt`` numbered ``missing`` (first, last) are not in the stream (deleted, or lost before
+    Redis kept them: a failover, a publisher that gave up)."""
 
     stream: str
     after: str
     first_available: str | None
+    job: str | None = None
+    attempt: int | None = None
+    missing: tuple[int, int] | None = None
     type: Literal["gap"] = "gap"
 
     def __str__(self) -> str:
+        if self.missing is not None:
+            first, last = self.missing
+            seqs = f"seq {first}" if first == last else f"seqs {first}-{last}"
+            return (
+                f"gap in {self.stream}: job {self.job} attempt {self.attempt}: {seqs} missing "
+                f"(between {self.after} and {self.first_available})"
+            )
         oldest = self.first_available
         return f"gap in {self.stream}: entries after {self.after} were trimmed (oldest left: {oldest})"
 

@@ -66,6 +66,15 @@ def paced_model() -> Iterator[ThreadedModelServer]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisServerProcess]:
+    """A redis-server of the test's own, to stop or restart."""
+    server = RedisServerProcess()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
@@ -96,6 +105,11 @@ async def streams(settings: Settings) -> AsyncIterator[StreamsRedis]:
     client = streams_from_settings(settings)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def paced_settings(redis_server: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str) -> Settings:
+    return make_settings(redis_server.url, paced_model.base_url, prefix)
 
 
 def make_settings(redis_url: str, model_url: str, prefix: str, **overrides: Any) -> Settings:

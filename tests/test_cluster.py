@@ -1,6 +1,8 @@
 """The publisher on a Redis Cluster (3 masters, 3 replicas): entries routed by hash slot to every
 master, in order per stream; slots moved under it (``ASK`` during a migration, ``MOVED`` after);
-a master hung mid-batch and killed (failover): nothing acknowledged lost, what is given up counted."""
+a master hung mid-batch and killed (failover): nothing acknowledged lost, what is given up counted;
+chunks merged while a master holds the publisher up (``TOKENBUS_COALESCE``) routed to every stream's
+master; ``TOKENBUS_WAIT_REPLICAS`` refused."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from redis.asyncio import RedisCluster
+from langchain_core.messages import AIMessageChunk
+from pydantic import ValidationError
+from redis.asyncio import Redis, RedisCluster
 
-from tests.support import read_stream, wait_until
+from tests.conftest import make_settings
+from tests.support import read_stream, text_of, wait_until
 from tokenbus.redis_server import RedisClusterProcesses
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.keys import StreamKeys
@@ -205,3 +210,60 @@ async def test_a_master_hung_mid_batch_then_killed_loses_nothing_it_acknowledged
     finally:
         await client.aclose()
         await asyncio.to_thread(cluster.close)
+
+
+async def test_chunks_merged_while_the_jobs_master_holds_the_publisher_up_reach_every_stream_exactly(
+    redis_cluster: RedisClusterProcesses, cluster_client: RedisCluster
+) -> None:
+    """The job's master pauses writes (``CLIENT PAUSE WRITE``) with the start entry in flight: the
+    chunks queued meanwhile merge into one entry, replaced in the buffer, whose copies go to three
+    masters (cut by the template's route): each lands in its stream, with the same text and ``n``."""
+    keys = StreamKeys(f"t{uuid.uuid4().hex[:10]}")
+    (job_id,) = spread(cluster_client, keys.job, 1)
+    tags = spread(cluster_client, keys.tag, 3)  # one on each master, so one on the job's
+    call = {"langgraph_node": "write", "tags": tags, "ls_model_name": "m"}
+    words = [f"w{i} é " for i in range(40)]
+    publisher = Publisher(cluster_client, coalesce_after=1).start()
+    master = Redis.from_url(redis_cluster.master_of(keys.job(job_id)).url, socket_timeout=30)
+    try:
+        emitter = JobEmitter(publisher, keys, LIMITS, job_id, 1)
+        await master.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        emitter.start({"graph": "g"})
+        await wait_until(lambda: publisher.buffered == 0, what="the start entry in flight, held by the job's master")
+        for word in words:
+            emitter.message(AIMessageChunk(content=word, id="run-1"), call)
+        merged_while_paused = publisher.chunks_merged
+        await master.execute_command("CLIENT", "UNPAUSE")
+        emitter.finish(Outcome())
+        await emitter.sink.flushed()
+        emitter.sink.check()
+    finally:
+        await master.execute_command("CLIENT", "UNPAUSE")
+        await master.aclose()
+        await publisher.close()
+
+    text = "".join(words)
+    job = await read_stream(cluster_client, keys.job(job_id))  # type: ignore[arg-type]
+    assert merged_while_paused == len(words) - 2  # the first chunk went alone (nothing waited yet)
+    assert [e.n for e in job] == [1, 1, len(words) - 1, 1] and job[-1].seq == len(words) + 1
+    assert text_of(job) == text and job[-1].data == {"chunks": len(words)}
+    for tag in tags:  # every master holds its tag's copy of the merged entry
+        stream = await read_stream(cluster_client, keys.tag(tag))  # type: ignore[arg-type]
+        assert [(e.job, e.seq, e.n, e.content, e.tags) for e in stream] == [
+            (e.job, e.seq, e.n, e.content, e.tags) for e in job[1:]
+        ]
+    nodes = {cluster_client.get_node_from_key(keys.tag(tag)).name for tag in tags}
+    assert len(nodes) == 3 and cluster_client.get_node_from_key(keys.job(job_id)).name in nodes
+    assert publisher.redirects == 0  # each copy went straight to its stream's master
+    assert publisher.entries_written == len(job) + 3 * (len(job) - 1) and not emitter.sink.lost
+
+
+async def test_wait_replicas_is_refused_on_a_cluster_saying_why(cluster_client: RedisCluster) -> None:
+    queue, model = "redis://127.0.0.1:6379/0", "http://127.0.0.1:1"
+    cluster = {"TOKENBUS_STREAMS_URL": "redis://127.0.0.1:7000/0", "TOKENBUS_STREAMS_CLUSTER": "true"}
+    with pytest.raises(ValidationError, match="TOKENBUS_WAIT_REPLICAS cannot be used with TOKENBUS_STREAMS_CLUSTER"):
+        make_settings(queue, model, "p", TOKENBUS_WAIT_REPLICAS="1", **cluster)
+    assert make_settings(queue, model, "p", **cluster).wait_replicas == 0
+    assert make_settings(queue, model, "p", TOKENBUS_WAIT_REPLICAS="1").wait_replicas == 1  # one Redis: allowed
+    with pytest.raises(ValueError, match="no wait_replicas on a Redis Cluster"):
+        Publisher(cluster_client, wait_replicas=1)

@@ -80,6 +80,24 @@ async def test_tag_filter_limits_fan_out(
     assert text_of(await read_stream(redis, keys.job(job_id))) == JOKE + POEM
 
 
+async def test_tag_streams_expire_when_a_tag_ttl_is_set(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"], tags=["poem"])
+    await run_burst_worker(tag_ttl_s=900, job_timeout_s=60, max_job_timeout_s=60)
+    assert 0 < await redis.ttl(settings.keys.tag("poem")) <= 900
+    await client.enqueue("joke_poem", {"topic": "dogs"}, modes=["messages"], tags=["joke"])
+    await run_burst_worker()  # the default: tag streams never expire
+    assert await redis.ttl(settings.keys.tag("joke")) == -1
+
+
+def test_a_tag_ttl_shorter_than_a_job_may_run_is_refused(settings: Settings) -> None:
+    values = {"TOKENBUS_TAG_TTL": 600, "TOKENBUS_MAX_JOB_TIMEOUT": 900}
+    with pytest.raises(ValueError, match=r"TOKENBUS_TAG_TTL \(600s\) must be at least .* 900s"):
+        Settings(**values)  # type: ignore[arg-type]
+    assert Settings(**{**values, "TOKENBUS_TAG_TTL": 900}).tag_ttl_s == 900  # type: ignore[arg-type]
+
+
 async def test_idempotent_enqueue_runs_once(
     settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
 ) -> None:

@@ -278,6 +278,15 @@ async def groups(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def top(settings: Settings, args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise CommandError("top: --limit must be 1 or more")
+    with needs_extra("top"):
+        from tokenbus.top import run_top
+
+    return await run_top(settings, interval=args.interval, tags=args.tags, limit=args.limit, once=args.once)
+
+
 async def demo(settings: Settings, args: argparse.Namespace) -> int:
     with needs_extra("demo"):
         from tokenbus.demo import run_demo

@@ -151,14 +151,19 @@ class TokenbusClient:
             return job_id  # it ran, or runs: its stream is its idempotency record (TOKENBUS_JOB_TTL)
         job = await self._pool.enqueue_job(JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name)
         if job is not None:  # None: the job was already queued (an idempotent enqueue)
-            try:
-                await self._pool.publish(wake_channel(self._queue_name), b"")
-            except redis_errors.ResponseError as e:  # no PUBLISH right, say: the job is queued all the same
-                logger.warning(
-                    "job %s is queued, but announcing it on %s failed (%s): workers start it at their next poll",
-                    job_id, wake_channel(self._queue_name), e,
-                )  # fmt: skip
+            await self._announce(job_id, "is queued")
         return job_id
+
+    async def _announce(self, job_id: str, what: str) -> None:
+        """Wake the queue's workers: they poll at once (new jobs, and arq's abort requests, are
+        seen by a poll) instead of at their next ``TOKENBUS_POLL_DELAY``."""
+        try:
+            await self._pool.publish(wake_channel(self._queue_name), b"")
+        except redis_errors.ResponseError as e:  # no PUBLISH right, say: the request stands all the same
+            logger.warning(
+                "job %s %s, but announcing it on %s failed (%s): workers see it at their next poll",
+                job_id, what, wake_channel(self._queue_name), e,
+            )  # fmt: skip
 
     # -- workers -----------------------------------------------------------------------------------
     async def workers(self) -> list[WorkerInfo]:
@@ -255,6 +260,7 @@ class TokenbusClient:
         cancelled and their HTTP streams closed.
         """
         await self._pool.zadd(abort_jobs_ss, {job_id: timestamp_ms()})
+        await self._announce(job_id, "is to be aborted")
         if timeout_s is None:
             return True
         async with asyncio.timeout(timeout_s):

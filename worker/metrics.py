@@ -138,8 +138,8 @@ class WorkerCollector(Collector):
         )
         chunks = CounterMetricFamily(
             "tokenbus_chunks_published",
-            "Chunk entries jobs published to their job stream, by graph and type (token, custom); "
-            "tag-stream copies are not counted",
+            "Chunks jobs published to their job stream, by graph and type (token, custom); "
+            "tag-stream copies are not counted, merged chunks count each",
             labels=["graph", "type"],
         )
         for (graph, kind), count in sorted(jobs.chunks.items()):
@@ -180,7 +180,18 @@ class WorkerCollector(Collector):
             publisher.entries_lost,
         )
         yield CounterMetricFamily(
+            "tokenbus_entries_unacknowledged",
+            "Stream entries Redis took but fewer than TOKENBUS_WAIT_REPLICAS replicas acknowledged in time",
+            publisher.entries_unacknowledged,
+        )
+        yield CounterMetricFamily(
             "tokenbus_publish_retries", "Publish pipelines sent again after Redis failed them", publisher.retries
+        )
+        yield CounterMetricFamily(
+            "tokenbus_chunks_merged",
+            "Chunks merged into the entry of the chunk before them while the publisher was congested "
+            "(TOKENBUS_COALESCE=adaptive)",
+            publisher.chunks_merged,
         )
         yield GaugeMetricFamily(
             "tokenbus_publish_buffered",

@@ -102,7 +102,7 @@ async def close_attempt(
     elif last.is_terminal:  # the attempt after a retry never ran
         attempt, seq = last.attempt + 1, 0
     else:
-        attempt, seq = last.attempt, last.seq + 1
+        attempt, seq = last.attempt, last.next_seq
     entry = ENTRY_CLASSES[kind](
         type=kind, job=job_id, attempt=attempt, seq=seq, ts=time.time_ns() // 1_000_000,
         data={"chunks": None}, error=one_line(reason.format(attempt=attempt)), error_type=error_type, retry=retry,

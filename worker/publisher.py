@@ -13,6 +13,18 @@ the copies by ``(job, attempt, seq)``.
 On a Redis Cluster (a :class:`RedisCluster` client) each queued item carries its :class:`Route`
 (the hash slot of each command's key) and each batch goes out as one pipeline per primary
 (:mod:`tokenbus.worker.cluster_wire`, which says how order is kept and redirections followed).
+
+With ``coalesce_after`` set (``TOKENBUS_COALESCE=adaptive``), the publisher counts as congested
+while that many calls wait in its buffer: then a job may :meth:`Publisher.replace` its last call
+still waiting with one that holds more (``worker.coalesce`` merges chunks of one model call into
+it). Nothing waits to be merged: only what is in the buffer anyway, behind a batch in flight.
+
+With ``wait_replicas`` set (``TOKENBUS_WAIT_REPLICAS``), each batch ends with ``WAIT <replicas>
+<timeout>`` on the same connection: its entries count as written only once that many replicas
+acknowledged them. Those of a batch fewer replicas acknowledged within the timeout are counted
+on each job's :class:`Sink` as unacknowledged (Redis holds them, but a failover may lose them),
+and the job ends with an ``error`` that says how many. Not on a Redis Cluster: ``WAIT`` counts the
+replicas of the node of its connection only, and a batch goes to several (refused when made).
 """
 
 from __future__ import annotations
@@ -47,13 +59,15 @@ and, for a Redis Cluster, their route."""
 class Sink:
     """What one job has queued, written and lost; the job waits on it with :meth:`flushed`."""
 
-    __slots__ = ("_publisher", "errors", "fenced", "job_id", "last_index", "lost")
+    __slots__ = ("_publisher", "errors", "fenced", "job_id", "last_index", "lost", "unacked")
 
     def __init__(self, publisher: Publisher, job_id: str) -> None:
         self._publisher = publisher
         self.job_id = job_id
         self.last_index = 0
         self.lost = 0
+        self.unacked = 0
+        """Stream entries Redis took but fewer than ``wait_replicas`` replicas acknowledged in time."""
         self.errors: list[str] = []
         self.fenced = False
         """The attempt lost its lease (:mod:`tokenbus.worker.lease`): nothing more of it is written."""
@@ -63,17 +77,25 @@ class Sink:
         await self._publisher.wait_done(self.last_index)
 
     def check(self) -> None:
-        """Raise :class:`PublishError` if anything this job queued was lost or refused."""
-        if self.lost or self.errors:
+        """Raise :class:`PublishError` if anything this job queued was lost, refused or (with
+        ``wait_replicas``) not acknowledged by enough replicas."""
+        if self.lost or self.errors or self.unacked:
             raise self.failure()
 
     def failure(self) -> PublishError:
-        """What was lost or refused so far, as the error the job ends with."""
-        detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
-        return PublishError(
-            f"{self.lost + len(self.errors)} stream entries of job {self.job_id} could not be written to Redis{detail}",
-            lost=self.lost + len(self.errors),
-        )
+        """What was lost, refused or not acknowledged so far, as the error the job ends with."""
+        lost = self.lost + len(self.errors)
+        parts = []
+        if lost:
+            detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
+            parts.append(f"{lost} stream entries of job {self.job_id} could not be written to Redis{detail}")
+        if self.unacked:
+            replicas, timeout_ms = self._publisher.wait_replicas, self._publisher.wait_timeout_ms
+            parts.append(
+                f"{self.unacked} stream entries of job {self.job_id} were written but not acknowledged by "
+                f"{replicas} replica{'s' if replicas != 1 else ''} within {timeout_ms} ms (a failover may lose them)"
+            )
+        return PublishError("; ".join(parts), lost=lost)
 
 
 class Fence(Protocol):
@@ -94,10 +116,15 @@ class Publisher:
         give_up_s: float = 30.0,
         backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
         yield_every: int = 64,
+        coalesce_after: int | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self._cluster: ClusterWire | None = None
         self._wire: Wire | None = None
         if isinstance(redis, RedisCluster):
+            if wait_replicas:
+                raise ValueError("no wait_replicas on a Redis Cluster: WAIT counts one node's replicas")
             self._cluster = ClusterWire(redis)
         else:
             self._wire = Wire(cast(Redis, redis))  # (mypy does not narrow redis-py's union)
@@ -108,6 +135,12 @@ class Publisher:
         self._backoff_s = tuple(backoff_s)
         self._queue: list[_Item] = []
         self._queued = 0  # items ever queued
+        self._taken = 0  # items ever taken by the writer: the queue holds items _taken + 1 to _queued
+        self.coalesce_after = coalesce_after
+        """Calls waiting from which chunks are merged (``TOKENBUS_COALESCE_AFTER``); None: never."""
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._wait = pack(("WAIT", wait_replicas, wait_timeout_ms)) if wait_replicas else b""
         self._done = 0  # items ever written or counted lost
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -134,6 +167,10 @@ class Publisher:
         """Commands per pipeline written."""
         self.round_trips = Buckets(SECONDS)
         """Seconds from sending a pipeline to its last reply, for each one written."""
+        self.entries_unacknowledged = 0
+        """Stream entries Redis took but fewer than ``wait_replicas`` replicas acknowledged in time."""
+        self.chunks_merged = 0
+        """Chunks merged into the entry of the chunk before them (``coalesce_after``), not written alone."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Publisher:
@@ -210,6 +247,28 @@ class Publisher:
     def congested(self) -> bool:
         return not self._writable.is_set()
 
+    @property
+    def coalescing(self) -> bool:
+        """Whether chunks should be merged now: coalescing is on and ``coalesce_after`` calls
+        wait in the buffer (Redis or the writer does not keep up)."""
+        after = self.coalesce_after
+        return after is not None and len(self._queue) >= after
+
+    def waiting(self, sink: Sink, index: int) -> bool:
+        """Whether the call ``sink`` queued as ``index`` (its ``last_index`` then) is still in the
+        buffer, not yet taken by the writer, and nothing of the job was queued after it."""
+        return index > self._taken and index == sink.last_index
+
+    def replace(self, sink: Sink, index: int, packed: bytes) -> None:
+        """Put ``packed`` in place of the call ``sink`` queued as ``index``, which must be
+        :meth:`waiting`: the same commands (as many, to the same keys), holding more. On a Redis
+        Cluster the call's route cuts them (a merged chunk's commands as its template's: :class:`Route`)."""
+        if not self.waiting(sink, index):
+            raise ClientStateError(f"call {index} of job {sink.job_id} is no longer waiting")
+        position = index - self._taken - 1
+        _, _, count, entries, route = self._queue[position]
+        self._queue[position] = (sink, packed, count, entries, route)
+
     def should_yield(self) -> bool:
         """True once per ``yield_every`` items queued. The writer is a task of the same event loop:
         a model that never suspends (one that answers from memory) would starve it until the job
@@ -258,6 +317,7 @@ class Publisher:
                 batch = self._queue[: self._batch_max]
                 del self._queue[: self._batch_max]
             taken = len(batch)
+            self._taken += taken
             if not self._writable.is_set() and len(self._queue) < self._buffer_max // 2:
                 self._writable.set()
             try:
@@ -298,7 +358,12 @@ class Publisher:
                 if not batch:
                     return
                 sent = time.monotonic()
-                refused = await (cluster.execute() if cluster is not None else _single(wire).execute(packed, count))
+                if cluster is not None:  # (no WAIT: refused when made)
+                    refused = await cluster.execute()
+                elif self._wait:  # (WAIT's reply is the last: its index is count)
+                    refused = await _single(wire).execute(packed + self._wait, count + 1)
+                else:
+                    refused = await _single(wire).execute(packed, count)
             except REDIS_UNAVAILABLE as e:
                 self.failures += 1
                 waited = time.monotonic() - started
@@ -314,10 +379,43 @@ class Publisher:
             self.round_trips.observe(time.monotonic() - sent)
             self.batch_sizes.observe(count)
             entries = sum([e for _, _, _, e, _ in batch])
+            if self._wait:
+                refused, unacked = self._acknowledged(batch, refused, count)
+                entries -= unacked
             if refused:
                 entries -= self._refused(batch, refused)
             self.entries_written += entries
             return
+
+    def _acknowledged(
+        self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]], count: int
+    ) -> tuple[list[tuple[int, redis_errors.ResponseError]], int]:
+        """After a batch ending with ``WAIT``: the error replies to its own commands, and how many of
+        its stream entries Redis took (not refused) that fewer than ``wait_replicas`` replicas
+        acknowledged (every one, or none), counted on their jobs' sinks."""
+        replicas = _single(self._wire).last_reply
+        waited = [error for index, error in refused if index == count]
+        refused = [(index, error) for index, error in refused if index != count]
+        if waited or not isinstance(replicas, int):
+            logger.error("WAIT after a publish pipeline failed: %s", waited[0] if waited else repr(replicas))
+            replicas = -1
+        if replicas >= self.wait_replicas:
+            return refused, 0
+        refused_at = {index for index, _ in refused}
+        unacked = start = 0
+        for sink, _, n, xadds, _ in batch:
+            if xadds:
+                taken = xadds - sum([1 for index in range(start, start + n) if index in refused_at])
+                sink.unacked += taken
+                unacked += taken
+            start += n
+        self.entries_unacknowledged += unacked
+        if unacked:
+            logger.warning(
+                "%d stream entries acknowledged by %d of %d replicas within %d ms",
+                unacked, max(replicas, 0), self.wait_replicas, self.wait_timeout_ms,
+            )  # fmt: skip
+        return refused, unacked
 
     def _refused(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]]) -> int:
         """Record each error reply on the job whose command it answers (by command index); return

@@ -69,11 +69,15 @@ class WorkerResources:
                 batch_max=settings.publish_batch_max,
                 buffer_max=settings.publish_buffer_max,
                 give_up_s=settings.publish_give_up_s,
+                coalesce_after=settings.coalesce_after if settings.coalesce == "adaptive" else None,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout_ms=settings.wait_timeout_ms,
             ).start()
             stack.push_async_callback(publisher.close)
             limits = StreamLimits(
-                settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s, settings.state_max_bytes
-            )
+                settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s, settings.state_max_bytes,
+                tag_ttl_s=settings.tag_ttl_s,
+            )  # fmt: skip
             sweeper = Sweeper(
                 redis,
                 settings.keys,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -40,11 +41,14 @@ class Settings(BaseSettings):
     tag_maxlen: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_TAG_MAXLEN")
     job_maxlen: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_JOB_MAXLEN")
     job_ttl_s: int = Field(default=86_400, ge=1, validation_alias="TOKENBUS_JOB_TTL")
+    tag_ttl_s: int | None = Field(default=None, ge=1, validation_alias="TOKENBUS_TAG_TTL")
+    """Seconds a tag stream lives after the last attempt that wrote to it (each attempt sets it at
+    its first write to the stream and at its end); unset: tag streams never expire."""
 
     job_timeout_s: float = Field(default=300.0, gt=0, validation_alias="TOKENBUS_JOB_TIMEOUT")
     max_job_timeout_s: float = Field(default=900.0, gt=0, validation_alias="TOKENBUS_MAX_JOB_TIMEOUT")
     max_jobs: int = Field(default=50, ge=1, validation_alias="TOKENBUS_MAX_JOBS")
-    poll_delay_s: float = Field(default=0.05, gt=0, validation_alias="TOKENBUS_POLL_DELAY")
+    poll_delay_s: float = Field(default=1.0, gt=0, validation_alias="TOKENBUS_POLL_DELAY")
     max_tries: int = Field(default=5, ge=1, validation_alias="TOKENBUS_MAX_TRIES")
     shutdown_grace_s: int = Field(default=30, ge=0, validation_alias="TOKENBUS_SHUTDOWN_GRACE")
     heartbeat_s: float = Field(default=5.0, gt=0, validation_alias="TOKENBUS_HEARTBEAT")
@@ -57,6 +61,16 @@ class Settings(BaseSettings):
     publish_batch_max: int = Field(default=4096, ge=1, validation_alias="TOKENBUS_PUBLISH_BATCH")
     publish_buffer_max: int = Field(default=100_000, ge=1, validation_alias="TOKENBUS_PUBLISH_BUFFER")
     publish_give_up_s: float = Field(default=30.0, gt=0, validation_alias="TOKENBUS_PUBLISH_GIVE_UP")
+    coalesce: Literal["off", "adaptive"] = Field(default="off", validation_alias="TOKENBUS_COALESCE")
+    """``adaptive``: while the publisher is congested, chunks of one model call still waiting in its
+    buffer are merged into one entry (``worker/coalesce.py``; contract field ``n``)."""
+    coalesce_after: int = Field(default=256, ge=1, validation_alias="TOKENBUS_COALESCE_AFTER")
+    """Calls waiting in the publisher's buffer from which it counts as congested (``adaptive`` only)."""
+    wait_replicas: int = Field(default=0, ge=0, validation_alias="TOKENBUS_WAIT_REPLICAS")
+    """Replicas that must acknowledge each publish pipeline (``WAIT``) before its entries count as
+    written; 0: no ``WAIT``. Not with ``TOKENBUS_STREAMS_CLUSTER`` (refused)."""
+    wait_timeout_ms: int = Field(default=1000, ge=1, le=20_000, validation_alias="TOKENBUS_WAIT_TIMEOUT_MS")
+    """How long each ``WAIT`` waits for them (below the publisher's 30 s reply timeout)."""
 
     metrics_port: int | None = Field(default=None, ge=0, le=65535, validation_alias="TOKENBUS_METRICS_PORT")
     """Port of the worker's ``/metrics`` and ``/healthz``; unset: no endpoint (0: any free port)."""
@@ -87,6 +101,13 @@ class Settings(BaseSettings):
             )
         if self.streams_cluster and self.streams_url is not None and self.streams_url.startswith("unix:"):
             raise ValueError("a Redis Cluster is reached over TCP: TOKENBUS_STREAMS_URL cannot be a unix:// socket")
+        if self.streams_cluster and self.wait_replicas:
+            raise ValueError(
+                "TOKENBUS_WAIT_REPLICAS cannot be used with TOKENBUS_STREAMS_CLUSTER: WAIT counts the replicas "
+                "of one node's writes on one connection, and a publish batch goes to several cluster nodes. "
+                "Unset TOKENBUS_WAIT_REPLICAS (a cluster replicates asynchronously: a failover may lose "
+                "acknowledged entries, and job-stream readers report the missing seqs as gaps)"
+            )
         if self.sentinels is not None and self.redis_url is not None and self.redis_url.startswith("unix:"):
             raise ValueError("with TOKENBUS_SENTINELS, REDIS_URL gives credentials over TCP, not a unix:// socket")
         return self
@@ -96,6 +117,16 @@ class Settings(BaseSettings):
     def _valid_prefix(cls, value: str) -> str:
         StreamKeys(value)
         return value
+
+    @model_validator(mode="after")
+    def _tag_streams_outlive_jobs(self) -> Settings:
+        longest = max(self.job_timeout_s, self.max_job_timeout_s)
+        if self.tag_ttl_s is not None and self.tag_ttl_s < longest:
+            raise ValueError(
+                f"TOKENBUS_TAG_TTL ({self.tag_ttl_s}s) must be at least the longest a job may run "
+                f"(TOKENBUS_MAX_JOB_TIMEOUT, {longest:g}s): a tag stream must not expire under a running job"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Settings:

@@ -197,7 +197,7 @@ def _status(
     )  # fmt: skip
     if newest is not None:
         status.attempt, status.last_entry_ms = newest.attempt, newest.ts
-        status.entries = max(0, newest.seq - (1 if newest.is_terminal else 0))
+        status.entries = max(0, newest.next_seq - 1 - (1 if newest.is_terminal else 0))
     if newest is not None and newest.is_final:
         status.state, status.ended_ms = JobState(newest.type.value), newest.ts
         status.error, status.error_type = newest.error, newest.error_type

@@ -54,6 +54,10 @@ class Route:
     differ by a part of fixed length each (``fixed``): command ``i`` is ``fixed[i] + v`` bytes,
     where ``v`` follows from the item's length. So an item is cut into its commands by slicing,
     without parsing, and only on a cluster.
+
+    A merged chunk (:meth:`ChunkTemplate.pack_merged`) is cut by its template's route too: what
+    merging adds to each command (a longer ``*<count>``, the ``n`` field, more text) is the same in
+    every command, so it is part of ``v`` (``tests/test_wire.py`` checks the cut, exactly).
     """
 
     __slots__ = ("_fixed", "_total", "slots")
@@ -119,7 +123,7 @@ class ChunkTemplate:
     (BENCHMARKS.md).
     """
 
-    __slots__ = ("_between", "_edges", "commands", "fixed", "route")
+    __slots__ = ("_between", "_edges", "_heads", "_merged_heads", "_tail", "commands", "fixed", "route")
 
     def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
         header = b"*%d\r\n" % (len(fields) + 6)
@@ -142,10 +146,13 @@ class ChunkTemplate:
         heads = [header + prefix + first for prefix in prefixes]
         tail = b"\r\n" + last
         self._edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        self._heads, self._tail = (len(fields) + 6, prefixes, first), tail
+        self._merged_heads: list[bytes] | None = None
         self.fixed = tuple(len(head) + len(tail) for head in heads)
         """The length of each command but the chunk's part (what a :class:`Route` cuts by)."""
         self.route: Route | None = None
-        """Where its commands go, on a Redis Cluster (set by the publisher)."""
+        """Where its commands go, on a Redis Cluster (set by the publisher): those of :meth:`pack`
+        and of :meth:`pack_merged` alike (see :class:`Route`)."""
 
     def pack(self, seq: int, content: str, data: bytes, ts: int) -> bytes:
         """The commands of one chunk, one per stream, back to back."""
@@ -159,6 +166,23 @@ class ChunkTemplate:
             headers[len(t)], t,
         ))  # fmt: skip
         return chunk.join(self._edges)
+
+    def pack_merged(self, seq: int, content: str, data: bytes, ts: int, n: int) -> bytes:
+        """The commands of an entry holding ``n`` chunks (``n`` > 1): :meth:`pack`'s fields and,
+        after them, ``n`` (contract: the count of a merged chunk)."""
+        heads = self._merged_heads
+        if heads is None:
+            count, prefixes, first = self._heads
+            heads = self._merged_heads = [b"*%d\r\n" % (count + 2) + prefix + first for prefix in prefixes]
+        tail = self._tail + pack_args((b"n", n))
+        edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
+        after_seq, after_content, after_data = self._between
+        chunk = b"".join((
+            b"$%d\r\n" % len(s), s, after_seq, b"$%d\r\n" % len(c), c, after_content,
+            b"$%d\r\n" % len(data), data, after_data, b"$%d\r\n" % len(t), t,
+        ))  # fmt: skip
+        return chunk.join(edges)
 
 
 class XaddPacker:
@@ -210,6 +234,8 @@ class _Replies(asyncio.Protocol):
         self._errors: list[tuple[int, redis_errors.ResponseError]] = []
         self._waiter: asyncio.Future[list[tuple[int, redis_errors.ResponseError]]] | None = None
         self.lost = False
+        self.last: Any = None
+        """The last reply of the batch (a ``WAIT``'s count of replicas, when the batch ends with one)."""
 
     def expect(self, count: int) -> asyncio.Future[list[tuple[int, redis_errors.ResponseError]]]:
         """A future of the errors among the next ``count`` replies, by index (the others, XADD's
@@ -230,6 +256,7 @@ class _Replies(asyncio.Protocol):
                     return
                 if isinstance(reply, hiredis.ReplyError):
                     self._errors.append((self._index, redis_errors.ResponseError(str(reply))))
+                self.last = reply
                 self._index += 1
                 self._left -= 1
         except hiredis.ProtocolError as e:
@@ -285,6 +312,11 @@ class Wire:
         self._timed_out = False
         self.connects = 0
         """Connections opened (the first, then one after each failure): read by the metrics endpoint."""
+
+    @property
+    def last_reply(self) -> Any:
+        """The last reply of the batch :meth:`execute` returned from last."""
+        return None if self._replies is None else self._replies.last
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         """Send ``count`` packed commands; return the errors Redis replied with, by command index.
