@@ -14,7 +14,6 @@ batch is handed out, so Redis prepares it while the caller works on this one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -279,12 +278,28 @@ class StreamReader:
         lane.sent = None
         if lane.task is not None:
             task, lane.task = lane.task, None
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await stop_task(task)
         if lane.conn is not None:
             conn, lane.conn = lane.conn, None
             await conn.disconnect()
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it is done, whatever it raised. The cancel is repeated:
+    Python 3.11's ``asyncio.wait_for`` (redis-py sends with it when a ``socket_timeout`` is set)
+    swallows a cancel that comes as the write completes. A cancel of the caller meanwhile is
+    raised once the task is done (so the task is never left running)."""
+    cancelled = False
+    while not task.done():
+        task.cancel()
+        try:
+            await asyncio.wait([task], timeout=0.05)
+        except asyncio.CancelledError:
+            cancelled = True
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure of a task being stopped is not worth a warning
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def blocking_read_timeout(redis: AnyRedis, block_ms: int) -> float | None:
