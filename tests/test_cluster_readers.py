@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.support import entry, token, wait_for, wait_until, write
+from tests.test_subscribe import collect
 from tokenbus.consumer.groups import GroupConsumer
 from tokenbus.consumer.hub import Item, StreamHub
 from tokenbus.consumer.jobs import job_result
@@ -30,6 +31,8 @@ from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import RedisClusterProcesses, RedisServerProcess
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.emitter import StreamLimits
+from tokenbus.worker.orphans import close_attempt
 
 
 @pytest.fixture
@@ -60,16 +63,6 @@ def spread(
         i += 1
         assert i < 1000, "the cluster's masters serve too few slots"
     return list(names.values())
-
-
-async def collect(stream: AsyncIterator[Any], n: int | None = None, within: float = 15.0) -> list[Any]:
-    items: list[Any] = []
-    async with asyncio.timeout(within):
-        async for item in stream:
-            items.append(item)
-            if n is not None and len(items) == n:
-                break
-    return items
 
 
 def per_stream(items: list[Any]) -> dict[str, list[tuple[str, int]]]:
@@ -234,6 +227,27 @@ async def _items_until(follower: Any, n: int) -> list[tuple[str, str]]:
                 assert isinstance(item, Item) and item.entry is not None
                 seen.append((item.stream, item.entry.content))
     return seen
+
+
+async def test_the_sweepers_close_reaches_streams_on_every_master(
+    redis_cluster: RedisClusterProcesses, cluster_client: RedisCluster, keys: StreamKeys
+) -> None:
+    """A killed worker's attempt is closed in its job stream and in every tag stream it wrote to,
+    wherever their slots are served (no transaction can span them on a cluster)."""
+    [job] = spread(redis_cluster, keys.job, 1)
+    tags = spread(redis_cluster, keys.tag, 2)
+    await write(cluster_client, keys.job(job), entry(EntryType.START, job, 0))
+    for seq, tag in enumerate(tags, start=1):
+        await write(cluster_client, keys.job(job), token(job, seq, tag, tag=tag))
+        await write(cluster_client, keys.tag(tag), token(job, seq, tag, tag=tag))
+    closed = await close_attempt(cluster_client, keys, StreamLimits(), job, retry=False, reason="gone")
+    assert closed is not None and closed.seq == 3
+    for key in (keys.job(job), *(keys.tag(t) for t in tags)):
+        [(_, fields)] = await cluster_client.xrevrange(key, count=1)
+        assert Entry.decode(fields).type is EntryType.ERROR, key
+    view = await job_result(cluster_client, job, prefix=keys.prefix)
+    assert (view.status, view.text, view.complete) == (EntryType.ERROR, "".join(tags), True)
+    assert await close_attempt(cluster_client, keys, StreamLimits(), job, retry=False, reason="again") is None
 
 
 LOST = 3000

@@ -21,6 +21,7 @@ import time
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType, ErrorType
 from tokenbus.schemas.errors import MalformedEntry
@@ -36,7 +37,7 @@ LEASE_LAPSED = "attempt {attempt} was interrupted (its worker stopped renewing i
 WORKER_LOST = "the worker running attempt {attempt} stopped without ending it, and the job will not run again ({why})"
 
 
-async def newest_entry(redis: Redis, keys: StreamKeys, job_id: str) -> Entry | None:
+async def newest_entry(redis: Redis | RedisCluster, keys: StreamKeys, job_id: str) -> Entry | None:
     """The last entry of the job's stream (None if there is none, or it is not a tokenbus entry)."""
     key = keys.job(job_id)
     newest = await redis.xrevrange(key, count=1)
@@ -49,7 +50,7 @@ async def newest_entry(redis: Redis, keys: StreamKeys, job_id: str) -> Entry | N
         return None
 
 
-async def last_attempt(redis: Redis, keys: StreamKeys, job_id: str) -> tuple[Entry | None, set[str]]:
+async def last_attempt(redis: Redis | RedisCluster, keys: StreamKeys, job_id: str) -> tuple[Entry | None, set[str]]:
     """The newest entry of the job stream, and the tags its attempt wrote to (if it did not end)."""
     key = keys.job(job_id)
     last = await newest_entry(redis, keys, job_id)
@@ -73,7 +74,7 @@ async def last_attempt(redis: Redis, keys: StreamKeys, job_id: str) -> tuple[Ent
 
 
 async def close_attempt(
-    redis: Redis, keys: StreamKeys, limits: StreamLimits, job_id: str, *, retry: bool, reason: str,
+    redis: Redis | RedisCluster, keys: StreamKeys, limits: StreamLimits, job_id: str, *, retry: bool, reason: str,
     kind: EntryType = EntryType.ERROR, error_type: str = ErrorType.WORKER_LOST, unstarted: bool = False,
 ) -> Entry | None:  # fmt: skip
     """Write the terminal entry of the job's newest attempt if it has none.
@@ -98,7 +99,9 @@ async def close_attempt(
         data={"chunks": None}, error=one_line(reason.format(attempt=attempt)), error_type=error_type, retry=retry,
     )  # fmt: skip
     fields = entry.encode()
-    async with redis.pipeline(transaction=True) as pipe:
+    # one transaction on a single Redis; on a Redis Cluster the streams' slots differ, so each is
+    # written on its own (a failure between them can leave a tag stream without the entry)
+    async with redis.pipeline(transaction=not isinstance(redis, RedisCluster)) as pipe:
         pipe.xadd(keys.job(job_id), fields, maxlen=limits.job_maxlen, approximate=True)  # type: ignore[arg-type]
         for tag in sorted(tags):
             pipe.xadd(keys.tag(tag), fields, maxlen=limits.tag_maxlen, approximate=True)  # type: ignore[arg-type]
