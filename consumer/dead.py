@@ -120,12 +120,15 @@ async def redrive(redis: AnyRedis, keys: StreamKeys, dead_ids: list[str]) -> dic
         letters.append(letter)
     new_ids = {}
     for letter in letters:
-        # one transaction on a single Redis; on a cluster the two keys' slots differ: the entry is
-        # appended first, so a failure between the two leaves the dead letter to be handed back again
-        async with redis.pipeline(transaction=not is_cluster(redis)) as pipe:
-            record: dict[Any, Any] = {**letter.fields, REDRIVE_GROUP: letter.group}
-            pipe.xadd(letter.stream, record)
-            pipe.xdel(keys.dead_letter, letter.id)
-            new_id, _ = await pipe.execute()
+        record: dict[Any, Any] = {**letter.fields, REDRIVE_GROUP: letter.group}
+        if is_cluster(redis):  # the two keys' slots differ: no transaction; the entry first, so a
+            # failure between the two leaves the dead letter to be handed back again
+            new_id = await redis.xadd(letter.stream, record)
+            await redis.xdel(keys.dead_letter, letter.id)
+        else:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(letter.stream, record)
+                pipe.xdel(keys.dead_letter, letter.id)
+                new_id, _ = await pipe.execute()
         new_ids[letter.id] = as_text(new_id)
     return new_ids

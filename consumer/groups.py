@@ -252,12 +252,15 @@ class GroupConsumer:
             "dead_group": self.group,
             "dead_reason": reason,
         }
-        # one transaction on a single Redis; on a cluster the two keys' slots differ: the dead letter
-        # is written first, so a failure between the two leaves the entry pending (dead-lettered again)
-        async with self._redis.pipeline(transaction=not is_cluster(self._redis)) as pipe:
-            pipe.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
-            pipe.xack(stream, self.group, entry_id)
-            await pipe.execute()
+        if is_cluster(self._redis):  # the two keys' slots differ: no transaction; the dead letter
+            # first, so a failure between the two leaves the entry pending (dead-lettered again)
+            await self._redis.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
+            await self._redis.xack(stream, self.group, entry_id)
+        else:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
+                pipe.xack(stream, self.group, entry_id)
+                await pipe.execute()
         self.dead += 1
         logger.warning("group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason)
 

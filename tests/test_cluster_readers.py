@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.support import entry, token, wait_for, wait_until, write
 from tests.test_subscribe import collect
+from tokenbus.consumer.dead import redrive
 from tokenbus.consumer.groups import GroupConsumer
 from tokenbus.consumer.hub import Item, StreamHub
 from tokenbus.consumer.jobs import job_result
@@ -197,6 +198,12 @@ async def test_groups_claim_and_dead_letter_across_nodes(
     dead = await cluster_client.xrange(keys.dead_letter)
     reasons = sorted(fields[b"dead_reason"].decode() for _, fields in dead)
     assert reasons[0] == "delivered 3 times without success" and "not a tokenbus entry" in reasons[1]
+    # handed back: appended to its stream (on its node) with redrive_group, gone from the dead letters
+    [poison_id] = [i.decode() for i, f in dead if f[b"dead_reason"].startswith(b"delivered")]
+    [(letter, new_id)] = (await redrive(cluster_client, keys, [poison_id])).items()
+    [(_, fields)] = await cluster_client.xrange(streams[1], new_id, new_id)
+    assert (letter, fields[b"redrive_group"], fields[b"content"]) == (poison_id, b"g", b"poison")
+    assert len(await cluster_client.xrange(keys.dead_letter)) == 1
 
 
 async def test_the_hub_follows_streams_on_different_masters(
