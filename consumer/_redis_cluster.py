@@ -6,12 +6,13 @@ The readers take either client (:data:`AnyRedis`). On a cluster, a multi-key com
 share a node) and go to the node serving that slot (``MOVED``/``ASK`` otherwise): the readers
 group their streams by slot (:func:`by_slot`) and read each group on a connection to its node.
 
-Written for redis-py 5.0.1 to 5.x (asserted below): the topology refresh calls the client's
-``nodes_manager.initialize()``, which redis-py uses itself on ``MOVED`` but does not document.
-When redis-py offers a public refresh (its sync client's ``RedisCluster.nodes_manager`` is the same
-object; no public ``refresh_topology()`` exists in 5.x or 6.x), :func:`refresh_topology` should
-call that instead. Everything else here is public API (``keyslot``, ``get_node_from_key``,
-``ClusterNode.connection_class``/``connection_kwargs``, ``execute_command(target_nodes=...)``).
+Written for redis-py 5.0.1 to 5.x (asserted below), with its public API only: ``keyslot``,
+``get_node_from_key``, ``ClusterNode.connection_class``/``connection_kwargs`` (a reader's own
+connection, made as the client makes its own), ``execute_command(target_nodes=...)``, and for a
+topology refresh ``aclose()`` then ``initialize()``, which is what redis-py itself does after a
+connection error. redis-py has no public "refresh the slots map" call (``nodes_manager.initialize()``
+is internal, and leaves the replaced nodes' connections to be closed by tasks nobody awaits): when
+it has one, :func:`refresh_topology` should use it, sparing the client's other connections.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ async def command_on_node(redis: RedisCluster, node: ClusterNode, *args: Any) ->
 
 
 async def refresh_topology(redis: RedisCluster) -> None:
-    """Ask the cluster again which node serves which slot (after ``MOVED``, or a node lost)."""
+    """Ask the cluster again which node serves which slot (after ``MOVED``, or a node lost). The
+    client's connections are closed (commands under way on them fail, and redis-py retries them),
+    as redis-py does itself after a connection error."""
+    await redis.aclose()
     await redis.initialize()
-    await redis.nodes_manager.initialize()

@@ -257,6 +257,46 @@ async def test_the_sweepers_close_reaches_streams_on_every_master(
     assert await close_attempt(cluster_client, keys, StreamLimits(), job, retry=False, reason="again") is None
 
 
+async def test_a_reader_follows_a_stream_whose_slot_migrates_to_another_master(
+    redis_cluster: RedisClusterProcesses, cluster_client: RedisCluster, keys: StreamKeys
+) -> None:
+    """``CLUSTER SETSLOT … MIGRATING/IMPORTING``, ``MIGRATE`` and ``SETSLOT … NODE`` while entries
+    are written before, during and after: the reader (answered ``ASK``, then ``MOVED``) reads on
+    from the last id it saw, and passes every entry on once, in order."""
+    [tag] = spread(redis_cluster, keys.tag, 1)
+    key = keys.tag(tag)
+    source = redis_cluster.master_of(key)
+    target = next(n for n in redis_cluster.nodes if n.running and n is not source and _is_master(n))
+    live = [n for n in redis_cluster.nodes if n.running]
+    clients = {n.port: Redis(host="127.0.0.1", port=n.port, socket_timeout=10) for n in live}
+    items = subscribe(cluster_client, tags=[tag], prefix=keys.prefix, start="0", block_ms=200)
+    reading = asyncio.create_task(collect(items, n=12, within=30))
+    try:
+        slot = int(await clients[source.port].execute_command("CLUSTER", "KEYSLOT", key))
+        source_id, target_id = _cli(source, "CLUSTER", "MYID").strip(), _cli(target, "CLUSTER", "MYID").strip()
+        await write(cluster_client, key, *_tokens("j", 0, 3))
+        await clients[target.port].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        await clients[source.port].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        await write(cluster_client, key, *_tokens("j", 3, 6))  # still on the source
+        await clients[source.port].execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key)
+        await write(cluster_client, key, *_tokens("j", 6, 9))  # ASK: on the target
+        for node in live:
+            if _is_master(node):
+                await clients[node.port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        await write(cluster_client, key, *_tokens("j", 9, 12))  # the slot is the target's
+        got = await reading
+    finally:
+        await stop_task(reading)
+        for client in clients.values():
+            await client.aclose()
+    assert redis_cluster.master_of(key).port == target.port
+    assert [(i.job, i.seq) for i in got] == [("j", seq) for seq in range(12)]
+
+
+def _is_master(node: RedisServerProcess) -> bool:
+    return "role:master" in _cli(node, "INFO", "replication")
+
+
 LOST = 3000
 """Entries written while the replica is stopped: more than the reader's batch and its read-ahead
 (1024 each), so some are lost before the reader could have read them."""
