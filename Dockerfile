@@ -6,6 +6,6 @@ COPY schemas ./schemas
 COPY worker ./worker
 COPY consumer ./consumer
 COPY tokenbus ./tokenbus
-RUN pip install -c requirements.lock '.[worker,gateway]' && useradd --system --no-create-home tokenbus
+RUN pip install -c requirements.lock '.[worker,gateway,top]' && useradd --system --no-create-home tokenbus
 USER tokenbus
 CMD ["tokenbus", "worker"]

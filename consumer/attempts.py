@@ -5,16 +5,23 @@ that retried a batch may also have written some entries twice, and a chunk with 
 copied to the stream of each tag the job fans out (all of them, or those of the job's tag filter),
 with the same ``(job, attempt, seq)`` in every copy. :class:`AttemptFilter` sees every entry
 once, in stream order, and accepts an entry only if it belongs to the newest attempt of its job
-and has not been accepted before, from this stream or another.
+and has not been accepted before, from this stream or another. An entry holds the ``seq``s from
+its ``seq`` to ``seq + n - 1`` (``n`` > 1: chunks merged by a congested publisher).
+
+In a job stream an attempt's ``seq``s are contiguous, so one that jumps means entries are missing
+(deleted, or lost on the way: a failover, a publisher that gave up): the filter reports it as a
+:class:`Gap` with the missing range, for the streams it is told are job streams. Tag streams hold
+only the chunks of their tag, so their ``seq``s skip legitimately and are not checked.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tokenbus.consumer.reader import Gap
 from tokenbus.schemas.entries import TERMINAL_TYPES, Entry
 
 MAX_COPIES_PER_JOB = 1024
@@ -38,7 +45,9 @@ class Restart:
 @dataclass(slots=True)
 class _JobState:
     attempt: int
-    last_seq: dict[str, int] = field(default_factory=dict)  # per stream
+    last_seq: dict[str, int] = field(default_factory=dict)  # per stream: the last seq an entry held
+    last_id: str = ""
+    """The id of the attempt's last entry in its job stream (checked for contiguity)."""
     terminal: bool = False
     copies: dict[int, tuple[str, ...]] | None = None
     """Chunks passed on that carry 2+ followed tags: seq → followed streams a copy may still come from."""
@@ -54,14 +63,18 @@ class AttemptFilter:
     reader follows several tag streams, so a chunk copied to several of them is passed on once,
     whichever of them holds it. ``ordered=False`` (consumer groups, where claimed entries arrive
     late) only drops superseded attempts: repeated entries are then the at-least-once of groups.
+    ``job_streams``: the streams read that are job streams, whose ``seq``s are checked.
 
     :meth:`accept` returns a :class:`Restart` (truthy) instead of ``True`` for the first entry of a
-    newer attempt of a job the reader has passed entries of: the reader's user must start over."""
+    newer attempt of a job the reader has passed entries of: the reader's user must start over; and
+    a :class:`Gap` (truthy) for an entry of a job stream whose ``seq`` is past the next one: the
+    entries between are missing (the entry itself is accepted)."""
 
     def __init__(
         self,
         tag_streams: dict[str, str] | None = None,
         *,
+        job_streams: Collection[str] = (),
         ordered: bool = True,
         max_jobs: int = 100_000,
         max_copies: int = MAX_COPIES_PER_JOB,
@@ -70,6 +83,7 @@ class AttemptFilter:
         self._several = len(self._stream_of_tag) > 1
         self._followed: dict[tuple[str, ...], tuple[str, ...]] = {}  # tags → followed streams among them
         self._ordered = ordered
+        self._job_streams = frozenset(job_streams)
         self._jobs: OrderedDict[str, _JobState] = OrderedDict()  # least recently seen first
         self._newest: _JobState | None = None  # the last one seen (no need to move it to the end)
         self._max_jobs = max_jobs
@@ -82,7 +96,7 @@ class AttemptFilter:
         if state is None or state.attempt < attempt:
             self._jobs[job] = _JobState(attempt)
 
-    def accept(self, entry: Entry) -> bool | Restart:
+    def accept(self, entry: Entry) -> bool | Restart | Gap:
         job = entry.job
         state = self._jobs.get(job)
         restart: Restart | None = None
@@ -103,9 +117,15 @@ class AttemptFilter:
         stream = entry.stream or ""
         seq = entry.seq
         last_seq = state.last_seq
-        if seq <= last_seq.get(stream, -1):
+        last = last_seq.get(stream, -1)
+        if seq <= last:
             return False  # written twice by a retried batch
-        last_seq[stream] = seq
+        last_seq[stream] = seq + entry.n - 1
+        gap: Gap | None = None
+        if self._job_streams and stream in self._job_streams:
+            if last >= 0 and seq > last + 1:  # (a new attempt's first entry has no last: no restart here)
+                gap = Gap(stream, state.last_id, entry.id, job, entry.attempt, (last + 1, seq - 1))
+            state.last_id = entry.id or ""
         if entry.type in TERMINAL_TYPES:
             if state.terminal:
                 return False  # the same terminal entry, from another tag stream
@@ -114,7 +134,7 @@ class AttemptFilter:
                 state.copies, state.forgotten = None, seq
         elif self._several and len(entry.tags) > 1 and self._is_copy(state, entry.tags, stream, seq):
             return False
-        return restart or True
+        return restart or gap or True
 
     def _is_copy(self, state: _JobState, tags: tuple[str, ...], stream: str, seq: int) -> bool:
         """Whether this chunk (new in ``stream``) was passed on from another followed stream."""

@@ -47,6 +47,7 @@ from tokenbus.consumer.reader import (
     parse_id,
     stop_task,
 )
+from tokenbus.consumer.resp import pack
 from tokenbus.schemas.entries import Entry, redrive_group
 from tokenbus.schemas.errors import MalformedEntry
 
@@ -201,7 +202,12 @@ class StreamHub:
         if not positions:
             raise ValueError("nothing to follow: give at least one stream")
         new = [s for s in positions if s not in self._windows]
-        latest = await latest_positions(self._redis, new)
+        try:
+            latest = await latest_positions(self._redis, new)
+        except redis_errors.ResponseError as e:  # a key that is no stream (WRONGTYPE), as the reads find
+            if "WRONGTYPE" not in str(e):
+                raise
+            raise NotAStream(f"{', '.join(new)}: a key of these is not a stream") from e
         added: set[_HubLane] = set()
         for stream in positions:
             window = self._windows.get(stream)
@@ -335,8 +341,14 @@ class _HubLane:
                 await asyncio.sleep(delay)
                 continue
             if failures:
+                try:
+                    await self._restart_windows()
+                except Exception as e:  # Redis away again: never leave the followers waiting
+                    delay = hub._backoff_s[min(failures, len(hub._backoff_s) - 1)]
+                    logger.warning("the hub's read failed (%s); reading again in %.1fs", e, delay)
+                    await asyncio.sleep(delay)
+                    continue
                 failures = 0
-                await self._restart_windows()
                 continue
             hub.reads += 1
             for stream_name, entries in reply:
@@ -393,7 +405,8 @@ class _HubLane:
         self._reading = frozenset(windows)
         try:
             args = [*windows, *(w.last_id for w in windows.values())]
-            await conn.send_command("XREAD", "COUNT", self._hub._batch, "BLOCK", self._hub._block_ms, "STREAMS", *args)
+            command = ("XREAD", "COUNT", self._hub._batch, "BLOCK", self._hub._block_ms, "STREAMS", *args)
+            await conn.send_packed_command(pack(command), check_health=False)
             reply = await conn.read_response(disable_decoding=True, timeout=self._hub._read_timeout)
         finally:
             self._reading = None
@@ -405,8 +418,14 @@ class _HubLane:
         """After a failed read: what happened while the hub was not reading is read by each
         follower from Redis (which also tells them if it was trimmed); the windows start again
         from each stream's newest entry."""
-        windows = self.windows()
-        latest = await latest_positions(self._hub._redis, list(windows))
+        windows = {s: w for s, w in self.windows().items() if w.error is None}
+        try:
+            latest = await latest_positions(self._hub._redis, list(windows))
+        except redis_errors.ResponseError as e:
+            if isinstance(e, REROUTED) or "WRONGTYPE" not in str(e):
+                raise
+            await self._fail_non_streams(e)  # a key became something else meanwhile: its followers fail
+            return await self._restart_windows()
         for stream, window in windows.items():
             window.reset(latest[stream])
 

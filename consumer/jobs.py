@@ -67,9 +67,9 @@ class JobView:
             self.result, self.updates, self.state = None, [], None
         if entry.seq > self.next_seq:
             self.missing += entry.seq - self.next_seq
-        self.next_seq = max(self.next_seq, entry.seq + 1)
+        self.next_seq = max(self.next_seq, entry.seq + entry.n)
         if entry.is_chunk:
-            self.chunks += 1
+            self.chunks += entry.n  # a merged entry holds n chunks
             if self.first_chunk_ts is None:
                 self.first_chunk_ts = entry.ts
             self.text += entry.content

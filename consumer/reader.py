@@ -34,6 +34,7 @@ from tokenbus.consumer._redis_cluster import (
     refresh_topology,
 )
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.resp import pack
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,27 @@ BEGINNING = "0-0"
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Entries between ``after`` and ``first_available`` were (or may have been) trimmed unread."""
+    """Entries between ``after`` and ``first_available`` were (or may have been) trimmed unread;
+    or, with ``missing`` set, a job stream's ``seq`` jumped there: the entries of ``job``'s
+    ``attempt`` numbered ``missing`` (first, last) are not in the stream (deleted, or lost before
+    Redis kept them: a failover, a publisher that gave up)."""
 
     stream: str
     after: str
     first_available: str | None
+    job: str | None = None
+    attempt: int | None = None
+    missing: tuple[int, int] | None = None
     type: Literal["gap"] = "gap"
 
     def __str__(self) -> str:
+        if self.missing is not None:
+            first, last = self.missing
+            seqs = f"seq {first}" if first == last else f"seqs {first}-{last}"
+            return (
+                f"gap in {self.stream}: job {self.job} attempt {self.attempt}: {seqs} missing "
+                f"(between {self.after} and {self.first_available})"
+            )
         oldest = self.first_available
         return f"gap in {self.stream}: entries after {self.after} were trimmed (oldest left: {oldest})"
 
@@ -230,7 +244,7 @@ class StreamReader:
         if not streams:
             return
         commands = [("XREVRANGE", stream, "+", "-", "COUNT", 1) for stream in streams]
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        await conn.send_packed_command(b"".join(map(pack, commands)), check_health=False)
         for stream in streams:
             newest = await conn.read_response(disable_decoding=True)
             newest_id = as_text(newest[0][0]) if newest else BEGINNING
@@ -251,7 +265,7 @@ class StreamReader:
         commands: list[tuple[Any, ...]] = [("XRANGE", stream, "-", "+", "COUNT", 1) for stream, _ in checks]
         streams = [*lane.streams, *(positions[s] for s in lane.streams)]
         commands.append(("XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *streams))
-        await lane.conn.send_packed_command(lane.conn.pack_commands(commands), check_health=False)
+        await lane.conn.send_packed_command(b"".join(map(pack, commands)), check_health=False)
         lane.sent, lane.verify = checks, []
 
     async def _receive(self, lane: _Lane) -> tuple[list[Gap], Any]:

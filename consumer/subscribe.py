@@ -2,8 +2,9 @@
 
 Yields typed :class:`tokenbus.schemas.Entry` objects, newest attempt of each job only, each entry once
 (however many followed streams hold a copy), filtered by job, node and type; and notices:
-:class:`Gap` (entries were trimmed before they were read) and :class:`Restart` (a newer attempt of
-a job begins: what came of the older one is superseded). Entries that are not tokenbus v1
+:class:`Gap` (entries were trimmed before they were read, or, following job streams, a job's
+``seq`` jumped: entries are missing) and :class:`Restart` (a newer attempt of a job begins: what
+came of the older one is superseded). Entries that are not tokenbus v1
 entries are logged and skipped (``on_malformed="raise"`` raises instead); nothing else is lost.
 
 A replay of a job stream from its start passes on only the attempt that was newest when it began
@@ -63,7 +64,7 @@ async def subscribe(
     initial = BEGINNING if start in ("0", "0-0") else start
     positions = {s: (resume or {}).get(s, initial) for s in streams}
     reader = StreamReader(redis, positions, block_ms=block_ms)
-    attempts = AttemptFilter(tag_streams)
+    attempts = AttemptFilter(tag_streams, job_streams=() if tag_list else streams)
     # job streams replayed from their start: the first entry passed on of each must be its start
     replayed = {job: keys.job(job) for job in job_list if not tag_list and positions[keys.job(job)] == BEGINNING}
     for job, attempt in (await newest_attempts(redis, replayed)).items():
@@ -100,7 +101,7 @@ async def subscribe(
                 if not verdict:
                     continue
                 if verdict is not True:
-                    yield verdict  # a Restart
+                    yield verdict  # a Restart, or a Gap before this entry
                 if unstarted and entry.job in unstarted:
                     unstarted.discard(entry.job)
                     if entry.seq != 0:  # the attempt's first entries were trimmed

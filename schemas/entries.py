@@ -65,7 +65,7 @@ class Entry:
     """
 
     __slots__ = (
-        "_data", "_meta", "attempt", "content", "error", "error_type", "id", "job", "node", "retry", "seq",
+        "_data", "_meta", "attempt", "content", "error", "error_type", "id", "job", "n", "node", "retry", "seq",
         "stream", "tags", "ts", "type",
     )  # fmt: skip
 
@@ -78,6 +78,9 @@ class Entry:
     job: str
     attempt: int
     seq: int
+    n: int
+    """How many chunks the entry holds (``seq`` to ``seq + n - 1``): more than 1 only for chunks a
+    congested publisher merged (``TOKENBUS_COALESCE``); the next entry of the attempt has ``seq + n``."""
     ts: int
     tags: tuple[str, ...]
     node: str
@@ -105,15 +108,18 @@ class Entry:
         error: str = "",
         error_type: str = "",
         retry: bool = False,
+        n: int = 1,
         id: str | None = None,
         stream: str | None = None,
     ) -> None:
         kind = EntryType(type) if type is not None else self.entry_type
         if kind is None or (self.entry_type is not None and kind is not self.entry_type):
             raise ValueError(f"{self.__class__.__name__} entries have type {self.entry_type}, not {type}")
-        if attempt < 1 or seq < 0:
-            raise ValueError(f"attempt counts from 1 and seq from 0 (got attempt={attempt}, seq={seq})")
-        self.type, self.job, self.attempt, self.seq, self.ts = kind, job, attempt, seq, ts
+        if attempt < 1 or seq < 0 or n < 1:
+            raise ValueError(f"attempt counts from 1, seq from 0, n from 1 (got attempt={attempt}, seq={seq}, n={n})")
+        if n > 1 and kind not in CHUNK_TYPES:
+            raise ValueError(f"only chunks are merged: a {kind} entry holds one (got n={n})")
+        self.type, self.job, self.attempt, self.seq, self.n, self.ts = kind, job, attempt, seq, n, ts
         self.tags, self.node, self.content = tuple(tags), node, content
         self._data, self._meta = data, dict(meta or {})
         self.error, self.error_type, self.retry = error, error_type, retry
@@ -151,6 +157,11 @@ class Entry:
         return self.type in CHUNK_TYPES
 
     @property
+    def next_seq(self) -> int:
+        """The ``seq`` of the attempt's entry after this one (``seq + n``)."""
+        return self.seq + self.n
+
+    @property
     def is_final(self) -> bool:
         """A terminal entry after which no attempt of the job will follow."""
         return self.type in TERMINAL_TYPES and not self.retry
@@ -159,7 +170,8 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         """Every contract field plus ``id`` and ``stream``, JSON-ready (``tags`` as a list)."""
         return {
-            "type": self.type.value, "job": self.job, "attempt": self.attempt, "seq": self.seq, "ts": self.ts,
+            "type": self.type.value, "job": self.job, "attempt": self.attempt, "seq": self.seq, "n": self.n,
+            "ts": self.ts,
             "tags": list(self.tags), "node": self.node, "content": self.content, "data": self.data,
             "meta": self.meta, "error": self.error, "error_type": self.error_type, "retry": self.retry,
             "id": self.id, "stream": self.stream,
@@ -174,6 +186,8 @@ class Entry:
 
     def __repr__(self) -> str:
         shown = {"job": self.job, "attempt": self.attempt, "seq": self.seq}
+        if self.n != 1:
+            shown["n"] = self.n
         for name in ("node", "content", "error", "id", "stream"):
             if value := getattr(self, name):
                 shown[name] = value
@@ -194,6 +208,8 @@ class Entry:
             b"" if self.data is None else orjson.dumps(self.data),
             orjson.dumps(self.meta),
         )
+        if self.n != 1:
+            fields += [_N, self.n]
         if self.type in TERMINAL_TYPES:
             fields += terminal_fields(self.error, self.error_type, self.retry)
         return {_bytes(k): _bytes(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
@@ -207,12 +223,19 @@ class Entry:
         """
         terminal: Mapping[bytes, bytes] = _NO_FIELDS
         values: list[Any]  # bytes, or None for a missing field (an error, caught below)
+        n: Any = None  # the count of a merged chunk, if the entry has one
         if isinstance(fields, list) and fields[::2] == _FIELD_NAMES:
             # as tokenbus writes entries (and Redis replies): a flat list, in contract order
             values = fields[1::2]
+        elif (
+            isinstance(fields, list) and len(fields) == _MERGED_LEN and fields[-2] == _N
+            and fields[:-2:2] == _FIELD_NAMES
+        ):  # fmt: skip
+            values, n = fields[1:-2:2], fields[-1]  # a merged chunk, as tokenbus writes it
         else:
             terminal = f = _as_bytes_map(fields)
             values = [f.get(name) for name in _FIELD_NAMES]
+            n = f.get(_N)
         version, kind_name, job, attempt, seq, tags, node, content, data, meta, ts = values
         if version != _V:
             if version is None:
@@ -225,6 +248,7 @@ class Entry:
             entry.job = job.decode()
             entry.attempt = int(attempt)
             entry.seq = int(seq)
+            entry.n = 1 if n is None else int(n)
             entry.ts = int(ts)
             entry.tags = _tags(tags)
             entry.node = node.decode() if node else ""
@@ -243,7 +267,7 @@ class Entry:
             missing = [name for name, value in required.items() if value is None]
             problem = f"no {', '.join(missing)} field" if missing else repr(e)
             raise MalformedEntry(f"bad tokenbus entry in {stream or 'stream'} at {id}: {problem}") from e
-        if entry.attempt < 1 or entry.seq < 0:
+        if entry.attempt < 1 or entry.seq < 0 or entry.n < 1 or (entry.n > 1 and kind not in CHUNK_TYPES):
             raise MalformedEntry(f"bad tokenbus entry in {stream or 'stream'} at {id}: out-of-range values")
         entry.id = id
         entry.stream = stream
@@ -379,9 +403,13 @@ def redrive_group(fields: Fields) -> str | None:
     return None if value is None else value.decode(errors="replace")
 
 
+COUNT_FIELD = "n"
+"""The field of a merged chunk: how many chunks it holds (absent: 1). It follows ``ts``."""
+_N = COUNT_FIELD.encode()
 _TYPES = {t.value.encode(): t for t in EntryType}
 _FIELD_NAMES = chunk_fields("", "", 1, 0, 0, b"", "", "", b"", b"")[::2]
 """Every entry's field names, in contract order (terminal entries may add more)."""
+_MERGED_LEN = 2 * len(_FIELD_NAMES) + 2
 _NO_FIELDS: Mapping[bytes, bytes] = {}
 _TAGS_CACHE: dict[bytes, tuple[str, ...]] = {}
 

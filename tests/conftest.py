@@ -17,6 +17,7 @@ from tests.support import ENV_PREFIXES, FAULTS, ThreadedModelServer
 from tokenbus.redis_server import RedisClusterProcesses, RedisServerProcess
 from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.redis_client import StreamsRedis, streams_from_settings
 from tokenbus.worker.serializer import job_deserializer, job_serializer
 from tokenbus.worker.settings import Settings
 
@@ -65,13 +66,50 @@ def paced_model() -> Iterator[ThreadedModelServer]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisServerProcess]:
+    """A redis-server of the test's own, to stop or restart."""
+    server = RedisServerProcess()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+STREAMS = ("single", "cluster")
+"""Where a test's streams may live (the ``settings`` fixture's parameter): on the queue's Redis,
+or on the session's Redis Cluster (the queue stays on ``redis_server``). A test runs on both with
+``@pytest.mark.parametrize("settings", STREAMS, indirect=True)``; unparametrized, on one Redis."""
+
+
 @pytest.fixture
-def settings(redis_server: RedisServerProcess, model_server: ThreadedModelServer, prefix: str) -> Settings:
-    return make_settings(redis_server.url, model_server.base_url, prefix)
+def settings(
+    request: pytest.FixtureRequest, redis_server: RedisServerProcess, model_server: ThreadedModelServer, prefix: str
+) -> Settings:
+    streams = getattr(request, "param", "single")
+    overrides: dict[str, Any] = {}
+    if streams == "cluster":
+        cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+        overrides = {"TOKENBUS_STREAMS_URL": cluster.url, "TOKENBUS_STREAMS_CLUSTER": "true"}
+    elif streams != "single":
+        raise ValueError(f"streams are {' or '.join(STREAMS)}, not {streams!r}")
+    return make_settings(redis_server.url, model_server.base_url, prefix, **overrides)
+
+
+@pytest.fixture
+async def streams(settings: Settings) -> AsyncIterator[StreamsRedis]:
+    """A client of the deployment holding ``settings``' streams (a Redis Cluster's, or one Redis's)."""
+    client = streams_from_settings(settings)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def paced_settings(redis_server: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str) -> Settings:
+    return make_settings(redis_server.url, paced_model.base_url, prefix)
 
 
 def make_settings(redis_url: str, model_url: str, prefix: str, **overrides: Any) -> Settings:

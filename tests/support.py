@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.jobs import JobView
+from tokenbus.consumer.reader import Gap
 from tokenbus.consumer.subscribe import subscribe
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from tokenbus.worker.offline_model import Fault, OfflineModelServer, script_for
@@ -119,8 +120,8 @@ async def follow_job(
     view, entries = JobView(job_id), []
     async with asyncio.timeout(60):
         async for item in subscribe(redis, jobs=[job_id], prefix=prefix, start="0", block_ms=300):
-            if isinstance(item, Restart):
-                continue  # the view starts over by itself at the new attempt's entries
+            if isinstance(item, Restart | Gap):
+                continue  # the view starts over by itself at a new attempt's entries, and counts what is missing
             assert isinstance(item, Entry)
             entries.append(item)
             view.apply(item)

@@ -62,7 +62,7 @@ def url(server: RedisServerProcess, *, user: str = "", password: str = "", db: i
 
 COMMANDS = [
     ("enqueue", "joke_poem"), ("tail", "--tag", "poem"), ("groups", "--tag", "poem"), ("jobs",), ("status", "j"),
-    ("dead",),
+    ("dead",), ("top", "--once"),
 ]  # fmt: skip
 
 

@@ -144,11 +144,11 @@ async def test_services_run_as_local_processes(compose: dict[str, Any], settings
 
 
 def test_the_image_installs_the_versions_tested() -> None:
-    """The Dockerfile installs tokenbus[worker] under requirements.lock: every dependency pinned."""
+    """The Dockerfile installs tokenbus[worker,gateway,top] under requirements.lock: every dependency pinned."""
     root = COMPOSE.parent
     dockerfile = (root / "Dockerfile").read_text()
     assert "COPY pyproject.toml README.md LICENSE requirements.lock ./" in dockerfile
-    assert "pip install -c requirements.lock '.[worker,gateway]'" in dockerfile
+    assert "pip install -c requirements.lock '.[worker,gateway,top]'" in dockerfile
     pins = {}
     for line in (root / "requirements.lock").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -157,6 +157,6 @@ def test_the_image_installs_the_versions_tested() -> None:
             pins[re.sub(r"[-_.]+", "-", name).lower()] = version
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    needed = [*project["dependencies"], *extras["worker"], *extras["gateway"]]
+    needed = [*project["dependencies"], *extras["worker"], *extras["gateway"], *extras["top"]]
     names = {re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!;~ ]", spec, maxsplit=1)[0]).lower() for spec in needed}
     assert sorted(names - pins.keys()) == []

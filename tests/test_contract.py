@@ -87,6 +87,31 @@ def test_entries_are_built_with_their_type_and_checked() -> None:
         TokenEntry(type="end", job="j", attempt=1, seq=0, ts=1)
     with pytest.raises(ValueError, match="attempt counts from 1"):
         TokenEntry(job="j", attempt=0, seq=0, ts=1)
+    with pytest.raises(ValueError, match="n from 1"):
+        TokenEntry(job="j", attempt=1, seq=0, ts=1, n=0)
+    with pytest.raises(ValueError, match="only chunks are merged"):
+        Entry(type="end", job="j", attempt=1, seq=0, ts=1, n=2)
+
+
+def test_a_merged_chunk_carries_n_after_its_fields_and_says_where_the_next_entry_starts() -> None:
+    entry = CustomEntry(job="j", attempt=1, seq=4, n=3, ts=1, content="abc", data={"content": "abc"})
+    fields = entry.encode()
+    assert list(fields)[-1] == b"n" and fields[b"n"] == b"3"
+    flat = [part for pair in fields.items() for part in pair]
+    as_text = {k.decode(): v.decode() for k, v in fields.items()}
+    for form in (fields, flat, as_text):  # as tokenbus writes it (the fast path), and any other way
+        decoded = Entry.decode(form, id="1-0", stream="s")
+        assert (decoded.seq, decoded.n, decoded.next_seq, decoded.content) == (4, 3, 7, "abc")
+    assert Entry.decode(flat[:-2]).n == 1
+    assert "n" not in {k.decode() for k in TokenEntry(job="j", attempt=1, seq=0, ts=1).encode()}  # n absent: 1
+    assert Entry.decode(fields).to_dict() | {"id": None, "stream": None} == entry.to_dict()
+
+
+@pytest.mark.parametrize(("kind", "n"), [("token", b"0"), ("token", b"-1"), ("end", b"2"), ("start", b"2")])
+def test_a_count_out_of_range_or_on_an_entry_that_is_no_chunk_is_malformed(kind: str, n: bytes) -> None:
+    fields = {b"v": b"1", b"type": kind.encode(), b"job": b"j", b"attempt": b"1", b"seq": b"0", b"ts": b"1", b"n": n}
+    with pytest.raises(MalformedEntry, match="out-of-range"):
+        Entry.decode(fields)
 
 
 def test_terminal_entries_carry_error_and_retry() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 
-from tokenbus.schemas.entries import _FIELD_NAMES, REDRIVE_GROUP, EntryType, ErrorType
+from tokenbus.schemas.entries import _FIELD_NAMES, COUNT_FIELD, REDRIVE_GROUP, EntryType, ErrorType
 from tokenbus.schemas.job import JOB_FUNCTION, JobRequest
 from tokenbus.schemas.keys import FINISHED_KEPT, StreamKeys, wake_channel
 from tokenbus.worker.presence import WorkerInfo
@@ -29,7 +29,7 @@ def table_after(heading: str) -> list[str]:
 
 
 def test_the_entry_fields_are_the_codes() -> None:
-    fields = [name.decode() for name in _FIELD_NAMES] + list(TERMINAL_FIELDS)
+    fields = [name.decode() for name in _FIELD_NAMES] + [COUNT_FIELD] + list(TERMINAL_FIELDS)
     assert table_after("## Entries") == fields
 
 

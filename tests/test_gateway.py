@@ -27,11 +27,6 @@ SECRET = "test-token-secret"
 
 
 @pytest.fixture
-def paced_settings(redis_server: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str) -> Settings:
-    return make_settings(redis_server.url, paced_model.base_url, prefix)
-
-
-@pytest.fixture
 async def worker(paced_settings: Settings) -> AsyncIterator[Process]:
     process = await start_worker(paced_settings)
     yield process

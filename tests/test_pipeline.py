@@ -5,23 +5,25 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import STREAMS
 from tests.support import JOKE, POEM, read_stream, text_of
 from tokenbus.schemas.entries import EntryType
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.settings import Settings
 
 
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)
 @pytest.mark.parametrize("mode", ["messages", "custom"])
 async def test_joke_poem_lands_in_tag_and_job_streams(
-    mode: str, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+    mode: str, settings: Settings, client: TokenbusClient, streams: Redis, run_burst_worker
 ) -> None:
     job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=[mode])
     await run_burst_worker()
     keys = settings.keys
 
-    poem = await read_stream(redis, keys.tag("poem"))
-    joke = await read_stream(redis, keys.tag("joke"))
-    job = await read_stream(redis, keys.job(job_id))
+    poem = await read_stream(streams, keys.tag("poem"))
+    joke = await read_stream(streams, keys.tag("joke"))
+    job = await read_stream(streams, keys.job(job_id))
 
     poem_chunks = [e for e in poem if e.is_chunk]
     assert poem_chunks, "the poem tag stream is empty"
@@ -50,7 +52,7 @@ async def test_joke_poem_lands_in_tag_and_job_streams(
     assert [e.seq for e in job] == list(range(len(job)))
     assert text_of(job) == JOKE + POEM
     assert job[-1].data["chunks"] == sum(e.is_chunk for e in job)
-    assert 0 < await redis.ttl(keys.job(job_id)) <= settings.job_ttl_s
+    assert 0 < await streams.ttl(keys.job(job_id)) <= settings.job_ttl_s
 
 
 async def test_messages_mode_carries_usage_and_finish(
@@ -76,6 +78,24 @@ async def test_tag_filter_limits_fan_out(
     assert await redis.exists(keys.tag("joke")) == 0
     assert text_of(await read_stream(redis, keys.tag("poem"))) == POEM
     assert text_of(await read_stream(redis, keys.job(job_id))) == JOKE + POEM
+
+
+async def test_tag_streams_expire_when_a_tag_ttl_is_set(
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+) -> None:
+    await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"], tags=["poem"])
+    await run_burst_worker(tag_ttl_s=900, job_timeout_s=60, max_job_timeout_s=60)
+    assert 0 < await redis.ttl(settings.keys.tag("poem")) <= 900
+    await client.enqueue("joke_poem", {"topic": "dogs"}, modes=["messages"], tags=["joke"])
+    await run_burst_worker()  # the default: tag streams never expire
+    assert await redis.ttl(settings.keys.tag("joke")) == -1
+
+
+def test_a_tag_ttl_shorter_than_a_job_may_run_is_refused(settings: Settings) -> None:
+    values = {"TOKENBUS_TAG_TTL": 600, "TOKENBUS_MAX_JOB_TIMEOUT": 900}
+    with pytest.raises(ValueError, match=r"TOKENBUS_TAG_TTL \(600s\) must be at least .* 900s"):
+        Settings(**values)  # type: ignore[arg-type]
+    assert Settings(**{**values, "TOKENBUS_TAG_TTL": 900}).tag_ttl_s == 900  # type: ignore[arg-type]
 
 
 async def test_idempotent_enqueue_runs_once(

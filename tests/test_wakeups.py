@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from tests.support import follow_job, wait_for
+from tests.conftest import make_settings
+from tests.support import ThreadedModelServer, follow_job, wait_for
+from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.job import JOB_FUNCTION
-from tokenbus.schemas.keys import wake_channel
+from tokenbus.schemas.keys import StreamKeys, wake_channel
 from tokenbus.worker._arq import TokenbusWorker
 from tokenbus.worker.app import build_worker, stop_worker
 from tokenbus.worker.client import TokenbusClient
@@ -70,6 +72,28 @@ async def test_wake_ups_resume_after_the_subscription_is_cut(
         assert await redis.client_kill_filter(_type="pubsub") >= 1
         await subscribers(redis, settings, lambda n: n == 1, "the worker to subscribe again")
         await finishes(redis, settings, await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"]))
+
+
+async def test_an_abort_is_announced_a_running_job_ends_cancelled_before_the_next_poll(
+    redis_server: RedisServerProcess, prefix: str, redis: Redis
+) -> None:
+    """arq sees abort requests when it polls: ``TokenbusClient.abort`` wakes the workers, so a
+    cancel does not wait for the next poll (here, an hour away)."""
+    slow = ThreadedModelServer(tokens_per_s=20).start()  # joke_poem takes ~10 s
+    try:
+        settings = make_settings(redis_server.url, slow.base_url, prefix)
+        async with running_worker(settings, redis, NEVER_S), await TokenbusClient.connect(settings) as client:
+            job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["messages"])
+            await wait_for(lambda: chunks_written(redis, settings, job_id), what="the job's first chunk")
+            assert await client.abort(job_id, timeout_s=60)
+            view, _ = await follow_job(redis, settings.prefix, job_id)
+            assert view.status == "cancelled" and 0 < view.chunks < 150, view
+    finally:
+        slow.stop()
+
+
+async def chunks_written(redis: Redis, settings: Settings, job_id: str) -> bool:
+    return await redis.xlen(StreamKeys(settings.prefix).job(job_id)) > 1
 
 
 async def test_an_unannounced_job_starts_at_the_next_poll(settings: Settings, arq_pool: ArqRedis, redis: Redis) -> None:

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from tests.support import wait_for
 from tokenbus.schemas import Entry, EntryType
 from tokenbus.schemas.entries import chunk_fields
-from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, Wire, XaddPacker, describe
+from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, Hole, Route, Wire, XaddPacker, describe, slot_of
 
 META = orjson.dumps({"langgraph_node": "call_model", "langgraph_step": 1, "tags": ["poem"], "note": "100% sure"})
 STREAMS = [("tokenbus:job:{j1 100%d}", 1000), ("tokenbus:tag:{poem}", 50)]  # a job id may hold "%"
@@ -37,6 +37,54 @@ def test_a_chunk_template_packs_what_hiredis_packs(streams: list[tuple[str, int]
         assert template.pack(seq, content, data, 1700000000123) == b"".join(expected)
         assert template.commands == len(streams)
         assert packer.pack(streams, fields) == expected
+
+
+@pytest.mark.parametrize("streams", [STREAMS[:1], STREAMS])
+def test_a_merged_chunk_packs_its_fields_and_then_its_count(streams: list[tuple[str, int]]) -> None:
+    template = XaddPacker().template(
+        streams, chunk_fields(EntryType.TOKEN, "j1", 2, SEQ, TS, b'["poem"]', "call_model", CONTENT, DATA, META)
+    )
+    for n, content in [(2, "ab"), (12345, "é" * 5000)]:
+        fields = chunk_fields(EntryType.TOKEN, "j1", 2, 9, 17, b'["poem"]', "call_model", content, b"{}", META)
+        expected = [
+            hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *fields, "n", n)) for key, cap in streams
+        ]
+        assert template.pack_merged(9, content, b"{}", 17, n) == b"".join(expected)
+        reader = hiredis.Reader()
+        reader.feed(expected[0])
+        assert Entry.decode(reader.gets()[6:]).n == n
+    single = chunk_fields(EntryType.TOKEN, "j1", 2, 9, 17, b'["poem"]', "call_model", "ab", b"{}", META)
+    packed = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *single)) for key, cap in streams]
+    assert template.pack(9, "ab", b"{}", 17) == b"".join(packed)  # the template still packs single chunks
+
+
+WIDE = [SEQ, CONTENT, DATA, TS, *(f"f{i}" for i in range(88))]
+"""92 fields: a merged command's ``*<count>`` (100) has a digit more than a single chunk's (98)."""
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [chunk_fields(EntryType.TOKEN, "j1", 2, SEQ, TS, b'["poem"]', "call_model", CONTENT, DATA, META), WIDE],
+    ids=["chunk", "wide"],
+)
+def test_a_templates_route_cuts_its_single_and_merged_chunks_into_the_command_of_each_stream(
+    fields: list[object],
+) -> None:
+    streams = [*STREAMS, ("tokenbus:tag:{joke}", 7)]
+    template = XaddPacker().template(streams, fields)
+    keys = [key for key, _ in streams]
+    route = Route(keys, template.fixed)  # what the publisher gives the template on a cluster
+    slots = [slot_of(key) for key in keys]
+    assert len(set(slots)) == 3
+    for n, content in [(2, "ab"), (10, "\r\n$3\r\n"), (12345, "é" * 5000)]:
+        values: dict[object, object] = {SEQ: 9, CONTENT: content, DATA: b"{}", TS: 17}
+        filled = [values[v] if isinstance(v, Hole) else v for v in fields]
+        alone = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *filled)) for key, cap in streams]
+        assert route.split(template.pack(9, content, b"{}", 17)) == list(zip(slots, alone, strict=True))
+        joined = [hiredis.pack_command(("XADD", key, "MAXLEN", "~", cap, "*", *filled, "n", n)) for key, cap in streams]
+        assert route.split(template.pack_merged(9, content, b"{}", 17, n)) == list(zip(slots, joined, strict=True))
+    with pytest.raises(ValueError, match="not the 3 commands"):
+        route.split(template.pack_merged(9, "ab", b"{}", 17, 2)[:-1])
 
 
 def test_the_packed_entry_decodes_to_its_values() -> None:

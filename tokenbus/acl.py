@@ -152,6 +152,7 @@ def _worker(keys: StreamKeys, queue_name: str) -> list[str]:
         "+zremrangebyrank",
         "+hset", "+hdel", "+hgetall",  # the worker's record in <prefix>:workers
         "+xadd", "+xrevrange",  # publishing; each attempt and the sweeper read a job's last entry back
+        "+wait",  # TOKENBUS_WAIT_REPLICAS: each publish pipeline waits for its replicas
         "+subscribe", "+unsubscribe",  # wake-ups
         # leases (worker/lease.py): compare-and-set scripts, run with this user's rights on the keys above
         "+eval", "+evalsha", "+script|load", "+script|exists",

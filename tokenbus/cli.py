@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LONG_RUNNING = ("worker", "model-server", "serve")
 """Commands that log at INFO by default; the others log warnings only."""
-CHECK_REDIS_FIRST = ("enqueue", "tail", "groups", "workers", "jobs", "status", "result", "cancel", "dead")
+CHECK_REDIS_FIRST = ("enqueue", "tail", "groups", "workers", "jobs", "status", "result", "cancel", "dead", "top")
 """Commands that connect to Redis at once: a Redis they cannot use fails them in one line."""
 
 
@@ -147,6 +147,15 @@ def _add_job_commands(sub: Commands) -> None:
     p.add_argument("--limit", type=int, default=20, help="at most this many of each (default 20)")
     _add_format_arg(p)
 
+    p = _command(sub, "top", help="a live view: running jobs and tag streams with their tokens/s, group lag, errors")
+    p.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
+    p.add_argument(
+        "--tag", action="append", dest="tags", default=[],
+        help="show this tag stream (repeatable; default: the newest found by SCAN, every 10 s)",
+    )  # fmt: skip
+    p.add_argument("--limit", type=int, default=20, help="at most this many running jobs (default 20)")
+    p.add_argument("--once", action="store_true", help="print one view (rates over one interval) and exit")
+
     p = _command(
         sub, "status", help="where a job is: queued, running (attempt, worker, entries so far) or how it ended"
     )
@@ -199,6 +208,16 @@ def _add_other_commands(sub: Commands) -> None:
     p.add_argument("--port", type=int, default=8400)
     p.add_argument("--tokens-per-s", type=float, default=0.0, help="pace tokens (0: as fast as possible)")
     p.add_argument("--fault", action="append", default=[], help="MATCH:status|error|disconnect|stall[:AFTER]")
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+    return number
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:

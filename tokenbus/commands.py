@@ -37,9 +37,12 @@ __all__ = ["cancel", "dead", "jobs", "result", "status", "workers"]  # commands 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
-GATEWAY_GC_THRESHOLDS = (50_000, 20, 100)
-"""The gateway's garbage-collector thresholds: the worker's (``tokenbus.worker.app.GC_THRESHOLDS``,
-which an install without the worker extra cannot import), for the same reason."""
+GATEWAY_GC_THRESHOLDS = (700, 10, 1000)
+"""The gateway's garbage-collector thresholds: Python's young generation (a pass over at most ~700
+new objects is short, so no client's event waits long behind one), and full passes a hundred
+times rarer than Python's default (what is loaded at start is frozen; the rest is mostly
+short-lived). The worker's larger young generation made the gateway's p99 latency 2-3x longer
+(BENCHMARKS.md, "Gateway")."""
 
 
 @contextlib.contextmanager
@@ -273,6 +276,15 @@ async def groups(settings: Settings, args: argparse.Namespace) -> int:
         lag = "?" if s.lag is None else str(s.lag)
         print(f"{s.stream:<40} {s.group:<20} {s.consumers:>9} {s.pending:>8} {lag:>8}  {s.last_delivered}")
     return EXIT_OK
+
+
+async def top(settings: Settings, args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise CommandError("top: --limit must be 1 or more")
+    with needs_extra("top"):
+        from tokenbus.top import run_top
+
+    return await run_top(settings, interval=args.interval, tags=args.tags, limit=args.limit, once=args.once)
 
 
 async def demo(settings: Settings, args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ async def workers(settings: Settings, args: argparse.Namespace) -> int:
         _notice(f"no live worker on queue {settings.queue_name} (tokenbus worker starts one)")
         return EXIT_OK
     now = _now_ms()
-    rows = [(w.name, f"{w.running}/{w.max_jobs}", _duration(now - w.started_ms), ", ".join(w.graphs)) for w in live]
+    rows = [(w.name, f"{w.running}/{w.max_jobs}", duration(now - w.started_ms), ", ".join(w.graphs)) for w in live]
     _table(("WORKER", "RUNNING", "UP", "GRAPHS"), rows)
     return EXIT_OK
 
@@ -76,12 +76,12 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
         ("job", job.job), ("state", job.state.value), ("graph", job.graph or "?"),
         ("attempt", str(job.attempt) if job.attempt else "none started"),
         ("worker", job.worker or "-"), ("entries", str(job.entries)),
-        ("enqueued", _ago(job.enqueued_ms, now, " ago")), ("last entry", _ago(job.last_entry_ms, now, " ago")),
+        ("enqueued", ago(job.enqueued_ms, now, " ago")), ("last entry", ago(job.last_entry_ms, now, " ago")),
     ]  # fmt: skip
     if job.state is JobState.QUEUED and job.due_ms is not None and job.due_ms > now:
-        rows.append(("due in", _duration(job.due_ms - now)))
+        rows.append(("due in", duration(job.due_ms - now)))
     if job.done:
-        rows.append(("ended", _ago(job.ended_ms, now, " ago")))
+        rows.append(("ended", ago(job.ended_ms, now, " ago")))
     if job.error:
         rows.append(("error", f"{job.error_type}: {job.error}" if job.error_type else job.error))
     if job.cancel_requested and not job.done:
@@ -206,14 +206,14 @@ def _list_dead(letters: Sequence[DeadLetter], args: argparse.Namespace) -> int:
 def _job_row(job: JobStatus, now: float) -> tuple[str, ...]:
     info = ""
     if job.state is JobState.QUEUED and job.due_ms is not None and job.due_ms > now:
-        info = f"due in {_duration(job.due_ms - now)}"
+        info = f"due in {duration(job.due_ms - now)}"
     elif job.done:
-        info = f"ended {_ago(job.ended_ms, now, ' ago')}" + (f": {job.error}" if job.error else "")
+        info = f"ended {ago(job.ended_ms, now, ' ago')}" + (f": {job.error}" if job.error else "")
     if job.cancel_requested and not job.done:
         info = "cancel requested"
     return (
         job.job, job.state.value, job.graph or "?", str(job.attempt or "-"), job.worker or "-",
-        _ago(job.enqueued_ms or job.last_entry_ms, now), str(job.entries), info[:120],
+        ago(job.enqueued_ms or job.last_entry_ms, now), str(job.entries), info[:120],
     )  # fmt: skip
 
 
@@ -269,11 +269,11 @@ def _now_ms() -> float:
     return time.time() * 1000
 
 
-def _ago(ms: int | None, now: float, suffix: str = "") -> str:
-    return "-" if ms is None else _duration(now - ms) + suffix
+def ago(ms: int | None, now: float, suffix: str = "") -> str:
+    return "-" if ms is None else duration(now - ms) + suffix
 
 
-def _duration(ms: float) -> str:
+def duration(ms: float) -> str:
     s = max(ms, 0) / 1000
     if s < 60:
         return f"{s:.1f}s"

@@ -6,7 +6,9 @@ whoever starts one stops it. Nothing here ever touches a server it did not start
 
 from __future__ import annotations
 
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -98,6 +100,11 @@ class RedisServerProcess:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections and reads nothing (a hung node); stop() ends it."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
 
     def restart(self, *, kill: bool = True) -> None:
         """Stop (SIGKILL by default: a crash) and start again on the same port and data."""
@@ -249,7 +256,13 @@ class RedisClusterProcesses:
 
     def kill_master_of(self, key: str, *, timeout_s: float = 60.0) -> tuple[RedisServerProcess, RedisServerProcess]:
         """SIGKILL the master serving ``key`` and wait until its replica serves the slot: (old, new)."""
-        old = self.master_of(key)
+        return self.kill_master(self.master_of(key), key, timeout_s=timeout_s)
+
+    def kill_master(
+        self, old: RedisServerProcess, key: str, *, timeout_s: float = 60.0
+    ) -> tuple[RedisServerProcess, RedisServerProcess]:
+        """SIGKILL ``old``, the master serving ``key`` (paused, possibly), and wait until its
+        replica serves the slot: (old, new)."""
         old.stop(kill=True)
         deadline = time.monotonic() + timeout_s
         while (new := self._serving(key)) in (old, None):
@@ -269,9 +282,164 @@ class RedisClusterProcesses:
     def live_node(self) -> RedisServerProcess:
         return next(node for node in self.nodes if node.running)
 
+    def wait_replicated(self, master: RedisServerProcess, timeout_s: float = 30.0) -> None:
+        """Until every replica of ``master`` has all it wrote (replication is asynchronous)."""
+        wait_replicated(master, timeout_s)
+
+    def node_id(self, node: RedisServerProcess) -> str:
+        return _command(node.port, "CLUSTER", "MYID").decode()
+
+    def slot_of(self, key: str) -> int:
+        return int(_command(self.live_node().port, "CLUSTER", "KEYSLOT", key))
+
+    def other_master(self, key: str) -> RedisServerProcess:
+        """A live master that does not serve ``key``'s slot (where to move it)."""
+        source = self.master_of(key)
+        for node in self.nodes:
+            if node is not source and node.running and b"role:master" in _command(node.port, "INFO", "replication"):
+                return node
+        raise LookupError("no other live master")
+
+    def begin_migration(self, key: str, target: RedisServerProcess) -> tuple[int, RedisServerProcess]:
+        """Mark ``key``'s slot ``IMPORTING`` on ``target`` and ``MIGRATING`` on its master: (slot, source).
+        Keys still on the source are served there; others get ``ASK`` to ``target``."""
+        slot, source = self.slot_of(key), self.master_of(key)
+        _command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", self.node_id(source))
+        _command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", self.node_id(target))
+        return slot, source
+
+    def migrate_keys(self, slot: int, source: RedisServerProcess, target: RedisServerProcess) -> int:
+        """``MIGRATE`` every key of ``slot`` from ``source`` to ``target``; how many moved."""
+        moved = 0
+        while True:
+            keys = [key.decode() for key in _reply(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")]
+            if not keys:
+                return moved
+            _command(source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *keys)
+            moved += len(keys)
+
+    def end_migration(self, slot: int, target: RedisServerProcess) -> None:
+        """Give ``slot`` to ``target`` on every live master (the source then answers ``MOVED``)."""
+        target_id = self.node_id(target)
+        _command(target.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        for node in self.nodes:
+            if node is not target and node.running and b"role:master" in _command(node.port, "INFO", "replication"):
+                _command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        self.wait_ready()
+
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+
+class RedisSentinelProcesses:
+    """A private Redis master with one replica, watched by ``sentinels`` Redis Sentinels, on
+    127.0.0.1. ``down_after_ms`` is how long the master may be silent before the Sentinels
+    promote its replica (short, for the failover tests). Whoever starts it stops it."""
+
+    kind = "redis-sentinel"
+
+    def __init__(self, *, sentinels: int = 1, master_name: str = "mymaster", down_after_ms: int = 1000) -> None:
+        self.master_name = master_name
+        self._down_after_ms = down_after_ms
+        self.master = RedisServerProcess()
+        self.replica = RedisServerProcess(extra_args=("--replicaof", "127.0.0.1", str(self.master.port)))
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self._dir = tempfile.TemporaryDirectory(prefix="tokenbus-sentinel-")
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def sentinels(self) -> str:
+        """``host:port,...`` of the Sentinels, as ``TOKENBUS_SENTINELS`` takes them."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def start(self) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+        try:
+            self.master.start()
+            self.replica.start()
+            self._wait(lambda: b"master_link_status:up" in _command(self.replica.port, "INFO", "replication"))
+            quorum = len(self.sentinel_ports) // 2 + 1
+            for i, port in enumerate(self.sentinel_ports):
+                config = Path(self._dir.name, f"sentinel-{i}.conf")
+                config.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {self._dir.name}\n"
+                    f"sentinel monitor {self.master_name} 127.0.0.1 {self.master.port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {self.master_name} {self._down_after_ms}\n"
+                    f"sentinel failover-timeout {self.master_name} 10000\n"
+                )
+                self._sentinels.append(
+                    subprocess.Popen(
+                        [binary, str(config), "--sentinel", "--logfile", f"sentinel-{i}.log"],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=self._dir.name,
+                    )
+                )  # fmt: skip
+            for port in self.sentinel_ports:  # each knows the replica: it can promote it
+                self._wait(lambda port=port: _pings(port) and self._knows_replica(port))
+        except BaseException:
+            self.close()
+            raise
+
+    def _knows_replica(self, port: int) -> bool:
+        return str(self.replica.port).encode() in _command(port, "SENTINEL", "REPLICAS", self.master_name)
+
+    def master_port(self) -> int:
+        """The master's port as the first Sentinel names it now."""
+        return int(_reply(self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)[1])
+
+    def kill_master(self, *, timeout_s: float = 60.0) -> None:
+        """SIGKILL the master and wait until the Sentinels name the replica master, and it is one."""
+        self.master.stop(kill=True)
+        self._wait(
+            lambda: (
+                self.master_port() == self.replica.port
+                and b"role:master" in _command(self.replica.port, "INFO", "replication")
+            ),
+            timeout_s,
+        )
+
+    @staticmethod
+    def _wait(condition: Any, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if condition():
+                    return
+            except (OSError, RuntimeError):
+                pass  # a node starting, or refusing for now
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Sentinel setup did not get there within {timeout_s}s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for process in self._sentinels:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._sentinels.clear()
+        self.replica.close()
+        self.master.close()
+        self._dir.cleanup()
+
+
+def wait_replicated(master: RedisServerProcess, timeout_s: float = 30.0) -> None:
+    """Until every replica of ``master`` has all it wrote (replication is asynchronous)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = _command(master.port, "INFO", "replication").decode()
+        info = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        replicas = [dict(kv.split("=") for kv in v.split(",")) for k, v in info.items() if re.fullmatch(r"slave\d+", k)]
+        offset = info.get("master_repl_offset")
+        if replicas and all(r.get("offset") == offset for r in replicas):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the replicas of port {master.port} did not catch up within {timeout_s}s")
+        time.sleep(0.01)
 
 
 def start_private_redis(*, prefer_fake: bool = False) -> RedisServerProcess | FakeRedisServer:
@@ -284,6 +452,12 @@ def start_private_redis(*, prefer_fake: bool = False) -> RedisServerProcess | Fa
 
 def _command(port: int, *args: str) -> bytes:
     """One command to a local node over a plain socket; the reply's payload (no type byte)."""
+    reply = _reply(port, *args)
+    return reply if isinstance(reply, bytes) else str(reply).encode()
+
+
+def _reply(port: int, *args: str) -> Any:
+    """One command to a local node over a plain socket; its reply as hiredis reads it."""
     import hiredis
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -297,7 +471,7 @@ def _command(port: int, *args: str) -> bytes:
             reader.feed(chunk)
     if isinstance(reply, hiredis.ReplyError):
         raise RuntimeError(f"port {port}: {' '.join(args)}: {reply}")
-    return reply if isinstance(reply, bytes) else str(reply).encode()
+    return reply
 
 
 def _pings(port: int) -> bool:

@@ -5,8 +5,16 @@ Written for redis-py 5 (checked at import; arq 0.28 caps it below 6). The publis
 RESP version are set up as configured, then writes packed pipelines to its transport and counts
 the replies in a protocol of its own: a connection's ``_writer`` is where its transport is.
 
-The public API that would replace it: none in redis-py; the wire would open its own
-``asyncio`` connection and repeat redis-py's connection set-up.
+On a Redis Cluster the publisher writes to each primary on a wire of its own, and asks redis-py's
+cluster client where each hash slot lives (:class:`ClusterTopology`): its ``nodes_manager``'s
+``get_node_from_slot()`` (the slot table), and a node's ``connection_class`` and
+``connection_kwargs`` (how redis-py connects to it: credentials, TLS). These are undocumented
+attributes of redis-py 5's ``redis.asyncio.cluster``, not underscored. The table is reloaded
+with the client's public ``aclose()`` and ``initialize()``, as redis-py does on a lost node.
+
+The public API that would replace them: none in redis-py; the wire would open its own
+``asyncio`` connection and repeat redis-py's connection set-up, and the cluster's topology would
+be read with ``CLUSTER SHARDS`` by tokenbus itself.
 """
 
 from __future__ import annotations
@@ -14,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 
+from redis import exceptions as redis_errors
+from redis.asyncio import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
-PRIVATE_NAMES = ("._writer",)
+PRIVATE_NAMES = ("._writer", ".nodes_manager")
 """What this module uses of the library's private parts: no other module of tokenbus may (tests/test_layers.py)."""
 WRITTEN_FOR = ("5",)
 """The redis-py major versions this module was written and tested against."""
@@ -30,3 +40,46 @@ def transport_of(conn: AbstractConnection) -> asyncio.WriteTransport | None:
     """The transport of a connected redis-py connection (None once it is closed)."""
     writer = conn._writer
     return None if writer is None else writer.transport
+
+
+class ClusterTopology:
+    """Which primary serves each hash slot of a Redis Cluster, as ``cluster`` (redis-py's client,
+    whose creator closes it) knows it, and new connections to a primary, made as redis-py makes
+    them. Nodes are named ``host:port``."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self._cluster = cluster
+
+    async def ready(self) -> None:
+        """Load the slot table if the client has not yet (its first command does otherwise)."""
+        await self._cluster.initialize()
+
+    def node_of(self, slot: int) -> str:
+        """The primary serving ``slot`` (``ConnectionError`` if none does, as in a failover)."""
+        try:
+            node = self._cluster.nodes_manager.get_node_from_slot(slot)
+        except redis_errors.RedisClusterException as e:
+            raise redis_errors.ConnectionError(f"no node serves slot {slot}: {e}") from e
+        name: str = node.name
+        return name
+
+    def primaries(self) -> set[str]:
+        return {node.name for node in self._cluster.get_primaries()}
+
+    def connection(self, name: str) -> AbstractConnection:
+        """A new, unconnected connection to node ``name``."""
+        node = self._cluster.get_node(node_name=name)
+        if node is None:
+            raise redis_errors.ConnectionError(f"no node {name} in the cluster")
+        connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
+        return connection
+
+    async def refresh(self) -> None:
+        """Reload the slot table from the cluster (after ``MOVED``, a failover, a node lost) as
+        redis-py's client does itself on such errors: closed, then initialized again under its
+        lock (two refreshes at once would reload the table over each other)."""
+        try:
+            await self._cluster.aclose()
+            await self._cluster.initialize()
+        except redis_errors.RedisClusterException as e:  # no node answered: the cluster is away
+            raise redis_errors.ConnectionError(f"the cluster's topology could not be read: {e}") from e

@@ -18,7 +18,7 @@ from tokenbus.worker._arq import TokenbusWorker
 from tokenbus.worker.job import LEASES, RESOURCES, run_graph
 from tokenbus.worker.lease import Leases
 from tokenbus.worker.presence import Presence
-from tokenbus.worker.redis_client import redis_url
+from tokenbus.worker.redis_client import arq_sentinel_pool, arq_settings
 from tokenbus.worker.resources import WorkerResources
 from tokenbus.worker.serializer import job_deserializer, job_serializer
 from tokenbus.worker.settings import Settings
@@ -61,8 +61,9 @@ def tune_gc() -> None:
 
 
 def arq_redis_settings(settings: Settings) -> RedisSettings:
-    """arq's connection, retrying through a Redis restart instead of stopping the worker."""
-    redis_settings = RedisSettings.from_dsn(redis_url(settings))
+    """arq's connection (:func:`arq_settings`), retrying through a Redis restart instead of
+    stopping the worker."""
+    redis_settings = arq_settings(settings)
     redis_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40)
     redis_settings.retry_on_error = [redis_errors.ConnectionError, redis_errors.TimeoutError]
     redis_settings.conn_retries = STARTUP_WAIT_S  # a worker started before Redis waits for it, a second apart
@@ -87,7 +88,7 @@ def build_worker(
     async def startup(ctx: dict[str, Any]) -> None:
         resources = ctx[RESOURCES] = await WorkerResources.open(settings)
         worker.leases = ctx[LEASES] = Leases(
-            resources.redis, lease_s=settings.lease, renew_every_s=settings.heartbeat_s, on_lost=worker.job_lost
+            resources.queue, lease_s=settings.lease, renew_every_s=settings.heartbeat_s, on_lost=worker.job_lost
         ).start()
         resources.publisher.fence = worker.leases
         if settings.metrics_port is not None:
@@ -126,6 +127,9 @@ def build_worker(
         functions=[func(run_graph, name=JOB_FUNCTION, timeout=hard_timeout_s(settings), max_tries=settings.max_tries)],
         queue_name=settings.queue_name,
         redis_settings=arq_redis_settings(settings),
+        redis_pool=None
+        if settings.sentinels is None
+        else arq_sentinel_pool(settings, job_deserializer=job_deserializer),
         on_startup=startup,
         on_shutdown=shutdown,
         ctx=ctx,

@@ -9,10 +9,10 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import abort_jobs_ss
+from arq.connections import ArqRedis, create_pool
+from arq.constants import abort_jobs_ss, expires_extra_ms
 from arq.utils import timestamp_ms
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -24,7 +24,7 @@ from tokenbus.schemas.errors import UnknownGraph, UnknownJob
 from tokenbus.schemas.job import ALL_MODES, JOB_FUNCTION, JobRequest, StreamMode
 from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys, wake_channel
 from tokenbus.worker.presence import WorkerInfo, live_workers
-from tokenbus.worker.redis_client import redis_url
+from tokenbus.worker.redis_client import StreamsRedis, arq_sentinel_pool, arq_settings, streams_from_settings
 from tokenbus.worker.serializer import job_deserializer, job_serializer
 from tokenbus.worker.settings import Settings
 from tokenbus.worker.status import JobList, JobStatus, job_status, list_jobs
@@ -36,12 +36,23 @@ SERVED_CACHE_S = 5.0
 
 
 class TokenbusClient:
-    """Enqueues ``run_graph`` jobs. Uses the arq pool it is given, or opens (and closes) its own."""
+    """Enqueues ``run_graph`` jobs. Uses the arq pool it is given, or opens (and closes) its own;
+    reads and writes the keys under the prefix on ``streams`` (default: the pool's Redis), which
+    may be a deployment of their own (``TOKENBUS_STREAMS_URL``), a Redis Cluster possibly."""
 
     def __init__(
-        self, pool: ArqRedis, *, queue_name: str, prefix: str = DEFAULT_PREFIX, owns_pool: bool = False
+        self,
+        pool: ArqRedis,
+        *,
+        queue_name: str,
+        prefix: str = DEFAULT_PREFIX,
+        owns_pool: bool = False,
+        streams: StreamsRedis | None = None,
+        owns_streams: bool = False,
     ) -> None:
         self._pool = pool
+        self._streams: StreamsRedis = pool if streams is None else streams
+        self._owns_streams = owns_streams and streams is not None
         self._queue_name = queue_name
         self._prefix = prefix
         self._owns_pool = owns_pool
@@ -50,27 +61,43 @@ class TokenbusClient:
 
     @classmethod
     async def connect(cls, settings: Settings) -> TokenbusClient:
-        pool = await create_pool(
-            RedisSettings.from_dsn(redis_url(settings)),
-            job_serializer=job_serializer,
-            job_deserializer=job_deserializer,
-            default_queue_name=settings.queue_name,
-        )
-        return cls(pool, queue_name=settings.queue_name, prefix=settings.prefix, owns_pool=True)
+        if settings.sentinels is None:
+            pool = await create_pool(
+                arq_settings(settings),
+                job_serializer=job_serializer,
+                job_deserializer=job_deserializer,
+                default_queue_name=settings.queue_name,
+            )
+        else:  # it connects when first used
+            pool = arq_sentinel_pool(
+                settings,
+                job_serializer=job_serializer,
+                job_deserializer=job_deserializer,
+                default_queue_name=settings.queue_name,
+                expires_extra_ms=expires_extra_ms,
+            )
+        streams = streams_from_settings(settings) if settings.streams_apart else None
+        return cls(
+            pool, queue_name=settings.queue_name, prefix=settings.prefix, owns_pool=True,
+            streams=streams, owns_streams=True,
+        )  # fmt: skip
 
     @classmethod
-    def sharing(cls, redis: Redis, settings: Settings) -> TokenbusClient:
-        """A client on the connection pool of ``redis`` (which its creator closes); it connects
-        when first used, so a service can start while Redis is down."""
+    def sharing(cls, redis: Redis, settings: Settings, *, streams: StreamsRedis | None = None) -> TokenbusClient:
+        """A client on the connection pool of ``redis`` (the queue's) and on ``streams`` (default:
+        ``redis``), which their creator closes; it connects when first used, so a service can
+        start while Redis is down."""
         pool = ArqRedis(
             redis.connection_pool,
             job_serializer=job_serializer,
             job_deserializer=job_deserializer,
             default_queue_name=settings.queue_name,
         )
-        return cls(pool, queue_name=settings.queue_name, prefix=settings.prefix)
+        return cls(pool, queue_name=settings.queue_name, prefix=settings.prefix, streams=streams)
 
     async def close(self) -> None:
+        if self._owns_streams:
+            await self._streams.aclose()
         if self._owns_pool:
             await self._pool.aclose()
 
@@ -120,23 +147,28 @@ class TokenbusClient:
         if check_graph and not self._served_recently(request.graph):
             await self.check_graph(request.graph)
         job_id = request.job_id or uuid.uuid4().hex
-        if request.job_id is not None and await self._pool.exists(StreamKeys(self._prefix).job(job_id)):
+        if request.job_id is not None and await self._streams.exists(self._keys.job(job_id)):
             return job_id  # it ran, or runs: its stream is its idempotency record (TOKENBUS_JOB_TTL)
         job = await self._pool.enqueue_job(JOB_FUNCTION, request.to_arg(), _job_id=job_id, _queue_name=self._queue_name)
         if job is not None:  # None: the job was already queued (an idempotent enqueue)
-            try:
-                await self._pool.publish(wake_channel(self._queue_name), b"")
-            except redis_errors.ResponseError as e:  # no PUBLISH right, say: the job is queued all the same
-                logger.warning(
-                    "job %s is queued, but announcing it on %s failed (%s): workers start it at their next poll",
-                    job_id, wake_channel(self._queue_name), e,
-                )  # fmt: skip
+            await self._announce(job_id, "is queued")
         return job_id
+
+    async def _announce(self, job_id: str, what: str) -> None:
+        """Wake the queue's workers: they poll at once (new jobs, and arq's abort requests, are
+        seen by a poll) instead of at their next ``TOKENBUS_POLL_DELAY``."""
+        try:
+            await self._pool.publish(wake_channel(self._queue_name), b"")
+        except redis_errors.ResponseError as e:  # no PUBLISH right, say: the request stands all the same
+            logger.warning(
+                "job %s %s, but announcing it on %s failed (%s): workers see it at their next poll",
+                job_id, what, wake_channel(self._queue_name), e,
+            )  # fmt: skip
 
     # -- workers -----------------------------------------------------------------------------------
     async def workers(self) -> list[WorkerInfo]:
         """The live workers of this client's queue (seen in their last three heartbeats)."""
-        return await live_workers(self._pool, self._keys, queue=self._queue_name)
+        return await live_workers(self._streams, self._keys, queue=self._queue_name)
 
     async def check_graph(self, graph: str) -> list[WorkerInfo] | None:
         """The live workers of the queue, after checking that one serves ``graph``: raises
@@ -159,11 +191,19 @@ class TokenbusClient:
         checked, served = self._served
         return graph in served and time.monotonic() - checked < SERVED_CACHE_S
 
+    @property
+    def _readable(self) -> Redis:
+        """The streams' client for the readers of :mod:`tokenbus.consumer`, typed (for now) for a
+        single Redis: they read one stream per command, which a Redis Cluster routes as well."""
+        return cast(Redis, self._streams)
+
     # -- jobs ----------------------------------------------------------------------------------------
     async def status(self, job_id: str) -> JobStatus:
         """Where the job is: queued, running (attempt, worker, entries so far) or how it ended.
         Raises :class:`UnknownJob` if Redis knows nothing of it."""
-        status = await job_status(self._pool, job_id, keys=self._keys, queue_name=self._queue_name)
+        status = await job_status(
+            self._pool, job_id, keys=self._keys, queue_name=self._queue_name, streams=self._streams
+        )
         if status is None:
             raise UnknownJob(job_id)
         return status
@@ -171,16 +211,18 @@ class TokenbusClient:
     async def jobs(self, *, limit: int = 20) -> JobList:
         """The running jobs, the first ``limit`` queued (by due time), the newest ``limit`` finished
         (of the last ``FINISHED_KEPT``), and the live workers."""
-        return await list_jobs(self._pool, keys=self._keys, queue_name=self._queue_name, limit=limit)
+        return await list_jobs(
+            self._pool, keys=self._keys, queue_name=self._queue_name, limit=limit, streams=self._streams
+        )
 
     async def result(self, job_id: str, *, wait: bool = False) -> JobView:
         """What the job produced (its newest attempt): text per tag and per node, status, error.
         ``wait``: once it has ended. Raises :class:`UnknownJob` if Redis knows nothing of it."""
-        view = await job_result(self._pool, job_id, prefix=self._prefix)
+        view = await job_result(self._readable, job_id, prefix=self._prefix)
         if view.attempt == 0:
             await self.status(job_id)  # not started yet, or unknown: raises
         if wait and not view.done:
-            view = await job_result(self._pool, job_id, prefix=self._prefix, wait=True)
+            view = await job_result(self._readable, job_id, prefix=self._prefix, wait=True)
         return view
 
     async def cancel(self, job_id: str, *, timeout_s: float | None = None) -> JobStatus:
@@ -194,21 +236,21 @@ class TokenbusClient:
         if timeout_s:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
-                    await job_result(self._pool, job_id, prefix=self._prefix, wait=True)
+                    await job_result(self._readable, job_id, prefix=self._prefix, wait=True)
         return await self.status(job_id)
 
     # -- dead letters of consumer groups ----------------------------------------------------------
     async def dead_letters(self, *, group: str | None = None, count: int = 100) -> list[DeadLetter]:
         """The newest dead letters (of ``group``), newest first."""
-        return await dead_letters(self._pool, self._keys, group=group, count=count)
+        return await dead_letters(self._readable, self._keys, group=group, count=count)
 
     async def dead_letter(self, dead_id: str) -> DeadLetter | None:
         """One dead letter by its id in ``<prefix>:dead`` (None if there is none)."""
-        return await dead_letter(self._pool, self._keys, dead_id)
+        return await dead_letter(self._readable, self._keys, dead_id)
 
     async def redrive(self, dead_ids: list[str]) -> dict[str, str]:
         """Hand dead letters back to their groups (see :func:`tokenbus.consumer.dead.redrive`)."""
-        return await redrive(self._pool, self._keys, dead_ids)
+        return await redrive(self._readable, self._keys, dead_ids)
 
     async def abort(self, job_id: str, *, timeout_s: float | None = None) -> bool:
         """Ask the worker running (or about to run) ``job_id`` to cancel it.
@@ -218,8 +260,9 @@ class TokenbusClient:
         cancelled and their HTTP streams closed.
         """
         await self._pool.zadd(abort_jobs_ss, {job_id: timestamp_ms()})
+        await self._announce(job_id, "is to be aborted")
         if timeout_s is None:
             return True
         async with asyncio.timeout(timeout_s):
-            view = await job_result(self._pool, job_id, prefix=self._prefix, wait=True)
+            view = await job_result(self._readable, job_id, prefix=self._prefix, wait=True)
         return view.status is EntryType.CANCELLED

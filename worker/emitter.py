@@ -5,7 +5,8 @@ stream and a copy of each chunk to the stream of each of its tags, and ends the 
 terminal entry on every stream it wrote to. State entries (``update``, ``values``) and the final
 state (``result`` of ``end``) go to the job stream only, as JSON by the contract's State rules.
 LangGraph hands the same metadata dict to every chunk of one model call, so the metadata is
-encoded once per call, not once per token.
+encoded once per call, not once per token. While the publisher is congested and coalescing is on,
+chunks of one call may be merged into one entry (``worker.coalesce``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tokenbus.schemas.entries import EntryType, chunk_fields, terminal_fields
 from tokenbus.schemas.errors import PayloadError
 from tokenbus.schemas.keys import FINISHED_KEPT, StreamKeys, validate_tag
 from tokenbus.schemas.state import DEFAULT_STATE_MAX_BYTES, state_json
+from tokenbus.worker.coalesce import Merge
 from tokenbus.worker.publisher import Publisher, Sink
 from tokenbus.worker.wire import CONTENT, DATA, SEQ, TS, ChunkTemplate
 
@@ -35,6 +37,8 @@ class StreamLimits:
     job_maxlen: int = 100_000
     job_ttl_s: int = 86_400
     state_max_bytes: int = DEFAULT_STATE_MAX_BYTES
+    tag_ttl_s: int | None = None
+    """``TOKENBUS_TAG_TTL``: tag streams expire this long after an attempt's first write and its end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +92,12 @@ class JobEmitter:
         """Called once, at the attempt's first chunk (its time to first token)."""
         self.tag_filter: frozenset[str] | None = None
         self.tag_streams: dict[str, None] = {}  # insertion-ordered set of tag stream keys written
+        self._unexpiring: list[str] = []  # tag streams of this attempt's next chunk, their expiry not yet set
         self._meta: _Meta | None = None
         self._payload: tuple[Any, tuple[str, ...], ChunkTemplate] | None = None
         self._data: tuple[str | None, dict[str, Any], bytes] | None = None
+        self._coalescing = publisher.coalesce_after is not None
+        self._merge: Merge | None = None  # the last chunk queued while coalescing, which the next may join
 
     @property
     def chunks(self) -> int:
@@ -129,6 +136,9 @@ class JobEmitter:
                 self._publisher.xadd(self.sink, tag_streams, plain)
         self.seq += 1
         self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
+        if self._limits.tag_ttl_s is not None:
+            for key in self.tag_streams:
+                self._publisher.command(self.sink, ("EXPIRE", key, self._limits.tag_ttl_s))
 
     def record_finished(self) -> None:
         """List the job among the newest finished (``<prefix>:finished``), once its final entry
@@ -176,7 +186,8 @@ class JobEmitter:
         content = message.content if isinstance(message.content, str) else message.text
         data = self._message_data(message)
         self.tokens += 1
-        self._chunk(template, content, data)
+        plain = self._coalescing and self._data is not None and data is self._data[2]  # no tool calls, no usage
+        self._chunk(template, content, data, None if plain else _UNMERGEABLE)
 
     def custom(self, chunk: Any, namespace: tuple[str, ...] = ()) -> None:
         """A ``custom``-mode payload. ``(payload, metadata)`` pairs, as in LangGraph's how-to, carry
@@ -200,14 +211,51 @@ class JobEmitter:
             ) from e
         content = payload.get("content") if mapping else None
         self.payloads += 1
-        self._chunk(template, content if content.__class__ is str else "", data)
+        if content.__class__ is str:
+            self._chunk(template, content, data, payload if payload.__class__ is dict else _UNMERGEABLE)
+        else:
+            self._chunk(template, "", data, _UNMERGEABLE)
 
-    def _chunk(self, template: ChunkTemplate, content: str, data: bytes) -> None:
+    def _chunk(self, template: ChunkTemplate, content: str, data: bytes, payload: Any) -> None:
+        """Queue a chunk. ``payload``: a custom chunk's (a dict whose ``content`` is ``content``),
+        None for a token, or ``_UNMERGEABLE`` for a chunk no other may join (``worker.coalesce``)."""
         if self.on_first_chunk is not None:
             first, self.on_first_chunk = self.on_first_chunk, None
             first()
-        self._publisher.send(self.sink, template.pack(self.seq, content, data, _now_ms()), template.commands)
+        publisher, seq = self._publisher, self.seq
         self.seq += 1
+        if self._coalescing and payload is not _UNMERGEABLE and publisher.coalescing:
+            self._coalesce(template, seq, content, data, payload)
+        else:
+            publisher.send(
+                self.sink, template.pack(seq, content, data, _now_ms()), template.commands, route=template.route
+            )
+        if self._unexpiring:
+            self._expire_new_tag_streams()
+
+    def _expire_new_tag_streams(self) -> None:
+        """Set the expiry of the tag streams this attempt has just written to for the first time
+        (after the chunk's XADD, which may have created them: EXPIRE of no key does nothing)."""
+        assert self._limits.tag_ttl_s is not None
+        for key in self._unexpiring:
+            self._publisher.command(self.sink, ("EXPIRE", key, self._limits.tag_ttl_s))
+        self._unexpiring.clear()
+
+    def _coalesce(self, template: ChunkTemplate, seq: int, content: str, data: bytes, payload: Any) -> None:
+        """Merge the chunk into the job's last entry if that one waits in the buffer and it joins
+        without loss; otherwise queue it as an entry later chunks may join."""
+        publisher, merge = self._publisher, self._merge
+        if (
+            merge is not None
+            and merge.joins(template, seq, data, payload)
+            and publisher.waiting(self.sink, merge.index)
+        ):
+            publisher.replace(self.sink, merge.index, merge.add(content))
+            publisher.chunks_merged += 1
+            return
+        ts = _now_ms()
+        publisher.send(self.sink, template.pack(seq, content, data, ts), template.commands, route=template.route)
+        self._merge = Merge(template, self.sink.last_index, seq, content, data, ts, payload is not None)
 
     def _message_data(self, message: BaseMessageChunk) -> bytes:
         """The ``data`` of a token: usually the call's message id and response metadata alone, the
@@ -248,7 +296,10 @@ class JobEmitter:
         fanout = [t for t in tags if self.tag_filter is None or t in self.tag_filter]
         tag_keys = [self._keys.tag(t) for t in fanout]
         for key in tag_keys:
-            self.tag_streams.setdefault(key)
+            if key not in self.tag_streams:
+                self.tag_streams[key] = None
+                if self._limits.tag_ttl_s is not None:
+                    self._unexpiring.append(key)
         fields = chunk_fields(
             kind, self.job_id, self.attempt, SEQ, TS, orjson.dumps(tags) if tags else _EMPTY_JSON_LIST,
             str(metadata.get("langgraph_node", "")), CONTENT, DATA,
@@ -256,6 +307,10 @@ class JobEmitter:
         )  # fmt: skip
         streams = [self._job_stream, *((key, self._limits.tag_maxlen) for key in tag_keys)]
         return self._publisher.template(streams, fields)
+
+
+_UNMERGEABLE: Any = object()
+"""What a chunk that no other may join passes as its payload (``JobEmitter._chunk``)."""
 
 
 def _tags_of(value: Any) -> Iterable[str]:

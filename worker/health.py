@@ -22,7 +22,6 @@ from prometheus_client.exposition import choose_encoder
 from tokenbus.schemas.errors import TokenbusError
 from tokenbus.worker.loop_lag import LoopMonitor
 from tokenbus.worker.metrics import RedisProbe, WorkerCollector
-from tokenbus.worker.redis_client import redis_url
 
 if TYPE_CHECKING:
     from tokenbus.worker._arq import TokenbusWorker
@@ -52,7 +51,7 @@ class MetricsServer:
         settings = resources.settings
         assert settings.metrics_port is not None
         monitor = LoopMonitor()
-        probe = RedisProbe(redis_url(settings), queue=worker.queue_name, running_key=resources.keys.running)
+        probe = RedisProbe(settings, queue=worker.queue_name, running_key=resources.keys.running)
         registry = CollectorRegistry()
         registry.register(WorkerCollector(worker, resources, monitor, probe))
         ProcessCollector(registry=registry)  # CPU seconds, resident memory, open files

@@ -136,7 +136,8 @@ async def _write_terminal(
 ) -> Outcome:
     """Write the terminal entry, retrying past the publisher's give-up until Redis takes it.
 
-    If entries of the job were lost on the way, an ``end`` becomes an ``error`` that says how many.
+    If entries of the job were lost on the way (or, with ``TOKENBUS_WAIT_REPLICAS``, not
+    acknowledged by enough replicas), an ``end`` becomes an ``error`` that says how many.
     A terminal entry Redis refused (``OOM`` at ``maxmemory``, say) or lost is written again, with
     backoff, for about 15 s more. The sweeper closes the attempt if even this fails (the worker
     dies, or Redis never returns).
@@ -144,10 +145,13 @@ async def _write_terminal(
     sink = emitter.sink
     backoff = iter(TERMINAL_BACKOFF_S)
     while True:
-        if (sink.lost or sink.errors) and outcome.type is EntryType.END:  # (and its result is dropped)
+        if (sink.lost or sink.errors or sink.unacked) and outcome.type is EntryType.END:  # (its result is dropped)
             outcome = Outcome(EntryType.ERROR, str(sink.failure()), ErrorType.PUBLISH_ERROR)
         lost_before, refused_before = sink.lost, len(sink.errors)
-        emitter.finish(outcome, {"elapsed_ms": elapsed_ms, "lost": sink.lost + len(sink.errors)})
+        summary: dict[str, int] = {"elapsed_ms": elapsed_ms, "lost": sink.lost + len(sink.errors)}
+        if resources.publisher.wait_replicas:
+            summary["unacknowledged"] = sink.unacked
+        emitter.finish(outcome, summary)
         resources.publisher.command(sink, ("ZREM", resources.keys.running, emitter.job_id))
         await sink.flushed()
         written = sink.lost == lost_before and len(sink.errors) == refused_before

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis import Redis as SyncRedis
+from redis import RedisCluster as SyncRedisCluster
 from redis import exceptions as redis_errors
+from redis.connection import parse_url
+from redis.sentinel import Sentinel
 
+from tokenbus.worker.redis_client import redis_url, streams_url
+from tokenbus.worker.settings import Settings
 from tokenbus.worker.stats import Buckets
 
 if TYPE_CHECKING:
@@ -31,18 +36,37 @@ PROBE_TIMEOUT_S = 2.0
 
 
 class RedisProbe:
-    """Redis as the metrics server's threads see it: a blocking client of their own, so that a
-    health check answers even while the worker's event loop is stuck."""
+    """Redis as the metrics server's threads see it: blocking clients of their own (the queue's,
+    and the streams' when they live apart), so that a health check answers even while the
+    worker's event loop is stuck."""
 
-    def __init__(self, url: str, *, queue: str, running_key: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-        self._redis = SyncRedis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def __init__(self, settings: Settings, *, queue: str, running_key: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+        options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        self._redis: SyncRedis
+        if settings.sentinels is None:
+            self._redis = SyncRedis.from_url(redis_url(settings), **options)
+        else:
+            url = parse_url(redis_url(settings))  # type: ignore[no-untyped-call]
+            credentials = {name: url[name] for name in ("username", "password", "db") if name in url}
+            sentinel = Sentinel(settings.sentinel_addresses, **credentials, **options)  # type: ignore[no-untyped-call]
+            self._redis = sentinel.master_for(settings.sentinel_master)  # type: ignore[no-untyped-call]
+            self._sentinels = sentinel.sentinels
+        self._streams: SyncRedis | SyncRedisCluster = self._redis
+        if settings.streams_cluster:
+            self._streams = SyncRedisCluster.from_url(streams_url(settings), **options)
+        elif settings.streams_url is not None:
+            self._streams = SyncRedis.from_url(settings.streams_url, **options)
         self._queue = queue
         self._running_key = running_key
 
+    _sentinels: list[SyncRedis] = []  # the Sentinels' clients, with TOKENBUS_SENTINELS
+
     def problem(self) -> str | None:
-        """None if Redis answers a ``PING``, else what went wrong."""
+        """None if Redis answers a ``PING`` (each deployment), else what went wrong."""
         try:
             self._redis.ping()
+            if self._streams is not self._redis:
+                self._streams.ping()
         except (redis_errors.RedisError, OSError) as e:
             return f"{type(e).__name__}: {e}"
         return None
@@ -50,14 +74,16 @@ class RedisProbe:
     def queue_depth(self) -> int:
         """Jobs due in the queue and not running on any worker: arq keeps a job in its queue while
         it runs, and every worker lists the jobs it runs in ``<prefix>:running``."""
-        with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(self._queue, "-inf", int(time.time() * 1000))
-            pipe.zcard(self._running_key)
-            due, running = pipe.execute()
-        return max(0, int(due) - int(running))
+        due = self._redis.zcount(self._queue, "-inf", int(time.time() * 1000))
+        running = self._streams.zcard(self._running_key)
+        return max(0, int(due) - int(running))  # type: ignore[arg-type]
 
     def close(self) -> None:
+        if self._streams is not self._redis:
+            self._streams.close()
         self._redis.close()
+        for client in self._sentinels:
+            client.close()
 
 
 class WorkerCollector(Collector):
@@ -112,8 +138,8 @@ class WorkerCollector(Collector):
         )
         chunks = CounterMetricFamily(
             "tokenbus_chunks_published",
-            "Chunk entries jobs published to their job stream, by graph and type (token, custom); "
-            "tag-stream copies are not counted",
+            "Chunks jobs published to their job stream, by graph and type (token, custom); "
+            "tag-stream copies are not counted, merged chunks count each",
             labels=["graph", "type"],
         )
         for (graph, kind), count in sorted(jobs.chunks.items()):
@@ -154,7 +180,18 @@ class WorkerCollector(Collector):
             publisher.entries_lost,
         )
         yield CounterMetricFamily(
+            "tokenbus_entries_unacknowledged",
+            "Stream entries Redis took but fewer than TOKENBUS_WAIT_REPLICAS replicas acknowledged in time",
+            publisher.entries_unacknowledged,
+        )
+        yield CounterMetricFamily(
             "tokenbus_publish_retries", "Publish pipelines sent again after Redis failed them", publisher.retries
+        )
+        yield CounterMetricFamily(
+            "tokenbus_chunks_merged",
+            "Chunks merged into the entry of the chunk before them while the publisher was congested "
+            "(TOKENBUS_COALESCE=adaptive)",
+            publisher.chunks_merged,
         )
         yield GaugeMetricFamily(
             "tokenbus_publish_buffered",

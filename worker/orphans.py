@@ -21,7 +21,6 @@ import time
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType, ErrorType
 from tokenbus.schemas.errors import MalformedEntry
@@ -29,6 +28,7 @@ from tokenbus.schemas.keys import StreamKeys
 from tokenbus.worker.background import Background
 from tokenbus.worker.emitter import StreamLimits, finished_commands
 from tokenbus.worker.lease import claimed
+from tokenbus.worker.redis_client import StreamsRedis
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ LEASE_LAPSED = "attempt {attempt} was interrupted (its worker stopped renewing i
 WORKER_LOST = "the worker running attempt {attempt} stopped without ending it, and the job will not run again ({why})"
 
 
-async def newest_entry(redis: Redis | RedisCluster, keys: StreamKeys, job_id: str) -> Entry | None:
+async def newest_entry(redis: StreamsRedis, keys: StreamKeys, job_id: str) -> Entry | None:
     """The last entry of the job's stream (None if there is none, or it is not a tokenbus entry)."""
     key = keys.job(job_id)
     newest = await redis.xrevrange(key, count=1)
@@ -50,7 +50,7 @@ async def newest_entry(redis: Redis | RedisCluster, keys: StreamKeys, job_id: st
         return None
 
 
-async def last_attempt(redis: Redis | RedisCluster, keys: StreamKeys, job_id: str) -> tuple[Entry | None, set[str]]:
+async def last_attempt(redis: StreamsRedis, keys: StreamKeys, job_id: str) -> tuple[Entry | None, set[str]]:
     """The newest entry of the job stream, and the tags its attempt wrote to (if it did not end)."""
     key = keys.job(job_id)
     last = await newest_entry(redis, keys, job_id)
@@ -73,8 +73,17 @@ async def last_attempt(redis: Redis | RedisCluster, keys: StreamKeys, job_id: st
         end = "(" + page[-1][0].decode()
 
 
+# KEYS the job stream; ARGV maxlen, seconds to expire in (0: none), the entry's fields. One key: atomic
+# on a Redis Cluster too.
+_CLOSE_JOB_STREAM = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+if ARGV[2] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
 async def close_attempt(
-    redis: Redis | RedisCluster, keys: StreamKeys, limits: StreamLimits, job_id: str, *, retry: bool, reason: str,
+    redis: StreamsRedis, keys: StreamKeys, limits: StreamLimits, job_id: str, *, retry: bool, reason: str,
     kind: EntryType = EntryType.ERROR, error_type: str = ErrorType.WORKER_LOST, unstarted: bool = False,
 ) -> Entry | None:  # fmt: skip
     """Write the terminal entry of the job's newest attempt if it has none.
@@ -93,21 +102,26 @@ async def close_attempt(
     elif last.is_terminal:  # the attempt after a retry never ran
         attempt, seq = last.attempt + 1, 0
     else:
-        attempt, seq = last.attempt, last.seq + 1
+        attempt, seq = last.attempt, last.next_seq
     entry = ENTRY_CLASSES[kind](
         type=kind, job=job_id, attempt=attempt, seq=seq, ts=time.time_ns() // 1_000_000,
         data={"chunks": None}, error=one_line(reason.format(attempt=attempt)), error_type=error_type, retry=retry,
     )  # fmt: skip
     fields = entry.encode()
-    # one transaction on a single Redis; on a Redis Cluster the streams' slots differ, so each is
-    # written on its own (a failure between them can leave a tag stream without the entry)
-    async with redis.pipeline(transaction=not isinstance(redis, RedisCluster)) as pipe:
-        pipe.xadd(keys.job(job_id), fields, maxlen=limits.job_maxlen, approximate=True)  # type: ignore[arg-type]
-        for tag in sorted(tags):
-            pipe.xadd(keys.tag(tag), fields, maxlen=limits.tag_maxlen, approximate=True)  # type: ignore[arg-type]
-        if not retry:
-            pipe.expire(keys.job(job_id), limits.job_ttl_s)
-        await pipe.execute()
+    # The tag streams' copies first, then the job stream's entry (and its expiry) in one script: the
+    # job stream says whether the attempt is closed (last_attempt), so a failure between the two
+    # leaves it open, and whoever closes it next writes the copies again (with the same (job,
+    # attempt, seq): readers drop the second). No MULTI across them: on a Redis Cluster the
+    # streams may live on different nodes.
+    if tags:
+        async with redis.pipeline(transaction=False) as pipe:
+            for tag in sorted(tags):
+                pipe.xadd(keys.tag(tag), fields, maxlen=limits.tag_maxlen, approximate=True)  # type: ignore[arg-type]
+            await pipe.execute()
+    flat = [value for pair in fields.items() for value in pair]
+    ttl = 0 if retry else limits.job_ttl_s
+    args = (keys.job(job_id), limits.job_maxlen, ttl, *flat)
+    await redis.eval(_CLOSE_JOB_STREAM, 1, *args)  # type: ignore[arg-type,misc]
     if not retry:  # listed among the newest finished; an index Redis refuses fails nothing
         try:
             async with redis.pipeline(transaction=False) as pipe:
@@ -132,9 +146,22 @@ class Sweeper(Background):
     task_name = "tokenbus-sweeper"
 
     def __init__(
-        self, redis: Redis, keys: StreamKeys, limits: StreamLimits, *, heartbeat_s: float = 5.0, max_tries: int = 5
+        self,
+        redis: StreamsRedis,
+        keys: StreamKeys,
+        limits: StreamLimits,
+        *,
+        queue: Redis | None = None,
+        heartbeat_s: float = 5.0,
+        max_tries: int = 5,
     ) -> None:
+        """``redis``: the streams' deployment; ``queue``: arq's Redis (default: ``redis``, one Redis)."""
         self._redis = redis
+        if queue is None:
+            if not isinstance(redis, Redis):
+                raise TypeError("a sweeper of streams on a Redis Cluster needs the queue's Redis (queue=...)")
+            queue = redis
+        self._queue = queue
         self._max_tries = max_tries  # the workers' TOKENBUS_MAX_TRIES: past it arq will not run a job again
         self._keys = keys
         self._limits = limits
@@ -173,7 +200,7 @@ class Sweeper(Background):
             job_id = raw.decode()
             if job_id in self.running:
                 continue
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with self._queue.pipeline(transaction=False) as pipe:
                 pipe.exists(in_progress_key_prefix + job_id)
                 pipe.exists(job_key_prefix + job_id)
                 pipe.get(retry_key_prefix + job_id)
@@ -182,7 +209,7 @@ class Sweeper(Background):
                 continue  # still running elsewhere (its lease is live)
             if queued and int(tries or 0) < self._max_tries:
                 # its worker stopped and the lease lapsed: arq runs it again; tell followers now
-                async with claimed(self._redis, job_id, ms=60_000) as held:  # no attempt starts meanwhile
+                async with claimed(self._queue, job_id, ms=60_000) as held:  # no attempt starts meanwhile
                     entry = None
                     if held:
                         entry = await close_attempt(

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 
 import orjson
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from tokenbus.consumer.reader import as_text
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.schemas.keys import StreamKeys
 from tokenbus.worker.background import Background
+from tokenbus.worker.redis_client import StreamsRedis
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class WorkerInfo:
             return None
 
 
-async def worker_records(redis: Redis, keys: StreamKeys) -> list[WorkerInfo]:
+async def worker_records(redis: StreamsRedis, keys: StreamKeys) -> list[WorkerInfo]:
     """Every worker record, live or not."""
     records = []
     for worker_id, raw in (await redis.hgetall(keys.workers)).items():  # type: ignore[misc]
@@ -84,7 +84,7 @@ async def worker_records(redis: Redis, keys: StreamKeys) -> list[WorkerInfo]:
     return records
 
 
-async def live_workers(redis: Redis, keys: StreamKeys, *, queue: str | None = None) -> list[WorkerInfo]:
+async def live_workers(redis: StreamsRedis, keys: StreamKeys, *, queue: str | None = None) -> list[WorkerInfo]:
     """The workers seen in their last three heartbeats (of ``queue``, if given), by name."""
     now = time.time() * 1000
     live = [w for w in await worker_records(redis, keys) if w.live(now) and (queue is None or w.queue == queue)]
@@ -106,7 +106,7 @@ class Presence(Background):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: StreamsRedis,
         keys: StreamKeys,
         *,
         worker_id: str,

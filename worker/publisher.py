@@ -9,6 +9,22 @@ entry. Past ``buffer_max`` queued entries, :meth:`Publisher.wait_writable` makes
 can wait do so (a model's token callback); a node's ``writer(...)`` call cannot, so its payloads
 are buffered past it (``worker.streaming``). A retried batch may be applied twice; consumers drop
 the copies by ``(job, attempt, seq)``.
+
+On a Redis Cluster (a :class:`RedisCluster` client) each queued item carries its :class:`Route`
+(the hash slot of each command's key) and each batch goes out as one pipeline per primary
+(:mod:`tokenbus.worker.cluster_wire`, which says how order is kept and redirections followed).
+
+With ``coalesce_after`` set (``TOKENBUS_COALESCE=adaptive``), the publisher counts as congested
+while that many calls wait in its buffer: then a job may :meth:`Publisher.replace` its last call
+still waiting with one that holds more (``worker.coalesce`` merges chunks of one model call into
+it). Nothing waits to be merged: only what is in the buffer anyway, behind a batch in flight.
+
+With ``wait_replicas`` set (``TOKENBUS_WAIT_REPLICAS``), each batch ends with ``WAIT <replicas>
+<timeout>`` on the same connection: its entries count as written only once that many replicas
+acknowledged them. Those of a batch fewer replicas acknowledged within the timeout are counted
+on each job's :class:`Sink` as unacknowledged (Redis holds them, but a failover may lose them),
+and the job ends with an ``error`` that says how many. Not on a Redis Cluster: ``WAIT`` counts the
+replicas of the node of its connection only, and a batch goes to several (refused when made).
 """
 
 from __future__ import annotations
@@ -20,33 +36,38 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.resp import pack
 from tokenbus.schemas.errors import ClientStateError, PublishError
+from tokenbus.worker.cluster_wire import ClusterWire
 from tokenbus.worker.stats import BATCH_SIZES, SECONDS, Buckets
-from tokenbus.worker.wire import ChunkTemplate, Wire, XaddPacker, describe, pack
+from tokenbus.worker.wire import ChunkTemplate, Route, Wire, XaddPacker, describe
 
 logger = logging.getLogger(__name__)
 
-_Item = tuple["Sink", bytes, int, int]
-"""What one call queued for a job: its commands packed in the Redis protocol, how many, and how
-many of them are stream entries (``XADD``; the others are a job's ``ZADD``, ``ZREM``, ``EXPIRE``)."""
+_Item = tuple["Sink", bytes, int, int, Route | None]
+"""What one call queued for a job: its commands packed in the Redis protocol, how many, how
+many of them are stream entries (``XADD``; the others are a job's ``ZADD``, ``ZREM``, ``EXPIRE``),
+and, for a Redis Cluster, their route."""
 
 
 class Sink:
     """What one job has queued, written and lost; the job waits on it with :meth:`flushed`."""
 
-    __slots__ = ("_publisher", "errors", "fenced", "job_id", "last_index", "lost")
+    __slots__ = ("_publisher", "errors", "fenced", "job_id", "last_index", "lost", "unacked")
 
     def __init__(self, publisher: Publisher, job_id: str) -> None:
         self._publisher = publisher
         self.job_id = job_id
         self.last_index = 0
         self.lost = 0
+        self.unacked = 0
+        """Stream entries Redis took but fewer than ``wait_replicas`` replicas acknowledged in time."""
         self.errors: list[str] = []
         self.fenced = False
         """The attempt lost its lease (:mod:`tokenbus.worker.lease`): nothing more of it is written."""
@@ -56,17 +77,25 @@ class Sink:
         await self._publisher.wait_done(self.last_index)
 
     def check(self) -> None:
-        """Raise :class:`PublishError` if anything this job queued was lost or refused."""
-        if self.lost or self.errors:
+        """Raise :class:`PublishError` if anything this job queued was lost, refused or (with
+        ``wait_replicas``) not acknowledged by enough replicas."""
+        if self.lost or self.errors or self.unacked:
             raise self.failure()
 
     def failure(self) -> PublishError:
-        """What was lost or refused so far, as the error the job ends with."""
-        detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
-        return PublishError(
-            f"{self.lost + len(self.errors)} stream entries of job {self.job_id} could not be written to Redis{detail}",
-            lost=self.lost + len(self.errors),
-        )
+        """What was lost, refused or not acknowledged so far, as the error the job ends with."""
+        lost = self.lost + len(self.errors)
+        parts = []
+        if lost:
+            detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
+            parts.append(f"{lost} stream entries of job {self.job_id} could not be written to Redis{detail}")
+        if self.unacked:
+            replicas, timeout_ms = self._publisher.wait_replicas, self._publisher.wait_timeout_ms
+            parts.append(
+                f"{self.unacked} stream entries of job {self.job_id} were written but not acknowledged by "
+                f"{replicas} replica{'s' if replicas != 1 else ''} within {timeout_ms} ms (a failover may lose them)"
+            )
+        return PublishError("; ".join(parts), lost=lost)
 
 
 class Fence(Protocol):
@@ -80,15 +109,25 @@ class Fence(Protocol):
 class Publisher:
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         *,
         batch_max: int = 4096,
         buffer_max: int = 100_000,
         give_up_s: float = 30.0,
         backoff_s: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
         yield_every: int = 64,
+        coalesce_after: int | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
-        self._wire = Wire(redis)
+        self._cluster: ClusterWire | None = None
+        self._wire: Wire | None = None
+        if isinstance(redis, RedisCluster):
+            if wait_replicas:
+                raise ValueError("no wait_replicas on a Redis Cluster: WAIT counts one node's replicas")
+            self._cluster = ClusterWire(redis)
+        else:
+            self._wire = Wire(cast(Redis, redis))  # (mypy does not narrow redis-py's union)
         self._xadd = XaddPacker()
         self._batch_max = batch_max
         self._buffer_max = buffer_max
@@ -96,6 +135,12 @@ class Publisher:
         self._backoff_s = tuple(backoff_s)
         self._queue: list[_Item] = []
         self._queued = 0  # items ever queued
+        self._taken = 0  # items ever taken by the writer: the queue holds items _taken + 1 to _queued
+        self.coalesce_after = coalesce_after
+        """Calls waiting from which chunks are merged (``TOKENBUS_COALESCE_AFTER``); None: never."""
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._wait = pack(("WAIT", wait_replicas, wait_timeout_ms)) if wait_replicas else b""
         self._done = 0  # items ever written or counted lost
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -122,6 +167,10 @@ class Publisher:
         """Commands per pipeline written."""
         self.round_trips = Buckets(SECONDS)
         """Seconds from sending a pipeline to its last reply, for each one written."""
+        self.entries_unacknowledged = 0
+        """Stream entries Redis took but fewer than ``wait_replicas`` replicas acknowledged in time."""
+        self.chunks_merged = 0
+        """Chunks merged into the entry of the chunk before them (``coalesce_after``), not written alone."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Publisher:
@@ -138,7 +187,10 @@ class Publisher:
         self._wake.set()
         await self._task
         self._task = None
-        await self._wire.close()
+        if self._cluster is not None:
+            await self._cluster.close()
+        if self._wire is not None:
+            await self._wire.close()
 
     # -- producing -------------------------------------------------------------------------------
     def sink(self, job_id: str) -> Sink:
@@ -148,23 +200,31 @@ class Publisher:
         """Queue ``XADD key MAXLEN ~ maxlen * fields...`` on each ``(key, maxlen)`` of ``streams``
         for ``sink``'s job. Never blocks."""
         commands = self._xadd.pack(streams, fields)
-        self.send(sink, b"".join(commands), len(commands))
+        route = None if self._cluster is None else Route.of([key for key, _ in streams], commands)
+        self.send(sink, b"".join(commands), len(commands), route=route)
 
     def command(self, sink: Sink, args: tuple[Any, ...]) -> None:
-        """Queue any other command (``EXPIRE``, ``ZADD``...) in order with the job's entries."""
-        self.send(sink, pack(args), 1, entries=0)
+        """Queue any other command (``EXPIRE``, ``ZADD``...: its key second) in order with the job's entries."""
+        packed = pack(args)
+        self.send(sink, packed, 1, entries=0, route=None if self._cluster is None else Route.of([args[1]], [packed]))
 
     def template(self, streams: Sequence[tuple[str, int]], fields: list[Any]) -> ChunkTemplate:
         """A template for the chunks of one model call (see :class:`ChunkTemplate`); queue what it
-        packs with :meth:`send`."""
-        return self._xadd.template(streams, fields)
+        packs with :meth:`send`, with its ``route``."""
+        template = self._xadd.template(streams, fields)
+        if self._cluster is not None:
+            template.route = Route([key for key, _ in streams], template.fixed)
+        return template
 
-    def send(self, sink: Sink, packed: bytes, count: int, *, entries: int | None = None) -> None:
+    def send(
+        self, sink: Sink, packed: bytes, count: int, *, entries: int | None = None, route: Route | None = None
+    ) -> None:
         """Queue ``count`` commands already packed (by a :meth:`template`) for ``sink``'s job, of
-        which ``entries`` (default: all) are stream entries. Never blocks."""
+        which ``entries`` (default: all) are stream entries; ``route``: where they go on a Redis
+        Cluster (the template's). Never blocks."""
         if self._task is None or self._closing:
             raise ClientStateError("publisher is not running")
-        self._queue.append((sink, packed, count, count if entries is None else entries))
+        self._queue.append((sink, packed, count, count if entries is None else entries, route))
         self._queued += 1
         sink.last_index = self._queued
         if not self._wake.is_set():
@@ -175,7 +235,8 @@ class Publisher:
     @property
     def reconnects(self) -> int:
         """Connections the writer opened after its first (each after a failure)."""
-        return max(0, self._wire.connects - 1)
+        wire = self._cluster or self._wire
+        return 0 if wire is None else max(0, wire.connects - 1)
 
     @property
     def buffered(self) -> int:
@@ -185,6 +246,28 @@ class Publisher:
     @property
     def congested(self) -> bool:
         return not self._writable.is_set()
+
+    @property
+    def coalescing(self) -> bool:
+        """Whether chunks should be merged now: coalescing is on and ``coalesce_after`` calls
+        wait in the buffer (Redis or the writer does not keep up)."""
+        after = self.coalesce_after
+        return after is not None and len(self._queue) >= after
+
+    def waiting(self, sink: Sink, index: int) -> bool:
+        """Whether the call ``sink`` queued as ``index`` (its ``last_index`` then) is still in the
+        buffer, not yet taken by the writer, and nothing of the job was queued after it."""
+        return index > self._taken and index == sink.last_index
+
+    def replace(self, sink: Sink, index: int, packed: bytes) -> None:
+        """Put ``packed`` in place of the call ``sink`` queued as ``index``, which must be
+        :meth:`waiting`: the same commands (as many, to the same keys), holding more. On a Redis
+        Cluster the call's route cuts them (a merged chunk's commands as its template's: :class:`Route`)."""
+        if not self.waiting(sink, index):
+            raise ClientStateError(f"call {index} of job {sink.job_id} is no longer waiting")
+        position = index - self._taken - 1
+        _, _, count, entries, route = self._queue[position]
+        self._queue[position] = (sink, packed, count, entries, route)
 
     def should_yield(self) -> bool:
         """True once per ``yield_every`` items queued. The writer is a task of the same event loop:
@@ -234,6 +317,7 @@ class Publisher:
                 batch = self._queue[: self._batch_max]
                 del self._queue[: self._batch_max]
             taken = len(batch)
+            self._taken += taken
             if not self._writable.is_set() and len(self._queue) < self._buffer_max // 2:
                 self._writable.set()
             try:
@@ -260,22 +344,31 @@ class Publisher:
         started = time.monotonic()
         attempt = 0
         packed, count = b"", -1
+        cluster, wire = self._cluster, self._wire
         while True:
             try:
                 unfenced = await self._unfenced(batch)
                 if len(unfenced) != count:
                     batch = unfenced
-                    packed = b"".join([commands for _, commands, _, _ in batch])
-                    count = sum([n for _, _, n, _ in batch])
+                    count = sum([n for _, _, n, _, _ in batch])
+                    if cluster is None:
+                        packed = b"".join([commands for _, commands, _, _, _ in batch])
+                    else:
+                        cluster.load([(commands, route) for _, commands, _, _, route in batch])
                 if not batch:
                     return
                 sent = time.monotonic()
-                refused = await self._wire.execute(packed, count)
+                if cluster is not None:  # (no WAIT: refused when made)
+                    refused = await cluster.execute()
+                elif self._wait:  # (WAIT's reply is the last: its index is count)
+                    refused = await _single(wire).execute(packed + self._wait, count + 1)
+                else:
+                    refused = await _single(wire).execute(packed, count)
             except REDIS_UNAVAILABLE as e:
                 self.failures += 1
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
-                    self._lose(batch, e, waited)
+                    self._lose(batch, e, waited, None if cluster is None else cluster.undelivered())
                     return
                 delay = self._backoff_s[min(attempt, len(self._backoff_s) - 1)]
                 attempt += 1
@@ -285,20 +378,53 @@ class Publisher:
                 continue
             self.round_trips.observe(time.monotonic() - sent)
             self.batch_sizes.observe(count)
-            entries = sum([e for _, _, _, e in batch])
+            entries = sum([e for _, _, _, e, _ in batch])
+            if self._wait:
+                refused, unacked = self._acknowledged(batch, refused, count)
+                entries -= unacked
             if refused:
                 entries -= self._refused(batch, refused)
             self.entries_written += entries
             return
 
+    def _acknowledged(
+        self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]], count: int
+    ) -> tuple[list[tuple[int, redis_errors.ResponseError]], int]:
+        """After a batch ending with ``WAIT``: the error replies to its own commands, and how many of
+        its stream entries Redis took (not refused) that fewer than ``wait_replicas`` replicas
+        acknowledged (every one, or none), counted on their jobs' sinks."""
+        replicas = _single(self._wire).last_reply
+        waited = [error for index, error in refused if index == count]
+        refused = [(index, error) for index, error in refused if index != count]
+        if waited or not isinstance(replicas, int):
+            logger.error("WAIT after a publish pipeline failed: %s", waited[0] if waited else repr(replicas))
+            replicas = -1
+        if replicas >= self.wait_replicas:
+            return refused, 0
+        refused_at = {index for index, _ in refused}
+        unacked = start = 0
+        for sink, _, n, xadds, _ in batch:
+            if xadds:
+                taken = xadds - sum([1 for index in range(start, start + n) if index in refused_at])
+                sink.unacked += taken
+                unacked += taken
+            start += n
+        self.entries_unacknowledged += unacked
+        if unacked:
+            logger.warning(
+                "%d stream entries acknowledged by %d of %d replicas within %d ms",
+                unacked, max(replicas, 0), self.wait_replicas, self.wait_timeout_ms,
+            )  # fmt: skip
+        return refused, unacked
+
     def _refused(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]]) -> int:
         """Record each error reply on the job whose command it answers (by command index); return
         how many of them refused a stream entry."""
-        ends = list(itertools.accumulate(n for _, _, n, _ in batch))
+        ends = list(itertools.accumulate(n for _, _, n, _, _ in batch))
         entries = 0
         for index, error in refused:
             item = bisect.bisect_right(ends, index)
-            sink, commands, n, xadds = batch[item]
+            sink, commands, n, xadds, _ = batch[item]
             what = describe(commands, index - (ends[item] - n))
             sink.errors.append(f"{what}: {error}")
             entries += 1 if xadds else 0
@@ -306,13 +432,19 @@ class Publisher:
         self.entries_lost += entries
         return entries
 
-    def _lose(self, batch: list[_Item], error: BaseException, waited: float) -> None:
-        for sink, _, n, _ in batch:
+    def _lose(
+        self, batch: list[_Item], error: BaseException, waited: float, undelivered: list[int] | None = None
+    ) -> None:
+        """Count ``batch`` lost on its jobs' sinks; only its ``undelivered`` commands (by index)
+        if the others were written (on a cluster, the nodes that took theirs)."""
+        if undelivered is not None:
+            batch = _undelivered(batch, undelivered)
+        for sink, _, n, _, _ in batch:
             sink.lost += n
-        lost = sum([n for _, _, n, _ in batch])
+        lost = sum([n for _, _, n, _, _ in batch])
         self.lost_total += lost
-        self.entries_lost += sum([e for _, _, _, e in batch])
-        jobs = sorted({sink.job_id for sink, _, _, _ in batch})
+        self.entries_lost += sum([e for _, _, _, e, _ in batch])
+        jobs = sorted({sink.job_id for sink, _, _, _, _ in batch})
         logger.error(
             "gave up publishing %d entries of jobs %s after %.1fs: %s",
             lost,
@@ -321,8 +453,39 @@ class Publisher:
             error,
         )
 
+    @property
+    def nodes_in_flight(self) -> set[str]:
+        """The cluster nodes (``host:port``) with a pipeline in flight (none on one Redis)."""
+        return set() if self._cluster is None else self._cluster.in_flight
+
+    @property
+    def redirects(self) -> int:
+        """Commands sent again to another cluster node (``MOVED``, ``ASK``); 0 on one Redis."""
+        return 0 if self._cluster is None else self._cluster.redirects
+
     def _release_waiters(self) -> None:
         while self._waiters and self._waiters[0][0] <= self._done:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_result(None)
+
+
+def _single(wire: Wire | None) -> Wire:
+    if wire is None:
+        raise ClientStateError("the publisher has no wire")
+    return wire
+
+
+def _undelivered(batch: list[_Item], indexes: list[int]) -> list[_Item]:
+    """The items of ``batch`` holding the commands at ``indexes``, each counting only those
+    (as commands, and as entries if the item's commands are entries)."""
+    ends = list(itertools.accumulate(n for _, _, n, _, _ in batch))
+    counts: dict[int, int] = {}
+    for index in indexes:
+        item = bisect.bisect_right(ends, index)
+        counts[item] = counts.get(item, 0) + 1
+    return [
+        (sink, commands, counts[i], counts[i] if xadds else 0, route)
+        for i, (sink, commands, _, xadds, route) in enumerate(batch)
+        if i in counts
+    ]

@@ -19,7 +19,7 @@ from tokenbus.worker.graphs import joke_poem
 from tokenbus.worker.offline_model import OfflineModelServer
 from tokenbus.worker.orphans import Sweeper
 from tokenbus.worker.publisher import Publisher
-from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.redis_client import StreamsRedis, redis_from_settings, streams_from_settings
 from tokenbus.worker.registry import Graph, GraphRegistry, load_graph
 from tokenbus.worker.settings import Settings
 from tokenbus.worker.stats import JobStats
@@ -34,7 +34,10 @@ class WorkerResources:
     settings: Settings
     keys: StreamKeys
     limits: StreamLimits
-    redis: Redis
+    redis: StreamsRedis
+    """The streams' deployment: every key under the prefix (a Redis Cluster, possibly)."""
+    queue: Redis
+    """The queue's Redis: arq's keys (the leases, the sweeper's look at a job's claim and retries)."""
     publisher: Publisher
     sweeper: Sweeper
     registry: GraphRegistry
@@ -46,24 +49,42 @@ class WorkerResources:
     """Jobs whose final terminal entry this worker wrote and that arq has not finished yet."""
 
     @classmethod
-    async def open(cls, settings: Settings, *, redis: Redis | None = None) -> WorkerResources:
-        """Open the publisher's Redis client (unless given one), the model endpoint and the graphs."""
+    async def open(
+        cls, settings: Settings, *, redis: StreamsRedis | None = None, queue: Redis | None = None
+    ) -> WorkerResources:
+        """Open the clients of the streams and of the queue (unless given them: a given ``redis``
+        alone serves both, as one Redis), the model endpoint and the graphs."""
         async with contextlib.AsyncExitStack() as stack:
+            if queue is None and isinstance(redis, Redis) and not settings.streams_apart:
+                queue = redis
+            if queue is None:
+                queue = redis_from_settings(settings)
+                stack.push_async_callback(queue.aclose)
             if redis is None:
-                redis = redis_from_settings(settings)
-                stack.push_async_callback(redis.aclose)
+                redis = queue if not settings.streams_apart else streams_from_settings(settings)
+                if redis is not queue:
+                    stack.push_async_callback(redis.aclose)
             publisher = Publisher(
                 redis,
                 batch_max=settings.publish_batch_max,
                 buffer_max=settings.publish_buffer_max,
                 give_up_s=settings.publish_give_up_s,
+                coalesce_after=settings.coalesce_after if settings.coalesce == "adaptive" else None,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout_ms=settings.wait_timeout_ms,
             ).start()
             stack.push_async_callback(publisher.close)
             limits = StreamLimits(
-                settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s, settings.state_max_bytes
-            )
+                settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s, settings.state_max_bytes,
+                tag_ttl_s=settings.tag_ttl_s,
+            )  # fmt: skip
             sweeper = Sweeper(
-                redis, settings.keys, limits, heartbeat_s=settings.heartbeat_s, max_tries=settings.max_tries
+                redis,
+                settings.keys,
+                limits,
+                queue=queue,
+                heartbeat_s=settings.heartbeat_s,
+                max_tries=settings.max_tries,
             ).start()
             stack.push_async_callback(sweeper.close)
 
@@ -88,6 +109,7 @@ class WorkerResources:
                 keys=settings.keys,
                 limits=limits,
                 redis=redis,
+                queue=queue,
                 publisher=publisher,
                 sweeper=sweeper,
                 registry=GraphRegistry(graphs),

@@ -27,6 +27,7 @@ from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.schemas.keys import StreamKeys, validate_job_id
 from tokenbus.worker.presence import WorkerInfo, holder_of, live_workers, worker_records
+from tokenbus.worker.redis_client import StreamsRedis
 
 logger = logging.getLogger(__name__)
 
@@ -90,56 +91,74 @@ class JobList:
 
 
 async def job_statuses(
-    redis: Redis, job_ids: Sequence[str], *, keys: StreamKeys, queue_name: str
+    redis: Redis,
+    job_ids: Sequence[str],
+    *,
+    keys: StreamKeys,
+    queue_name: str,
+    streams: StreamsRedis | None = None,
 ) -> list[JobStatus | None]:
-    """The status of each job (None for an id Redis knows nothing of), in two round trips."""
+    """The status of each job (None for an id Redis knows nothing of), in two round trips to
+    each deployment: ``redis`` the queue's, ``streams`` the streams' (default: the same)."""
     for job_id in job_ids:
         validate_job_id(job_id)
     if not job_ids:
         return []
+    streams = redis if streams is None else streams
     async with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.get(job_key_prefix + job_id)
             pipe.zscore(queue_name, job_id)
             pipe.get(in_progress_key_prefix + job_id)
             pipe.zscore(abort_jobs_ss, job_id)
+        queued = await pipe.execute()
+    async with streams.pipeline(transaction=False) as pipe:  # per node, on a Redis Cluster
+        for job_id in job_ids:
             pipe.xrevrange(keys.job(job_id), count=1)
             pipe.xrange(keys.job(job_id), count=1)
-        replies = await pipe.execute()
-    holders = [holder_of(lease) for lease in replies[2::6]]
-    names = {w.id: w.name for w in await worker_records(redis, keys)} if any(holders) else {}
+        streamed = await pipe.execute()
+    holders = [holder_of(lease) for lease in queued[2::4]]
+    names = {w.id: w.name for w in await worker_records(streams, keys)} if any(holders) else {}
     statuses = []
     for i, job_id in enumerate(job_ids):
-        envelope, due, _, cancel, newest, first = replies[i * 6 : i * 6 + 6]
+        envelope, due, lease, cancel = queued[i * 4 : i * 4 + 4]
+        newest, first = streamed[i * 2 : i * 2 + 2]
         holder = holders[i]
         statuses.append(
             _status(
                 job_id, envelope=envelope, due=due, holder=None if holder is None else names.get(holder, holder),
-                held=bool(replies[i * 6 + 2]), cancel=cancel is not None,
+                held=bool(lease), cancel=cancel is not None,
                 newest=_entry(keys, job_id, newest), first=_entry(keys, job_id, first),
             )
         )  # fmt: skip
     return statuses
 
 
-async def job_status(redis: Redis, job_id: str, *, keys: StreamKeys, queue_name: str) -> JobStatus | None:
+async def job_status(
+    redis: Redis, job_id: str, *, keys: StreamKeys, queue_name: str, streams: StreamsRedis | None = None
+) -> JobStatus | None:
     """The status of one job; None if Redis knows nothing of it (never enqueued, or expired)."""
-    [status] = await job_statuses(redis, [job_id], keys=keys, queue_name=queue_name)
+    [status] = await job_statuses(redis, [job_id], keys=keys, queue_name=queue_name, streams=streams)
     return status
 
 
-async def list_jobs(redis: Redis, *, keys: StreamKeys, queue_name: str, limit: int = 20) -> JobList:
-    """Running jobs, the first ``limit`` queued by due time, and the newest ``limit`` finished."""
-    async with redis.pipeline(transaction=False) as pipe:
+async def list_jobs(
+    redis: Redis, *, keys: StreamKeys, queue_name: str, limit: int = 20, streams: StreamsRedis | None = None
+) -> JobList:
+    """Running jobs, the first ``limit`` queued by due time, and the newest ``limit`` finished
+    (``streams`` as for :func:`job_statuses`)."""
+    streams = redis if streams is None else streams
+    async with streams.pipeline(transaction=False) as pipe:
         pipe.zrange(keys.running, 0, -1)
-        pipe.zcard(queue_name)
         pipe.zrevrange(keys.finished, 0, max(limit - 1, 0))
         pipe.zcard(keys.finished)
-        running_ids, queue_size, finished_ids, finished_total = await pipe.execute()
+        running_ids, finished_ids, finished_total = await pipe.execute()
+    queue_size = await redis.zcard(queue_name)
     # arq keeps a running job in the queue until it ends: look past those for the queued ones
     queue_ids = await redis.zrange(queue_name, 0, limit + len(running_ids) - 1) if limit else []
     ids = list(dict.fromkeys(as_text(i) for i in [*running_ids, *queue_ids, *finished_ids]))
-    statuses = [s for s in await job_statuses(redis, ids, keys=keys, queue_name=queue_name) if s is not None]
+    found = await job_statuses(redis, ids, keys=keys, queue_name=queue_name, streams=streams)
+    statuses = [s for s in found if s is not None]
     by_id = {s.job: s for s in statuses}
     running = sorted((s for s in statuses if s.state is JobState.RUNNING), key=lambda s: s.enqueued_ms or 0)
     queued = sorted((s for s in statuses if s.state is JobState.QUEUED), key=lambda s: s.due_ms or 0)
@@ -148,7 +167,7 @@ async def list_jobs(redis: Redis, *, keys: StreamKeys, queue_name: str, limit: i
     return JobList(
         running=running[:limit] if limit else running, queued=queued[:limit],
         queued_total=max(len(queued), queue_size - running_in_queue), finished=finished,
-        finished_total=finished_total, workers=await live_workers(redis, keys, queue=queue_name),
+        finished_total=finished_total, workers=await live_workers(streams, keys, queue=queue_name),
     )  # fmt: skip
 
 
@@ -178,7 +197,7 @@ def _status(
     )  # fmt: skip
     if newest is not None:
         status.attempt, status.last_entry_ms = newest.attempt, newest.ts
-        status.entries = max(0, newest.seq - (1 if newest.is_terminal else 0))
+        status.entries = max(0, newest.next_seq - 1 - (1 if newest.is_terminal else 0))
     if newest is not None and newest.is_final:
         status.state, status.ended_ms = JobState(newest.type.value), newest.ts
         status.error, status.error_type = newest.error, newest.error_type

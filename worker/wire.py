@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 
+from tokenbus.consumer.resp import pack
 from tokenbus.worker._redis import transport_of
-
-
-def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in the Redis protocol."""
-    packed: bytes = hiredis.pack_command(args)
-    return packed
 
 
 def describe(packed: bytes, index: int) -> str:
@@ -43,6 +39,55 @@ def pack_args(args: Sequence[Any]) -> bytes:
     """Arguments in the Redis protocol, without the ``*<count>`` header: to be concatenated."""
     packed = pack(tuple(args))
     return packed[packed.index(b"\r\n") + 2 :]
+
+
+def slot_of(key: str | bytes) -> int:
+    """The Redis Cluster hash slot of ``key`` (its ``{hash tag}``'s, if it has one)."""
+    return key_slot(key.encode() if isinstance(key, str) else key)
+
+
+class Route:
+    """Where the commands packed back to back in one queued item go on a Redis Cluster: the hash
+    slot of each command's key, and where each command ends.
+
+    The commands of an item share one part of variable length (a chunk's values, or nothing) and
+    differ by a part of fixed length each (``fixed``): command ``i`` is ``fixed[i] + v`` bytes,
+    where ``v`` follows from the item's length. So an item is cut into its commands by slicing,
+    without parsing, and only on a cluster.
+
+    A merged chunk (:meth:`ChunkTemplate.pack_merged`) is cut by its template's route too: what
+    merging adds to each command (a longer ``*<count>``, the ``n`` field, more text) is the same in
+    every command, so it is part of ``v`` (``tests/test_wire.py`` checks the cut, exactly).
+    """
+
+    __slots__ = ("_fixed", "_total", "slots")
+
+    def __init__(self, keys: Sequence[str | bytes], fixed: Sequence[int]) -> None:
+        if len(keys) != len(fixed) or not keys:
+            raise ValueError("a route names the key and the fixed length of each command, at least one")
+        self.slots = tuple(slot_of(key) for key in keys)
+        self._fixed = tuple(fixed)
+        self._total = sum(self._fixed)
+
+    @classmethod
+    def of(cls, keys: Sequence[str | bytes], commands: Sequence[bytes]) -> Route:
+        """The route of ``commands`` (one per key), to be joined into one item."""
+        return cls(keys, [len(command) for command in commands])
+
+    def split(self, packed: bytes) -> list[tuple[int, bytes]]:
+        """``(slot, command)`` of each command in ``packed``."""
+        slots = self.slots
+        if len(slots) == 1:
+            return [(slots[0], packed)]
+        shared, rest = divmod(len(packed) - self._total, len(slots))
+        if rest or shared < 0:
+            raise ValueError(f"{len(packed)} bytes are not the {len(slots)} commands of this route")
+        out, start = [], 0
+        for slot, fixed in zip(slots, self._fixed, strict=True):
+            end = start + fixed + shared
+            out.append((slot, packed[start:end]))
+            start = end
+        return out
 
 
 class Hole:
@@ -78,7 +123,7 @@ class ChunkTemplate:
     (BENCHMARKS.md).
     """
 
-    __slots__ = ("_between", "_edges", "commands")
+    __slots__ = ("_between", "_edges", "_heads", "_merged_heads", "_tail", "commands", "fixed", "route")
 
     def __init__(self, prefixes: list[bytes], fields: Sequence[Any]) -> None:
         header = b"*%d\r\n" % (len(fields) + 6)
@@ -101,6 +146,13 @@ class ChunkTemplate:
         heads = [header + prefix + first for prefix in prefixes]
         tail = b"\r\n" + last
         self._edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        self._heads, self._tail = (len(fields) + 6, prefixes, first), tail
+        self._merged_heads: list[bytes] | None = None
+        self.fixed = tuple(len(head) + len(tail) for head in heads)
+        """The length of each command but the chunk's part (what a :class:`Route` cuts by)."""
+        self.route: Route | None = None
+        """Where its commands go, on a Redis Cluster (set by the publisher): those of :meth:`pack`
+        and of :meth:`pack_merged` alike (see :class:`Route`)."""
 
     def pack(self, seq: int, content: str, data: bytes, ts: int) -> bytes:
         """The commands of one chunk, one per stream, back to back."""
@@ -114,6 +166,23 @@ class ChunkTemplate:
             headers[len(t)], t,
         ))  # fmt: skip
         return chunk.join(self._edges)
+
+    def pack_merged(self, seq: int, content: str, data: bytes, ts: int, n: int) -> bytes:
+        """The commands of an entry holding ``n`` chunks (``n`` > 1): :meth:`pack`'s fields and,
+        after them, ``n`` (contract: the count of a merged chunk)."""
+        heads = self._merged_heads
+        if heads is None:
+            count, prefixes, first = self._heads
+            heads = self._merged_heads = [b"*%d\r\n" % (count + 2) + prefix + first for prefix in prefixes]
+        tail = self._tail + pack_args((b"n", n))
+        edges = [heads[0], *(tail + head for head in heads[1:]), tail]
+        s, c, t = b"%d" % seq, content.encode(), b"%d" % ts
+        after_seq, after_content, after_data = self._between
+        chunk = b"".join((
+            b"$%d\r\n" % len(s), s, after_seq, b"$%d\r\n" % len(c), c, after_content,
+            b"$%d\r\n" % len(data), data, after_data, b"$%d\r\n" % len(t), t,
+        ))  # fmt: skip
+        return chunk.join(edges)
 
 
 class XaddPacker:
@@ -165,6 +234,8 @@ class _Replies(asyncio.Protocol):
         self._errors: list[tuple[int, redis_errors.ResponseError]] = []
         self._waiter: asyncio.Future[list[tuple[int, redis_errors.ResponseError]]] | None = None
         self.lost = False
+        self.last: Any = None
+        """The last reply of the batch (a ``WAIT``'s count of replicas, when the batch ends with one)."""
 
     def expect(self, count: int) -> asyncio.Future[list[tuple[int, redis_errors.ResponseError]]]:
         """A future of the errors among the next ``count`` replies, by index (the others, XADD's
@@ -185,6 +256,7 @@ class _Replies(asyncio.Protocol):
                     return
                 if isinstance(reply, hiredis.ReplyError):
                     self._errors.append((self._index, redis_errors.ResponseError(str(reply))))
+                self.last = reply
                 self._index += 1
                 self._left -= 1
         except hiredis.ProtocolError as e:
@@ -217,8 +289,21 @@ class Wire:
     CPU (BENCHMARKS.md).
     """
 
-    def __init__(self, redis: Redis, *, timeout_s: float = 30.0) -> None:
-        self._redis = redis
+    def __init__(
+        self,
+        redis: Redis | None = None,
+        *,
+        timeout_s: float = 30.0,
+        connection: Callable[[], AbstractConnection] | None = None,
+    ) -> None:
+        """A wire to ``redis`` (a connection made by its pool), or to what ``connection`` makes
+        (a node of a Redis Cluster)."""
+        if connection is None:
+            if redis is None:
+                raise ValueError("a wire needs a Redis client or a connection factory")
+            connection = redis.connection_pool.make_connection
+        assert connection is not None
+        self._make_connection = connection
         self._timeout_s = timeout_s
         self._conn: AbstractConnection | None = None
         self._replies: _Replies | None = None
@@ -227,6 +312,11 @@ class Wire:
         self._timed_out = False
         self.connects = 0
         """Connections opened (the first, then one after each failure): read by the metrics endpoint."""
+
+    @property
+    def last_reply(self) -> Any:
+        """The last reply of the batch :meth:`execute` returned from last."""
+        return None if self._replies is None else self._replies.last
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         """Send ``count`` packed commands; return the errors Redis replied with, by command index.
@@ -253,6 +343,11 @@ class Wire:
             self._busy_since = None
             self._timed_out = False
 
+    @property
+    def busy(self) -> bool:
+        """A batch is in flight (sent, not all of its replies in)."""
+        return self._busy_since is not None
+
     def _check_deadline(self) -> None:
         """The watchdog: cut the connection of a batch in flight for ``timeout_s`` (its reply
         then fails at once); otherwise wait again, for as long as the batch in flight has left.
@@ -271,7 +366,7 @@ class Wire:
     async def _connection(self) -> tuple[asyncio.WriteTransport, _Replies]:
         if self._conn is None or self._replies is None or self._replies.lost or not self._conn.is_connected:
             await self.close()
-            conn = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            conn = self._make_connection()
             assert isinstance(conn, AbstractConnection)  # TCP, TLS or Unix socket
             await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, SELECT as configured
             self.connects += 1

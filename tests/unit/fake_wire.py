@@ -36,6 +36,9 @@ class FakeWire:
         self.gate.set()
         self.in_flight = asyncio.Event()
         self.closed = False
+        self.replicas = 0
+        """What a ``WAIT`` is answered with: how many replicas acknowledged."""
+        self.last_reply: object = None
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         commands = parse(packed)
@@ -46,7 +49,9 @@ class FakeWire:
         if self.failures:
             raise self.failures.pop(0)
         self.batches.append(commands)
-        return [(i, redis_errors.ResponseError(why)) for i, c in enumerate(commands) if (why := self.refuse(c))]
+        refused = [(i, redis_errors.ResponseError(why)) for i, c in enumerate(commands) if (why := self.refuse(c))]
+        self.last_reply = self.replicas if commands and commands[-1][0] == b"WAIT" else b"1-0"
+        return refused
 
     async def close(self) -> None:
         self.closed = True

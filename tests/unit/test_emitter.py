@@ -51,6 +51,37 @@ async def test_an_attempt_is_numbered_from_start_to_its_terminal_entry_on_every_
     assert maxlens == {(KEYS.job("j"), 20), (KEYS.tag("poem"), 10), (KEYS.tag("joke"), 10)}
 
 
+async def test_tag_streams_expire_after_each_attempts_first_write_to_them_and_its_end(
+    publisher: Publisher, wire: FakeWire
+) -> None:
+    emitter = JobEmitter(publisher, KEYS, StreamLimits(tag_ttl_s=900), "j", 1)
+    emitter.start({})
+    for word in ("a", "b"):
+        emitter.message(AIMessageChunk(content=word, id="run-1"), POEM)
+    emitter.custom({"content": "ha", "tags": ["joke", "poem"]})
+    emitter.finish(Outcome())
+    await emitter.sink.flushed()
+
+    poem, joke = KEYS.tag("poem").encode(), KEYS.tag("joke").encode()
+    shape = [(c[0], c[1]) for c in wire.commands if c[0] in (b"XADD", b"EXPIRE") and c[1] != KEYS.job("j").encode()]
+    assert shape == [
+        (b"XADD", poem), (b"EXPIRE", poem),  # created by the first chunk, then given its expiry
+        (b"XADD", poem),  # no EXPIRE per chunk
+        (b"XADD", joke), (b"XADD", poem), (b"EXPIRE", joke),  # a stream new to the attempt
+        (b"XADD", poem), (b"XADD", joke), (b"EXPIRE", poem), (b"EXPIRE", joke),  # the end: refreshed
+    ]  # fmt: skip
+    assert {int(c[2]) for c in wire.commands if c[0] == b"EXPIRE" and c[1] in (poem, joke)} == {900}
+
+
+async def test_without_a_tag_ttl_tag_streams_never_expire(publisher: Publisher, wire: FakeWire) -> None:
+    emitter = emitter_for(publisher)
+    emitter.start({})
+    emitter.message(AIMessageChunk(content="a"), POEM)
+    emitter.finish(Outcome())
+    await emitter.sink.flushed()
+    assert [c[1] for c in wire.commands if c[0] == b"EXPIRE"] == [KEYS.job("j").encode()]
+
+
 async def test_a_failed_attempt_ends_with_its_error_and_whether_another_follows(
     publisher: Publisher, wire: FakeWire
 ) -> None:

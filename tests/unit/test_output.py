@@ -11,6 +11,7 @@ from tests.support import entry
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.output import Format, Printer
 from tokenbus.consumer.reader import Gap
+from tokenbus.gateway.events import gap_event
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
 
@@ -67,3 +68,19 @@ def test_jsonl_raises_on_broken_json_before_writing_any_of_the_entry() -> None:
     with pytest.raises(MalformedEntry, match="meta"):
         Printer(out, io.StringIO(), format="jsonl").show(broken)
     assert out.getvalue() == ""
+
+
+def test_a_seq_gap_names_the_job_and_the_missing_seqs_on_stderr_and_in_the_gateways_event() -> None:
+    gap = Gap("t:job:{j}", "3-0", "9-0", job="j", attempt=2, missing=(4, 8))
+    out, err = printed([gap, *job()[:2]])
+    assert out == "Hello"
+    assert err.splitlines()[0] == "[tokenbus] gap in t:job:{j}: job j attempt 2: seqs 4-8 missing (between 3-0 and 9-0)"
+    event = gap_event(gap).decode()
+    assert event.startswith("event: gap\r\n") or event.startswith("event: gap\n"), event
+    data = orjson.loads(next(line for line in event.splitlines() if line.startswith("data: "))[6:])
+    assert data == {
+        "type": "gap", "stream": "t:job:{j}", "after": "3-0", "first_available": "9-0", "job": "j", "attempt": 2,
+        "missing": [4, 8],
+    }  # fmt: skip
+    trimmed = orjson.loads(next(line for line in gap_event(GAP).decode().splitlines() if line.startswith("data: "))[6:])
+    assert set(trimmed) == {"type", "stream", "after", "first_available"}  # a trimmed resume point, as before

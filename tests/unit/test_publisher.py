@@ -158,3 +158,57 @@ async def test_producers_are_told_to_yield_once_per_yield_every(start_publisher:
         told.append(publisher.should_yield())
     assert told == [False, False, True] * 3
     await sink.flushed()
+
+
+async def test_with_wait_replicas_every_batch_ends_with_wait_and_counts_as_written_once_acknowledged(
+    start_publisher: StartPublisher, wire: FakeWire
+) -> None:
+    publisher = start_publisher(wait_replicas=2, wait_timeout_ms=50)
+    wire.replicas = 2
+    sink = await held_in_flight(publisher, wire)
+    xadd(publisher, sink, "k", "1")
+    publisher.command(sink, ("EXPIRE", "k", 60))
+    wire.gate.set()
+    await sink.flushed()
+    assert [[c[0] for c in batch] for batch in wire.batches] == [[b"XADD", b"WAIT"], [b"XADD", b"EXPIRE", b"WAIT"]]
+    assert wire.batches[0][-1] == [b"WAIT", b"2", b"50"]
+    assert (sink.unacked, publisher.entries_written, publisher.entries_unacknowledged) == (0, 2, 0)
+    sink.check()
+
+
+async def test_entries_too_few_replicas_acknowledged_are_counted_on_their_jobs(
+    start_publisher: StartPublisher, wire: FakeWire
+) -> None:
+    publisher = start_publisher(wait_replicas=2, wait_timeout_ms=50)
+    wire.replicas = 1
+    wire.refuse = lambda command: "OOM no memory" if command[-1] == b"refused" else None
+    a, b = publisher.sink("a"), publisher.sink("b")
+    wire.gate.clear()
+    xadd(publisher, a, "k", "in flight")
+    await wire.in_flight.wait()
+    publisher.xadd(a, [("ka", 100), ("kt", 100)], ["n", "1"])  # one chunk, two streams
+    xadd(publisher, b, "kb", "refused")  # refused: an error, not an unacknowledged entry
+    publisher.command(b, ("EXPIRE", "kb", 60))  # not an entry
+    wire.gate.set()
+    await a.flushed()
+    await b.flushed()
+    assert (a.unacked, b.unacked, len(b.errors)) == (3, 0, 1)
+    assert (publisher.entries_unacknowledged, publisher.entries_written, publisher.entries_lost) == (3, 0, 1)
+    with pytest.raises(PublishError, match="3 stream entries of job a were written but not acknowledged by 2 replicas "
+                       r"within 50 ms") as raised:  # fmt: skip
+        a.check()
+    assert raised.value.lost == 0
+
+
+async def test_a_wait_redis_refuses_leaves_the_batch_unacknowledged(
+    start_publisher: StartPublisher, wire: FakeWire
+) -> None:
+    publisher = start_publisher(wait_replicas=1)
+    wire.refuse = lambda command: (
+        "NOPERM this user has no permissions to run the 'wait' command" if command[0] == b"WAIT" else None
+    )
+    sink = publisher.sink("j")
+    xadd(publisher, sink, "k", "1")
+    xadd(publisher, sink, "k", "2")
+    await sink.flushed()
+    assert (sink.unacked, sink.errors, publisher.entries_unacknowledged) == (2, [], 2)

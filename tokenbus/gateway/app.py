@@ -16,9 +16,11 @@ from typing import Any
 
 import orjson
 from arq.constants import in_progress_key_prefix, job_key_prefix
+from prometheus_client.exposition import choose_encoder
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -33,7 +35,9 @@ from tokenbus.consumer.jobs import JobView, job_result
 from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
 from tokenbus.gateway.access import LOOPBACK_ONLY, Access, Grant, Refused, is_loopback
 from tokenbus.gateway.events import BadCursor, EventStream, Filters
+from tokenbus.gateway.metrics import CountRequests, gateway_registry
 from tokenbus.gateway.settings import GatewaySettings
+from tokenbus.gateway.stats import GatewayStats
 from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.errors import InvalidJobId, InvalidJobRequest, InvalidTag
 from tokenbus.schemas.job import JobRequest
@@ -61,6 +65,8 @@ class Gateway:
         self._redis: Redis | None = None
         self._client: TokenbusClient | None = None
         self._hub: StreamHub | None = None
+        self.stats = GatewayStats()
+        self.registry = gateway_registry(self.stats, lambda: self._hub)
 
     @property
     def redis(self) -> Redis:
@@ -104,6 +110,13 @@ class Gateway:
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus's text format (or OpenMetrics, if the scraper asks for it); an API key or,
+        without keys, loopback only, like every reading of the whole deployment."""
+        self.grant(request, need_key=True)
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(self.registry), media_type=content_type)
 
     async def readyz(self, request: Request) -> Response:
         try:
@@ -197,6 +210,7 @@ class Gateway:
         stream = EventStream(
             self.redis, self.hub, [self.keys.job(job_id)], job=job_id, filters=filters_of(request),
             cursor=cursor_of(request), buffer_bytes=CLIENT_BUFFER_BYTES, retry_ms=self.config.retry_ms,
+            stats=self.stats,
         )  # fmt: skip
         await stream.prepare()
         if stream.ended:
@@ -214,17 +228,33 @@ class Gateway:
         stream = EventStream(
             self.redis, self.hub, list(tag_streams), tag_streams=tag_streams, filters=filters_of(request, by_tag=False),
             cursor=cursor_of(request), buffer_bytes=CLIENT_BUFFER_BYTES, retry_ms=self.config.retry_ms,
+            stats=self.stats,
         )  # fmt: skip
         await stream.prepare()
         return self._sse(stream)
 
     def _sse(self, stream: EventStream) -> Response:
-        return EventSourceResponse(
-            stream, ping=self.config.heartbeat_s, send_timeout=self.config.send_timeout_s,
+        return _EventSource(
+            stream, stats=self.stats, ping=self.config.heartbeat_s, send_timeout=self.config.send_timeout_s,
         )  # fmt: skip
 
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
+
+
+class _EventSource(EventSourceResponse):
+    """An SSE response that counts the clients dropped for a write that took too long."""
+
+    def __init__(self, content: Any, *, stats: GatewayStats, **options: Any) -> None:
+        super().__init__(content, **options)
+        self._stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            self._stats.send_timeouts += 1
+            raise
 
 
 def cursor_of(request: Request) -> str | None:
@@ -299,6 +329,7 @@ def create_app(settings: Settings, gateway: GatewaySettings) -> Starlette:
         Route("/config", g.config_info),
         Route("/healthz", g.healthz),
         Route("/readyz", g.readyz),
+        Route("/metrics", g.metrics),
         Route("/jobs", g.create_job, methods=["POST"]),
         Route("/tokens", g.create_token, methods=["POST"]),
         Route("/jobs/{job_id}", g.get_job, methods=["GET"]),
@@ -307,7 +338,9 @@ def create_app(settings: Settings, gateway: GatewaySettings) -> Starlette:
         Route("/tags/{tag}/events", g.tag_events),
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ]
-    middleware = [Middleware(LoopbackOnly)] if g.access.loopback_only else []
+    middleware = [Middleware(CountRequests, stats=g.stats, routes=routes)]
+    if g.access.loopback_only:
+        middleware.append(Middleware(LoopbackOnly))
     app = Starlette(routes=routes, lifespan=g.lifespan, exception_handlers=handlers, middleware=middleware)
     app.state.gateway = g
     return app

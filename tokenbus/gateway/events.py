@@ -35,6 +35,7 @@ from tokenbus.consumer.hub import Item, NotAStream, StreamHub
 from tokenbus.consumer.output import restart_json
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, latest_positions
 from tokenbus.consumer.subscribe import newest_attempts, prime
+from tokenbus.gateway.stats import GatewayStats
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry, TokenbusError
 
@@ -92,6 +93,12 @@ def notice_event(kind: str, **fields: Any) -> bytes:
 
 
 def gap_event(gap: Gap) -> bytes:
+    """Entries trimmed unread; with ``missing`` ([first, last] ``seq``), a job stream's seq jump."""
+    if gap.missing is not None:
+        return notice_event(
+            "gap", stream=gap.stream, after=gap.after, first_available=gap.first_available, job=gap.job,
+            attempt=gap.attempt, missing=list(gap.missing),
+        )  # fmt: skip
     return notice_event("gap", stream=gap.stream, after=gap.after, first_available=gap.first_available)
 
 
@@ -136,12 +143,13 @@ class Buffer:
         self._limit = limit
         self._parts: list[bytes] = []
         self._size = 0
+        self._entries = 0
         self._ready = asyncio.Event()
         self.closed = False
         self.overflowed = False
 
-    def put(self, data: bytes) -> bool:
-        """Add ``data``; False once the buffer is closed (the pump stops)."""
+    def put(self, data: bytes, entries: int = 0) -> bool:
+        """Add ``data`` (holding ``entries`` entry events); False once the buffer is closed (the pump stops)."""
         if self.closed:
             return False
         if self._size + len(data) > self._limit and self._parts:
@@ -156,6 +164,7 @@ class Buffer:
             return False
         self._parts.append(data)
         self._size += len(data)
+        self._entries += entries
         self._ready.set()
         return True
 
@@ -166,16 +175,17 @@ class Buffer:
             self.closed = True
             self._ready.set()
 
-    async def take(self) -> bytes | None:
-        """Everything pending, waiting for some; None once closed and drained."""
+    async def take(self) -> tuple[bytes, int] | None:
+        """Everything pending and how many entry events it holds, waiting for some; None once
+        closed and drained."""
         while not self._parts:
             if self.closed:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        data = b"".join(self._parts)
-        self._parts, self._size = [], 0
-        return data
+        data, entries = b"".join(self._parts), self._entries
+        self._parts, self._size, self._entries = [], 0, 0
+        return data, entries
 
 
 class EventStream:
@@ -193,13 +203,15 @@ class EventStream:
         job: str | None = None,
         buffer_bytes: int = 1 << 20,
         retry_ms: int = 1000,
+        stats: GatewayStats | None = None,
     ) -> None:
         self._redis = redis
+        self._stats = stats or GatewayStats()
         self._hub = hub
         self._streams = list(streams)
         self._filters = filters
         self._job = job
-        self._attempts = AttemptFilter(tag_streams)
+        self._attempts = AttemptFilter(tag_streams, job_streams=self._streams if job is not None else ())
         ids = parse_cursor(cursor, len(self._streams)) if cursor else None
         default = BEGINNING if job is not None else LATEST  # a job from its start, tags from now
         self._positions = dict(zip(self._streams, ids or [default] * len(self._streams), strict=True))
@@ -228,12 +240,21 @@ class EventStream:
             raise NotAStream(f"{', '.join(self._streams)}: a key of these is not a stream") from e
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        stats = self._stats
         pump = asyncio.create_task(self._pump(), name="tokenbus-gateway-pump")
+        stats.sse_clients += 1
+        stats.sse_connections += 1
         try:
-            yield ServerSentEvent(retry=self._retry_ms, comment="tokenbus").encode()
-            while (data := await self._buffer.take()) is not None:
+            first = ServerSentEvent(retry=self._retry_ms, comment="tokenbus").encode()
+            yield first
+            stats.bytes_sent += len(first)  # counted once written: the response resumes this after the send
+            while (taken := await self._buffer.take()) is not None:
+                data, entries = taken
                 yield data
+                stats.bytes_sent += len(data)
+                stats.entries_sent += entries
         finally:
+            stats.sse_clients -= 1
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -250,8 +271,8 @@ class EventStream:
                                 return
                             continue
                         cursor[item.stream] = item.id
-                        data, final = self._event(item, cursor)
-                        if data and not buffer.put(data):
+                        data, final, entries = self._event(item, cursor)
+                        if data and not buffer.put(data, entries):
                             return
                         if final and self._job is not None:  # the job has ended: so does its response
                             buffer.close()
@@ -263,32 +284,36 @@ class EventStream:
             buffer.close(notice_event("gateway_error", detail=f"the gateway failed reading the stream: {e}"))
         finally:
             if buffer.overflowed:
+                self._stats.overflows += 1
                 logger.warning("disconnecting a client of %s: it did not read its events", ", ".join(self._streams))
             buffer.close()
 
-    def _event(self, item: Item, cursor: dict[str, str]) -> tuple[bytes, bool]:
-        """The bytes sent for one entry (possibly nothing, or a restart or gap notice first), and
-        whether it is the final entry of its job (passed on)."""
+    def _event(self, item: Item, cursor: dict[str, str]) -> tuple[bytes, bool, int]:
+        """The bytes sent for one entry (possibly nothing, or a restart or gap notice first),
+        whether it is the final entry of its job (passed on), and whether they hold its event (1)."""
         entry = item.entry
         if entry is None:
-            return b"", False
+            return b"", False, 0
         verdict = self._attempts.accept(entry)
         if not verdict:
-            return b"", False
+            return b"", False, 0
         out = b""
-        if verdict is not True:
+        if isinstance(verdict, Gap):
+            out += gap_event(verdict)
+        elif verdict is not True:
             out += restart_event(verdict)
         if self._unstarted:
             self._unstarted = False
             if entry.seq != 0:  # the attempt's first entries were trimmed from the job stream
                 out += gap_event(Gap(item.stream, BEGINNING, item.id))
         if not self._filters.passes(entry):
-            return out, False
+            return out, False, 0
         cache = encoded(item)
         if cache.json is None:
-            return out, entry.is_final
+            return out, entry.is_final, 0
         if len(cursor) == 1:  # the cursor is the entry's id: the event is the same for every client
             if cache.event is None:
                 cache.event = _event(entry.type.value, cache.json, item.id)
-            return out + cache.event, entry.is_final
-        return out + _event(entry.type.value, cache.json, ",".join(cursor[s] for s in self._streams)), entry.is_final
+            return out + cache.event, entry.is_final, 1
+        cursor_id = ",".join(cursor[s] for s in self._streams)
+        return out + _event(entry.type.value, cache.json, cursor_id), entry.is_final, 1
