@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
+from tokenbus.consumer._redis_cluster import AnyRedis, is_cluster
 from tokenbus.consumer.reader import as_text
 from tokenbus.schemas.entries import REDRIVE_GROUP, Entry
 from tokenbus.schemas.errors import MalformedEntry, TokenbusError
@@ -76,7 +76,7 @@ class DeadLetter:
 
 
 async def dead_letters(
-    redis: Redis, keys: StreamKeys, *, group: str | None = None, count: int = 100
+    redis: AnyRedis, keys: StreamKeys, *, group: str | None = None, count: int = 100
 ) -> list[DeadLetter]:
     """The newest ``count`` dead letters (of ``group``, if given), newest first."""
     found: list[DeadLetter] = []
@@ -93,7 +93,7 @@ async def dead_letters(
     return found[:count]
 
 
-async def dead_letter(redis: Redis, keys: StreamKeys, dead_id: str) -> DeadLetter | None:
+async def dead_letter(redis: AnyRedis, keys: StreamKeys, dead_id: str) -> DeadLetter | None:
     """One dead letter by its id in ``<prefix>:dead``; None if there is none."""
     try:
         reply = await redis.xrange(keys.dead_letter, dead_id, dead_id)
@@ -104,7 +104,7 @@ async def dead_letter(redis: Redis, keys: StreamKeys, dead_id: str) -> DeadLette
     return DeadLetter.from_record(as_text(reply[0][0]), reply[0][1]) if reply else None
 
 
-async def redrive(redis: Redis, keys: StreamKeys, dead_ids: list[str]) -> dict[str, str]:
+async def redrive(redis: AnyRedis, keys: StreamKeys, dead_ids: list[str]) -> dict[str, str]:
     """Hand the dead letters ``dead_ids`` back to their groups; return each one's new id in its
     stream. Raises :class:`NotRedriven` (before handing any back) for one that is gone or is no
     tokenbus entry."""
@@ -120,10 +120,15 @@ async def redrive(redis: Redis, keys: StreamKeys, dead_ids: list[str]) -> dict[s
         letters.append(letter)
     new_ids = {}
     for letter in letters:
-        async with redis.pipeline(transaction=True) as pipe:
-            record: dict[Any, Any] = {**letter.fields, REDRIVE_GROUP: letter.group}
-            pipe.xadd(letter.stream, record)
-            pipe.xdel(keys.dead_letter, letter.id)
-            new_id, _ = await pipe.execute()
+        record: dict[Any, Any] = {**letter.fields, REDRIVE_GROUP: letter.group}
+        if is_cluster(redis):  # the two keys' slots differ: no transaction; the entry first, so a
+            # failure between the two leaves the dead letter to be handed back again
+            new_id = await redis.xadd(letter.stream, record)
+            await redis.xdel(keys.dead_letter, letter.id)
+        else:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(letter.stream, record)
+                pipe.xdel(keys.dead_letter, letter.id)
+                new_id, _ = await pipe.execute()
         new_ids[letter.id] = as_text(new_id)
     return new_ids

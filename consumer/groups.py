@@ -28,10 +28,19 @@ from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 
+from tokenbus.consumer._redis_cluster import (
+    AnyRedis,
+    by_slot,
+    connect_to_node,
+    is_cluster,
+    node_of,
+    refresh_topology,
+)
 from tokenbus.consumer.attempts import AttemptFilter, Restart
-from tokenbus.consumer.reader import LATEST, as_text, blocking_read_timeout
-from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.reader import LATEST, READ_AGAIN, as_text, blocking_read_timeout, stop_task
 from tokenbus.schemas.entries import Entry, redrive_group
 from tokenbus.schemas.errors import InvalidJobId, MalformedEntry
 from tokenbus.schemas.keys import StreamKeys
@@ -55,7 +64,7 @@ class GroupStats:
 class GroupConsumer:
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         streams: Sequence[str],
         group: str,
         consumer: str,
@@ -110,7 +119,12 @@ class GroupConsumer:
         self._on_restart = on_restart
         await self.ensure_groups()
         stop = stop or asyncio.Event()
-        reader = _blocking_client(self._redis, self._block_ms)
+        redis = self._redis
+        reader: Redis | _SlotReads
+        if isinstance(redis, Redis):
+            reader = _blocking_client(redis, self._block_ms)
+        else:
+            reader = _SlotReads(redis, self.streams, self.group, self.consumer, self._count, self._block_ms)
         try:
             await self._read(reader, handler, "0")
             next_claim = 0.0
@@ -122,20 +136,30 @@ class GroupConsumer:
                         next_claim = time.monotonic() + self._claim_idle_ms / 2000
                     await self._read(reader, handler, ">")
                     failures = 0
+                except READ_AGAIN as e:
+                    failures += 1
+                    delay = min(2.0, 0.1 * 2**failures)
+                    logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)
+                    await asyncio.sleep(delay)
                 except redis_errors.ResponseError as e:
                     if "NOGROUP" not in str(e):
                         raise
                     logger.warning("group %s vanished from %s; creating it again", self.group, self.streams)
                     await self.ensure_groups()
-                except REDIS_UNAVAILABLE as e:
-                    failures += 1
-                    delay = min(2.0, 0.1 * 2**failures)
-                    logger.warning("group %s consumer %s: %s; retrying in %.1fs", self.group, self.consumer, e, delay)
-                    await asyncio.sleep(delay)
+            if isinstance(reader, _SlotReads):  # the reads under way end within a block: handle what they bring
+                for stream, entry_id, fields in await reader.finish():
+                    await self._process(handler, stream, entry_id, fields)
         finally:
-            await reader.aclose(close_connection_pool=True)
+            if isinstance(reader, _SlotReads):
+                await reader.close()
+            else:
+                await reader.aclose(close_connection_pool=True)
 
-    async def _read(self, reader: Redis, handler: Handler, position: str) -> None:
+    async def _read(self, reader: Redis | _SlotReads, handler: Handler, position: str) -> None:
+        if isinstance(reader, _SlotReads):
+            for stream, entry_id, fields in await reader.read(position):
+                await self._process(handler, stream, entry_id, fields)
+            return
         reply = await reader.xreadgroup(
             self.group,
             self.consumer,
@@ -228,12 +252,130 @@ class GroupConsumer:
             "dead_group": self.group,
             "dead_reason": reason,
         }
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
-            pipe.xack(stream, self.group, entry_id)
-            await pipe.execute()
+        if is_cluster(self._redis):  # the two keys' slots differ: no transaction; the dead letter
+            # first, so a failure between the two leaves the entry pending (dead-lettered again)
+            await self._redis.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
+            await self._redis.xack(stream, self.group, entry_id)
+        else:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self._keys.dead_letter, record, maxlen=100_000, approximate=True)
+                pipe.xack(stream, self.group, entry_id)
+                await pipe.execute()
         self.dead += 1
         logger.warning("group %s: %s %s moved to %s: %s", self.group, stream, entry_id, self._keys.dead_letter, reason)
+
+
+class _GroupLane:
+    __slots__ = ("conn", "delay", "failures", "stale", "streams", "task")
+
+    def __init__(self, streams: list[str]) -> None:
+        self.streams = streams
+        self.conn: AbstractConnection | None = None
+        self.task: asyncio.Task[list[Delivered]] | None = None
+        self.failures = 0
+        self.delay = 0.0
+        self.stale = False
+
+
+Delivered = tuple[str, str, dict[bytes, bytes]]
+"""``(stream, id, fields)`` of an entry handed to the consumer."""
+
+
+class _SlotReads:
+    """A group's reads on a Redis Cluster, which refuses ``XREADGROUP`` of keys in several hash
+    slots: one read per slot. Blocking reads (``>``) wait on connections of their own to the nodes
+    serving the slots, all at once, each going on until it brings entries; a slot that moved or
+    lost its node is read again (after a pause) once the cluster says where it is served now.
+    Reads of the consumer's own pending entries (``0``) do not block: the client routes them."""
+
+    def __init__(
+        self, redis: RedisCluster, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
+    ) -> None:
+        self._redis = redis
+        self._lanes = [_GroupLane(slot) for slot in by_slot(redis, streams)]
+        self._group, self._consumer = group, consumer
+        self._count, self._block_ms = count, block_ms
+        self._read_timeout = blocking_read_timeout(redis, block_ms)
+
+    async def read(self, position: str) -> list[Delivered]:
+        if position != ">":
+            out: list[Delivered] = []
+            for lane in self._lanes:
+                streams: dict[Any, Any] = {s: position for s in lane.streams}
+                reply = await self._redis.xreadgroup(self._group, self._consumer, streams, count=self._count)
+                out += _delivered(reply)
+            return out
+        for lane in self._lanes:
+            if lane.task is None:
+                lane.task = asyncio.create_task(self._blocking_read(lane))
+        await asyncio.wait([lane.task for lane in self._lanes if lane.task], return_when=asyncio.FIRST_COMPLETED)
+        return await self._collect(done_only=True)
+
+    async def finish(self) -> list[Delivered]:
+        """What the reads under way bring (each ends within its block)."""
+        return await self._collect(done_only=False)
+
+    async def _collect(self, *, done_only: bool) -> list[Delivered]:
+        out: list[Delivered] = []
+        for lane in self._lanes:
+            if lane.task is None or (done_only and not lane.task.done()):
+                continue
+            task, lane.task = lane.task, None
+            try:
+                out += await task
+            except READ_AGAIN as e:
+                await _drop(lane)
+                lane.delay = min(2.0, 0.1 * 2**lane.failures)
+                lane.failures += 1
+                logger.warning(
+                    "group %s: reading %s failed (%s); again in %.1fs", self._group, lane.streams, e, lane.delay
+                )
+                continue
+            lane.failures, lane.delay = 0, 0.0
+        return out
+
+    async def _blocking_read(self, lane: _GroupLane) -> list[Delivered]:
+        if lane.delay:
+            await asyncio.sleep(lane.delay)
+        if lane.conn is None or not lane.conn.is_connected:
+            if lane.stale:
+                await refresh_topology(self._redis)
+            lane.conn = await connect_to_node(await node_of(self._redis, lane.streams[0]))
+            lane.stale = False
+        await lane.conn.send_command(
+            "XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", self._count, "BLOCK", self._block_ms,
+            "STREAMS", *lane.streams, *[">"] * len(lane.streams),
+        )  # fmt: skip
+        reply = await lane.conn.read_response(disable_decoding=True, timeout=self._read_timeout)
+        return _delivered(reply, raw=True)
+
+    async def close(self) -> None:
+        for lane in self._lanes:
+            if lane.task is not None:
+                task, lane.task = lane.task, None
+                await stop_task(task)
+            await _drop(lane)
+
+
+async def _drop(lane: _GroupLane) -> None:
+    lane.stale = True
+    if lane.conn is not None:
+        conn, lane.conn = lane.conn, None
+        await conn.disconnect()
+
+
+def _delivered(reply: Any, *, raw: bool = False) -> list[Delivered]:
+    """The entries of an ``XREADGROUP`` reply (RESP2 or RESP3; as redis-py parses it, or ``raw``:
+    flat field lists), without the pending ones trimmed away (they come back with no fields)."""
+    out: list[Delivered] = []
+    for stream_name, entries in reply.items() if isinstance(reply, dict) else reply or ():
+        stream = as_text(stream_name)
+        for entry_id, fields in entries:
+            if fields:
+                out.append(
+                    (stream, as_text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)) if raw else fields)
+                )
+    return out
 
 
 def _blocking_client(redis: Redis, block_ms: int) -> Redis:
@@ -245,7 +387,7 @@ def _blocking_client(redis: Redis, block_ms: int) -> Redis:
     return Redis(connection_pool=ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
 
-async def group_stats(redis: Redis, streams: Sequence[str]) -> list[GroupStats]:
+async def group_stats(redis: AnyRedis, streams: Sequence[str]) -> list[GroupStats]:
     """Pending and lag of every group on ``streams`` (``lag`` is None where Redis cannot tell)."""
     stats = []
     for stream in streams:

@@ -13,8 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
+from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import AttemptFilter
 from tokenbus.consumer.reader import BEGINNING, as_text
 from tokenbus.consumer.subscribe import subscribe
@@ -112,7 +111,7 @@ def _result(end: Entry) -> Any:
     return data.get("result") if isinstance(data, dict) else None
 
 
-async def job_result(redis: Redis, job_id: str, *, prefix: str = DEFAULT_PREFIX, wait: bool = False) -> JobView:
+async def job_result(redis: AnyRedis, job_id: str, *, prefix: str = DEFAULT_PREFIX, wait: bool = False) -> JobView:
     """The job's output so far (``wait=False``), or once it has ended (``wait=True``)."""
     view = JobView(job_id)
     if wait:

@@ -19,8 +19,7 @@ from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from contextlib import aclosing
 from typing import Literal
 
-from redis.asyncio import Redis
-
+from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import MAX_COPIES_PER_JOB, AttemptFilter, Restart
 from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text
 from tokenbus.schemas.entries import TERMINAL_TYPES, Entry, EntryType, redrive_group
@@ -31,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 async def subscribe(
-    redis: Redis,
+    redis: AnyRedis,
     *,
     tags: Iterable[str] = (),
     jobs: Iterable[str] = (),
@@ -132,7 +131,7 @@ def _json_parses(entry: Entry, on_malformed: Literal["skip", "raise"]) -> bool:
     return True
 
 
-async def newest_attempts(redis: Redis, streams: dict[str, str], *, look_back: int = 16) -> dict[str, int]:
+async def newest_attempts(redis: AnyRedis, streams: dict[str, str], *, look_back: int = 16) -> dict[str, int]:
     """The newest attempt of each job (job → job stream) among the last entries of its stream
     (a few, not one: the killed attempt's last entries can land after the next attempt's first)."""
     if not streams:
@@ -155,7 +154,7 @@ async def newest_attempts(redis: Redis, streams: dict[str, str], *, look_back: i
 
 
 async def prime(
-    redis: Redis, attempts: AttemptFilter, positions: Mapping[str, str], *, look_back: int = MAX_COPIES_PER_JOB
+    redis: AnyRedis, attempts: AttemptFilter, positions: Mapping[str, str], *, look_back: int = MAX_COPIES_PER_JOB
 ) -> set[str]:
     """Tell ``attempts`` what a reader that stopped at ``positions`` (stream → last id processed)
     had read: the last ``look_back`` entries of each stream up to its position. A resumed reader

@@ -16,6 +16,7 @@ import orjson
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.jobs import JobView
 from tokenbus.consumer.reader import Gap
@@ -211,7 +212,7 @@ def entry(kind: EntryType, job: str, seq: int, attempt: int = 1, **values: Any) 
     return ENTRY_CLASSES[kind](job=job, attempt=attempt, seq=seq, ts=seq, **values)
 
 
-async def write(redis: Redis, key: str, *entries: Entry) -> list[str]:
+async def write(redis: AnyRedis, key: str, *entries: Entry) -> list[str]:
     return [(await redis.xadd(key, e.encode())).decode() for e in entries]  # type: ignore[arg-type]
 
 

@@ -1,6 +1,7 @@
 """The consumer API: filtering, attempts, duplicates, resuming, gaps, reconnects.
 
-Runs against fakeredis (fast) and the private redis-server: one suite, two backends.
+Runs against fakeredis (fast), the private redis-server and the private Redis Cluster (whose
+reader reads each hash slot on its own connection to the node serving it): one suite, three backends.
 """
 
 from __future__ import annotations
@@ -12,26 +13,44 @@ from typing import Any
 import fakeredis
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from tests.support import entry, token, wait_until, write
+from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.reader import Gap, StreamReader, latest_positions
 from tokenbus.consumer.subscribe import subscribe
-from tokenbus.redis_server import RedisServerProcess
+from tokenbus.redis_server import RedisClusterProcesses, RedisServerProcess
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.schemas.keys import StreamKeys
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
-async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+@pytest.fixture(params=["fakeredis", "redis-server", "redis-cluster"])
+async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[AnyRedis]:
+    client: AnyRedis
     if request.param == "fakeredis":
-        client: Redis = fakeredis.FakeAsyncRedis()
+        client = fakeredis.FakeAsyncRedis()
     else:
-        server: RedisServerProcess = request.getfixturevalue("redis_server")
-        client = Redis.from_url(server.url, socket_timeout=30)
+        client = await real_client(request, request.param)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(params=["redis-server", "redis-cluster"])
+async def real_redis(request: pytest.FixtureRequest) -> AsyncIterator[AnyRedis]:
+    """A real Redis, or a real Redis Cluster (fakeredis does not track trimming)."""
+    client = await real_client(request, request.param)
+    yield client
+    await client.aclose()
+
+
+async def real_client(request: pytest.FixtureRequest, kind: str) -> AnyRedis:
+    if kind == "redis-cluster":
+        cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+        return await RedisCluster.from_url(cluster.url, socket_timeout=30)
+    server: RedisServerProcess = request.getfixturevalue("redis_server")
+    return Redis.from_url(server.url, socket_timeout=30)
 
 
 async def collect(
@@ -151,9 +170,9 @@ async def test_non_tokenbus_entries_are_skipped_or_raised(any_redis: Redis, keys
         await collect(subscribe(any_redis, tags=["poem"], prefix=keys.prefix, start="0", on_malformed="raise"))
 
 
-async def test_resume_point_that_was_trimmed_is_a_gap(redis: Redis, keys: StreamKeys) -> None:
+async def test_resume_point_that_was_trimmed_is_a_gap(real_redis: AnyRedis, keys: StreamKeys) -> None:
     """Real Redis only: fakeredis does not track ``max-deleted-entry-id``."""
-    any_redis = redis
+    any_redis = real_redis
     key = keys.tag("poem")
     ids = await write(any_redis, key, *[token("j", i, str(i)) for i in range(10)])
     await any_redis.xtrim(key, maxlen=3, approximate=False)
@@ -196,17 +215,17 @@ async def test_reader_resumes_after_its_connection_is_killed(
         await admin.aclose()
 
 
-async def test_a_lagging_reader_is_told_when_it_falls_past_the_cap(redis: Redis, keys: StreamKeys) -> None:
+async def test_a_lagging_reader_is_told_when_it_falls_past_the_cap(real_redis: AnyRedis, keys: StreamKeys) -> None:
     """Real Redis: after a full batch, the next read checks in the same pipeline whether the
     reader's position was trimmed. The reader reads one batch ahead: entries 3..5 were read
     (with the first batch handed out), entries 6 and 7 are trimmed before anyone reads them."""
     key = keys.tag("poem")
-    ids = await write(redis, key, *[token("j", i, str(i)) for i in range(10)])
-    reader = StreamReader(redis, {key: "0-0"}, count=3, block_ms=100).batches()
+    ids = await write(real_redis, key, *[token("j", i, str(i)) for i in range(10)])
+    reader = StreamReader(real_redis, {key: "0-0"}, count=3, block_ms=100).batches()
     try:
         first = await anext(reader)
         assert [i for _, i, _ in first] == ids[:3]
-        await redis.xtrim(key, maxlen=2, approximate=False)
+        await real_redis.xtrim(key, maxlen=2, approximate=False)
         read_ahead = await anext(reader)
         assert [i for _, i, _ in read_ahead] == ids[3:6]
         gap = await anext(reader)
@@ -217,18 +236,18 @@ async def test_a_lagging_reader_is_told_when_it_falls_past_the_cap(redis: Redis,
         await reader.aclose()
 
 
-async def test_a_reader_that_keeps_up_is_told_of_no_gap(redis: Redis, keys: StreamKeys) -> None:
+async def test_a_reader_that_keeps_up_is_told_of_no_gap(real_redis: AnyRedis, keys: StreamKeys) -> None:
     """Full batches from a stream that is trimmed behind the reader, never past it: no gap."""
     key = keys.tag("poem")
-    ids = await write(redis, key, *[token("j", i, str(i)) for i in range(9)])
-    reader = StreamReader(redis, {key: "0-0"}, count=3, block_ms=100).batches()
+    ids = await write(real_redis, key, *[token("j", i, str(i)) for i in range(9)])
+    reader = StreamReader(real_redis, {key: "0-0"}, count=3, block_ms=100).batches()
     try:
         seen: list[str] = []
         while len(seen) < 9:
             batch = await anext(reader)
             assert not isinstance(batch, Gap), batch
             seen += [i for _, i, _ in batch]
-            await redis.xtrim(key, maxlen=9 - len(seen) + 1, approximate=False)  # keeps the last one read
+            await real_redis.xtrim(key, maxlen=9 - len(seen) + 1, approximate=False)  # keeps the last one read
         assert seen == ids
     finally:
         await reader.aclose()

@@ -195,8 +195,9 @@ class RedisClusterProcesses:
 
     @property
     def url(self) -> str:
-        """A seed node's URL: a cluster client learns the rest from it."""
-        return self.nodes[0].url
+        """A seed node's URL (a live one: a failover test may have killed the first): a cluster
+        client learns the rest from it."""
+        return self.live_node().url
 
     @property
     def ports(self) -> list[int]:
