@@ -29,7 +29,7 @@ from tokenbus.schemas.errors import CommandError, InvalidJobRequest
 from tokenbus.schemas.job import ALL_MODES
 from tokenbus.worker.offline_model import Fault, OfflineModelServer
 from tokenbus.worker.presence import live_workers
-from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.redis_client import StreamsRedis, redis_from_settings, streams_from_settings
 from tokenbus.worker.settings import Settings
 
 __all__ = ["cancel", "dead", "jobs", "result", "status", "workers"]  # commands of their own module
@@ -137,7 +137,8 @@ async def _follow(
     started after that many seconds, say so; and stop (4) if no worker is live to start it."""
     label = len(jobs) != 1 or len(tags) > 1  # text of several jobs (or tags) at once
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep, label=label, tags=tags)
-    redis = redis_from_settings(settings)
+    redis = streams_from_settings(settings)
+    queue: Redis | None = None
     failed = incomplete = False
     until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
     streams = streams_for(settings.keys, tags, jobs)
@@ -149,7 +150,8 @@ async def _follow(
         async with asyncio.timeout(None) as deadline:
             started = asyncio.Event()
             if wait_timeout:
-                watch = _StartWatch(settings, redis, printer, jobs[0], wait_timeout, started, deadline)
+                queue = redis_from_settings(settings)
+                watch = _StartWatch(settings, redis, queue, printer, jobs[0], wait_timeout, started, deadline)
             async for item in subscribe(
                 redis,
                 tags=tags,
@@ -175,6 +177,8 @@ async def _follow(
     finally:
         if watch is not None:
             await watch.close()
+        if queue is not None:
+            await queue.aclose()
         await redis.aclose()
     return EXIT_JOB_FAILED if failed else EXIT_INCOMPLETE if incomplete else EXIT_OK
 
@@ -185,10 +189,11 @@ class _StartWatch:
     that the job waits behind others."""
 
     def __init__(
-        self, settings: Settings, redis: Redis, printer: Printer, job_id: str, after_s: float,
-        started: asyncio.Event, deadline: asyncio.Timeout,
+        self, settings: Settings, streams: StreamsRedis, queue: Redis, printer: Printer, job_id: str,
+        after_s: float, started: asyncio.Event, deadline: asyncio.Timeout,
     ) -> None:  # fmt: skip
-        self._settings, self._redis, self._printer, self._job_id = settings, redis, printer, job_id
+        self._settings, self._streams, self._queue, self._printer = settings, streams, queue, printer
+        self._job_id = job_id
         self._after_s, self._started, self._deadline = after_s, started, deadline
         self.no_worker = False
         self._task = asyncio.create_task(self._watch())
@@ -203,7 +208,7 @@ class _StartWatch:
             if self._started.is_set():
                 return
             try:
-                workers = await live_workers(self._redis, self._settings.keys, queue=queue)
+                workers = await live_workers(self._streams, self._settings.keys, queue=queue)
             except redis_errors.NoPermissionError:  # a user made before the workers' records: cannot tell
                 return
             if not workers:
@@ -217,7 +222,7 @@ class _StartWatch:
             if not told:
                 ahead = "some"
                 with contextlib.suppress(redis_errors.NoPermissionError):  # an enqueuer's user may not read the queue
-                    ahead = str(await self._redis.zrank(queue, self._job_id) or 0)
+                    ahead = str(await self._queue.zrank(queue, self._job_id) or 0)
                 self._printer.notice(
                     f"job {self._job_id} has not started after {self._after_s:g}s: {len(workers)} live workers "
                     f"on queue {queue}, {ahead} jobs ahead of it (tokenbus jobs)"
@@ -237,7 +242,7 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
     keys = settings.keys
     label = len(args.jobs) != 1 or len(args.tags) > 1  # text of several jobs (or tags) at once
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep, label=label, tags=args.tags)
-    redis = redis_from_settings(settings, socket_timeout=30)
+    redis = streams_from_settings(settings, socket_timeout=30)
     open_jobs = set(args.jobs) if args.jobs and args.until_final else None
     stop = asyncio.Event()
 
@@ -266,7 +271,7 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def groups(settings: Settings, args: argparse.Namespace) -> int:
-    redis = redis_from_settings(settings)
+    redis = streams_from_settings(settings)
     try:
         stats = await group_stats(redis, [settings.keys.tag(t) for t in args.tags])
     finally:

@@ -13,8 +13,6 @@ import contextlib
 import uuid
 from typing import TextIO
 
-from redis.asyncio import Redis
-
 from tokenbus.consumer.reader import latest_positions
 from tokenbus.consumer.subscribe import subscribe
 from tokenbus.redis_server import start_private_redis
@@ -22,7 +20,7 @@ from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.job import StreamMode
 from tokenbus.worker.app import build_worker, stop_worker
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.redis_client import StreamsRedis, streams_from_settings
 from tokenbus.worker.settings import Settings
 
 TAGS = ("joke", "poem")
@@ -47,7 +45,7 @@ async def run_demo(settings: Settings, *, topic: str, out: TextIO, redis: str = 
         worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
         worker_task = asyncio.create_task(worker.async_run())
         stack.push_async_callback(stop_worker, worker, worker_task)
-        client_redis = redis_from_settings(settings, socket_timeout=15)
+        client_redis = streams_from_settings(settings, socket_timeout=15)
         stack.push_async_callback(client_redis.aclose)
         client = await TokenbusClient.connect(settings)
         stack.push_async_callback(client.close)
@@ -80,7 +78,7 @@ async def run_demo(settings: Settings, *, topic: str, out: TextIO, redis: str = 
 
 async def _show_job(
     settings: Settings,
-    redis: Redis,
+    redis: StreamsRedis,
     client: TokenbusClient,
     job_id: str,
     mode: StreamMode,

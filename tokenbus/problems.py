@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 from redis import exceptions as redis_errors
+from redis.exceptions import RedisClusterException
 
 from tokenbus.schemas.errors import CommandError, shown
 from tokenbus.worker.redis_client import (
@@ -19,6 +20,8 @@ from tokenbus.worker.redis_client import (
     redis_from_settings,
     redis_url,
     shown_url,
+    streams_from_settings,
+    streams_url,
 )
 from tokenbus.worker.settings import Settings
 
@@ -55,8 +58,13 @@ def _shown_input(name: str, value: Any) -> str:
     return shown(value)
 
 
-def redis_problem(error: BaseException, url: str) -> str:
-    """What an error of redis-py, met on connecting to or using ``url``, means, and what to do."""
+def redis_problem(error: BaseException, url: str, setting: str = "REDIS_URL") -> str:
+    """What an error of redis-py, met on connecting to or using ``url`` (the value of ``setting``),
+    means, and what to do."""
+    return _redis_problem(error, url).replace("REDIS_URL", setting)
+
+
+def _redis_problem(error: BaseException, url: str) -> str:
     where = shown_url(url)
     detail = _one_line(str(error)) or type(error).__name__
     if isinstance(error, REFUSED_CREDENTIALS):
@@ -84,6 +92,8 @@ def redis_problem(error: BaseException, url: str) -> str:
         return f"Redis at {where} did not answer in time ({detail}): is it overloaded, or the address wrong?"
     if isinstance(error, REDIS_UNAVAILABLE):
         return f"cannot reach Redis at {where} ({detail}): start it, or set REDIS_URL to where it runs"
+    if isinstance(error, RedisClusterException):  # no node of the cluster answered, or it is no cluster
+        return f"cannot use the Redis Cluster at {where} ({detail}): start it, or set REDIS_URL to one of its nodes"
     return f"Redis at {where} refused: {detail}"
 
 
@@ -113,3 +123,19 @@ async def check_redis(settings: Settings, *, wait_if_down: bool = False) -> None
         raise RedisProblem(redis_problem(e, redis_url(settings))) from e
     finally:
         await redis.aclose()
+    if settings.streams_apart:
+        await _check_streams(settings, wait_if_down=wait_if_down)
+
+
+async def _check_streams(settings: Settings, *, wait_if_down: bool) -> None:
+    """The same for the streams' deployment (``TOKENBUS_STREAMS_URL``, a cluster's seed node)."""
+    streams = streams_from_settings(settings, socket_timeout=10.0)
+    try:
+        await streams.ping()
+    except (redis_errors.RedisError, RedisClusterException, OSError) as e:
+        unavailable = isinstance(e, (*REDIS_UNAVAILABLE, RedisClusterException))
+        if wait_if_down and unavailable and not isinstance(e, REFUSED_CREDENTIALS):
+            return
+        raise RedisProblem(redis_problem(e, streams_url(settings), "TOKENBUS_STREAMS_URL")) from e
+    finally:
+        await streams.aclose()

@@ -28,7 +28,7 @@ from tokenbus.exits import EXIT_OK
 from tokenbus.operate import ago
 from tokenbus.schemas.keys import validate_tag
 from tokenbus.top_data import Snapshot, TopSampler
-from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.redis_client import redis_from_settings, streams_from_settings
 from tokenbus.worker.settings import Settings
 
 T = TypeVar("T")
@@ -50,7 +50,10 @@ async def run_top(
         validate_tag(tag)  # before anything is opened
     console = console or Console()
     redis = redis_from_settings(settings)
-    sampler = TopSampler(redis, keys=settings.keys, queue_name=settings.queue_name, tags=tags, limit=limit)
+    streams = streams_from_settings(settings) if settings.streams_apart else redis
+    sampler = TopSampler(
+        redis, keys=settings.keys, queue_name=settings.queue_name, streams=streams, tags=tags, limit=limit
+    )
     stop = asyncio.Event()
     try:
         with _stop_on_signals(stop):
@@ -68,6 +71,8 @@ async def run_top(
                     live.update(render(snapshot, settings=settings, interval=interval), refresh=True)
                     await _sleep_unless(stop, interval)
     finally:
+        if streams is not redis:
+            await streams.aclose()
         await redis.aclose()
     return EXIT_OK
 

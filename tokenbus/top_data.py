@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from tokenbus.consumer.groups import GroupStats, group_stats
 from tokenbus.consumer.reader import as_text, parse_id
 from tokenbus.schemas.errors import InvalidTag
 from tokenbus.schemas.keys import StreamKeys, validate_tag
 from tokenbus.worker.presence import WorkerInfo
+from tokenbus.worker.redis_client import StreamsRedis
 from tokenbus.worker.status import JobState, JobStatus, job_statuses, list_jobs
 
 K = TypeVar("K", bound=Hashable)
@@ -143,6 +144,7 @@ class TopSampler:
         *,
         keys: StreamKeys,
         queue_name: str,
+        streams: StreamsRedis | None = None,
         tags: Sequence[str] = (),
         limit: int = 20,
         rescan_s: float = RESCAN_S,
@@ -151,6 +153,7 @@ class TopSampler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
+        self._streams: StreamsRedis = redis if streams is None else streams
         self._keys = keys
         self._queue = queue_name
         self._named = [validate_tag(t) for t in dict.fromkeys(tags)]
@@ -169,13 +172,15 @@ class TopSampler:
 
     async def sample(self) -> Snapshot:
         # one more than shown, to tell whether there are more
-        listing = await list_jobs(self._redis, keys=self._keys, queue_name=self._queue, limit=self._limit + 1)
+        listing = await list_jobs(
+            self._redis, keys=self._keys, queue_name=self._queue, limit=self._limit + 1, streams=self._streams
+        )
         now = self._clock()
         job_rates = self._job_rates.update({(s.job, s.attempt): s.entries for s in listing.running}, now)
         running = [JobSample(s, job_rates[(s.job, s.attempt)]) for s in listing.running[: self._limit]]
         tags = await self._sample_tags()
         with_groups = [t.stream for t in tags if t.info.groups]
-        groups = await group_stats(self._redis, with_groups) if with_groups else []
+        groups = await group_stats(self._streams, with_groups) if with_groups else []
         return Snapshot(
             taken_ms=time.time() * 1000, running=running, more_running=len(listing.running) > self._limit,
             queued=listing.queued_total, workers=listing.workers,
@@ -187,7 +192,7 @@ class TopSampler:
     async def _sample_tags(self) -> list[TagSample]:
         if not self._named and (self._scanned_at is None or self._clock() - self._scanned_at >= self._rescan_s):
             await self._discover()
-        infos = await stream_infos(self._redis, [self._keys.tag(t) for t in self._tags])
+        infos = await stream_infos(self._streams, [self._keys.tag(t) for t in self._tags])
         rates = self._tag_rates.update({s: i.added for s, i in infos.items()}, self._clock())
         return [
             TagSample(tag, stream, infos[stream], rates[stream])
@@ -196,18 +201,18 @@ class TopSampler:
         ]
 
     async def _discover(self) -> None:
-        streams, self._tags_complete = await find_tag_streams(self._redis, self._keys, budget=self._scan_budget)
+        streams, self._tags_complete = await find_tag_streams(self._streams, self._keys, budget=self._scan_budget)
         self._scanned_at = self._clock()
         self._tags_found = len(streams)
         if len(streams) > self._max_tags:  # the ones written to last
-            infos = await stream_infos(self._redis, sorted(streams)[:MAX_CANDIDATES])
+            infos = await stream_infos(self._streams, sorted(streams)[:MAX_CANDIDATES])
             newest = sorted(infos, key=lambda s: parse_id(infos[s].last_id), reverse=True)
             streams = {s: streams[s] for s in newest[: self._max_tags]}
         self._tags = sorted(streams.values())
 
     # -- errors ------------------------------------------------------------------------------------
     async def _errors(self, finished: Sequence[JobStatus]) -> list[JobStatus]:
-        ids = [as_text(i) for i in await self._redis.zrevrange(self._keys.finished, 0, ERROR_LOOKBACK - 1)]
+        ids = [as_text(i) for i in await self._streams.zrevrange(self._keys.finished, 0, ERROR_LOOKBACK - 1)]
         fresh = {s.job: s for s in finished}  # read just now by list_jobs
         known: dict[str, JobStatus | None] = {}
         unread = []
@@ -217,18 +222,33 @@ class TopSampler:
             else:
                 unread.append(job_id)
         if unread:
-            statuses = await job_statuses(self._redis, unread, keys=self._keys, queue_name=self._queue)
+            statuses = await job_statuses(
+                self._redis, unread, keys=self._keys, queue_name=self._queue, streams=self._streams
+            )
             known.update(zip(unread, statuses, strict=True))
         self._finished = {job_id: known[job_id] for job_id in ids}  # newest first; None: its stream expired
         errors = [s for s in self._finished.values() if s is not None and s.state is JobState.ERROR]
         return errors[:ERRORS_SHOWN]
 
 
-async def find_tag_streams(redis: Redis, keys: StreamKeys, *, budget: int = SCAN_BUDGET) -> tuple[dict[str, str], bool]:
+async def find_tag_streams(
+    redis: StreamsRedis, keys: StreamKeys, *, budget: int = SCAN_BUDGET
+) -> tuple[dict[str, str], bool]:
     """The tag streams of ``keys``'s prefix (stream key → tag) that ``SCAN`` finds examining at most
-    ``budget`` keys, and whether it saw them all. Keys whose tag is not a valid one are left out."""
+    ``budget`` keys, and whether it saw them all. Keys whose tag is not a valid one are left out.
+    On a Redis Cluster every primary is scanned in turn (redis-py's ``scan_iter``)."""
     head = f"{keys.prefix}:tag:{{"  # the prefix's alphabet has no glob characters
     found: dict[str, str] = {}
+    if isinstance(redis, RedisCluster):
+        examined = 0
+        async for key in redis.scan_iter(match=head + "*}", count=SCAN_COUNT, _type="stream"):
+            stream = as_text(key)
+            if is_valid_tag(tag := stream[len(head) : -1]):
+                found[stream] = tag
+            examined += 1
+            if examined >= budget:
+                return found, False
+        return found, True
     cursor, examined = 0, 0
     while True:
         cursor, batch = await redis.scan(cursor, match=head + "*}", count=SCAN_COUNT, _type="stream")
@@ -252,7 +272,7 @@ def is_valid_tag(tag: str) -> bool:
     return True
 
 
-async def stream_infos(redis: Redis, streams: Sequence[str]) -> dict[str, StreamInfo]:
+async def stream_infos(redis: StreamsRedis, streams: Sequence[str]) -> dict[str, StreamInfo]:
     """``XINFO STREAM`` of each stream, in one round trip; streams that are gone are left out."""
     if not streams:
         return {}

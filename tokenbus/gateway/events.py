@@ -27,7 +27,6 @@ from typing import Any
 
 import orjson
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 from sse_starlette import ServerSentEvent
 
 from tokenbus.consumer.attempts import AttemptFilter, Restart
@@ -38,6 +37,7 @@ from tokenbus.consumer.subscribe import newest_attempts, prime
 from tokenbus.gateway.stats import GatewayStats
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry, TokenbusError
+from tokenbus.worker.redis_client import StreamsRedis
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class EventStream:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: StreamsRedis,
         hub: StreamHub,
         streams: Sequence[str],
         *,
