@@ -475,9 +475,10 @@ def _reply(port: int, *args: str) -> Any:
 
 
 def _pings(port: int) -> bool:
+    """The server on ``port`` answers: ``PONG``, or ``NOAUTH`` from one started with ``--requirepass``."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False

@@ -11,6 +11,9 @@
 #   REDIS_REPLICA_OF     "host port" of the master to replicate at first start; unset: a master
 #   REDIS_PORT           default 6379
 #   REDIS_CONF           default /data/redis.conf (the volume; the image's working directory)
+#   REDISCLI_AUTH        the password: asked of clients (requirepass) and given to the master by a
+#                        replica (masterauth); redis-cli, and so the healthcheck, sends it too
+#   REDIS_MAXMEMORY      default 1gb: past it, writes are refused (maxmemory-policy noeviction)
 # Further arguments go to redis-server.
 set -eu
 
@@ -24,6 +27,12 @@ if [ ! -f "$conf" ]; then
         if [ -n "${REDIS_REPLICA_OF:-}" ]; then echo "replicaof $REDIS_REPLICA_OF"; fi
     } >"$conf"
 fi
+# The password and the memory limit on the command line, at every start: they follow .env, and
+# Sentinel's rewrites of the file cannot undo them. Every node gets masterauth: a master today may
+# be a replica after a failover.
+set -- \
+    --requirepass "${REDISCLI_AUTH:?"the password"}" --masterauth "$REDISCLI_AUTH" \
+    --maxmemory "${REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction "$@"
 # the image's entrypoint, where there is one, runs redis-server as the redis user (it owns /data)
 if command -v docker-entrypoint.sh >/dev/null 2>&1; then
     exec docker-entrypoint.sh redis-server "$conf" "$@"

@@ -11,7 +11,10 @@
 #   SENTINEL_DOWN_AFTER   milliseconds without an answer before a node counts as down (default 5000)
 #   SENTINEL_PORT         default 26379
 #   SENTINEL_CONF         default /data/sentinel.conf
+#   SENTINEL_AUTH_PASS    the data nodes' password (sentinel auth-pass), set again at every start
 # Further arguments go to redis-server --sentinel.
+# The Sentinel itself asks for no password: tokenbus (redis-py's Sentinel client) authenticates
+# with the data nodes, not with the Sentinels, which hold no data (README "The queue behind Sentinel").
 set -eu
 
 conf=${SENTINEL_CONF:-/data/sentinel.conf}
@@ -28,6 +31,11 @@ if [ ! -f "$conf" ]; then
         echo "sentinel parallel-syncs $name 1"
     } >"$conf"
 fi
+# the password follows .env: the line of an earlier start (or of Sentinel's rewrite) is replaced,
+# after the monitor line it refers to
+grep -v "^sentinel auth-pass $name " "$conf" >"$conf.new" || true
+echo "sentinel auth-pass $name ${SENTINEL_AUTH_PASS:?"the data nodes' password"}" >>"$conf.new"
+mv "$conf.new" "$conf"
 if command -v docker-entrypoint.sh >/dev/null 2>&1; then
     exec docker-entrypoint.sh redis-server "$conf" --sentinel "$@"
 fi
