@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 from pydantic import ValidationError
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.groups import GroupConsumer, group_stats
@@ -29,7 +28,7 @@ from tokenbus.schemas.errors import CommandError, InvalidJobRequest
 from tokenbus.schemas.job import ALL_MODES
 from tokenbus.worker.offline_model import Fault, OfflineModelServer
 from tokenbus.worker.presence import live_workers
-from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.redis_client import StreamsRedis, streams_from_settings
 from tokenbus.worker.settings import Settings
 
 __all__ = ["cancel", "dead", "jobs", "result", "status", "workers"]  # commands of their own module
@@ -137,7 +136,7 @@ async def _follow(
     started after that many seconds, say so; and stop (4) if no worker is live to start it."""
     label = len(jobs) != 1 or len(tags) > 1  # text of several jobs (or tags) at once
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep, label=label, tags=tags)
-    redis = redis_from_settings(settings)
+    redis = streams_from_settings(settings)  # the workers' records live with the streams too
     failed = incomplete = False
     until_final = bool(jobs) and (not tags or getattr(args, "until_final", False))
     streams = streams_for(settings.keys, tags, jobs)
@@ -185,7 +184,7 @@ class _StartWatch:
     that the job waits behind others."""
 
     def __init__(
-        self, settings: Settings, redis: Redis, printer: Printer, job_id: str, after_s: float,
+        self, settings: Settings, redis: StreamsRedis, printer: Printer, job_id: str, after_s: float,
         started: asyncio.Event, deadline: asyncio.Timeout,
     ) -> None:  # fmt: skip
         self._settings, self._redis, self._printer, self._job_id = settings, redis, printer, job_id
@@ -237,7 +236,7 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
     keys = settings.keys
     label = len(args.jobs) != 1 or len(args.tags) > 1  # text of several jobs (or tags) at once
     printer = Printer(sys.stdout, sys.stderr, format=args.format, sep=args.sep, label=label, tags=args.tags)
-    redis = redis_from_settings(settings, socket_timeout=30)
+    redis = streams_from_settings(settings, socket_timeout=30)
     open_jobs = set(args.jobs) if args.jobs and args.until_final else None
     stop = asyncio.Event()
 
@@ -266,7 +265,7 @@ async def _tail_group(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def groups(settings: Settings, args: argparse.Namespace) -> int:
-    redis = redis_from_settings(settings)
+    redis = streams_from_settings(settings)
     try:
         stats = await group_stats(redis, [settings.keys.tag(t) for t in args.tags])
     finally:

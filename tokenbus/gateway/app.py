@@ -43,7 +43,7 @@ from tokenbus.schemas.errors import InvalidJobId, InvalidJobRequest, InvalidTag
 from tokenbus.schemas.job import JobRequest
 from tokenbus.schemas.keys import StreamKeys, validate_job_id, validate_tag
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.redis_client import redis_from_settings
+from tokenbus.worker.redis_client import StreamsRedis, redis_from_settings, streams_from_settings
 from tokenbus.worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Gateway:
         secret = gateway.token_secret.get_secret_value() if gateway.token_secret else None
         self.access = Access(gateway.api_keys, secret=secret, token_ttl_s=gateway.token_ttl_s)
         self._redis: Redis | None = None
+        self._streams: StreamsRedis | None = None  # the queue's client, unless the streams live apart
         self._client: TokenbusClient | None = None
         self._hub: StreamHub | None = None
         self.stats = GatewayStats()
@@ -72,6 +73,12 @@ class Gateway:
     def redis(self) -> Redis:
         assert self._redis is not None, "the gateway is not started"
         return self._redis
+
+    @property
+    def streams(self) -> StreamsRedis:
+        """A client of the deployment holding the streams (a Redis Cluster's, or one Redis's)."""
+        assert self._streams is not None, "the gateway is not started"
+        return self._streams
 
     @property
     def client(self) -> TokenbusClient:
@@ -88,12 +95,16 @@ class Gateway:
         if self.access.loopback_only:
             logger.warning("no API key configured (TOKENBUS_GATEWAY_API_KEYS): serving loopback clients only")
         self._redis = redis_from_settings(self.settings)
-        self._client = TokenbusClient.sharing(self._redis, self.settings)
+        apart = streams_from_settings(self.settings) if self.settings.streams_apart else None
+        self._streams = self._redis if apart is None else apart
+        self._client = TokenbusClient.sharing(self._redis, self.settings, streams=apart)
         try:
-            async with StreamHub(self._redis, window=self.config.window) as self._hub:
+            async with StreamHub(self._streams, window=self.config.window) as self._hub:
                 yield
         finally:
             await self._redis.aclose()
+            if apart is not None:
+                await apart.aclose()
 
     # -- requests --------------------------------------------------------------------------------
     def grant(self, request: Request, *, need_key: bool = False) -> Grant:
@@ -121,7 +132,9 @@ class Gateway:
     async def readyz(self, request: Request) -> Response:
         try:
             await self.redis.ping()
-        except REDIS_UNAVAILABLE as e:
+            if self.streams is not self.redis:
+                await self.streams.ping()
+        except (*REDIS_UNAVAILABLE, redis_errors.RedisClusterException) as e:
             return JSONResponse({"status": "unavailable", "detail": f"Redis does not answer: {e}"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
@@ -168,7 +181,7 @@ class Gateway:
     async def get_job(self, request: Request) -> Response:
         job_id = validate_job_id(request.path_params["job_id"])
         self.grant(request).job(job_id)
-        view = await job_result(self.redis, job_id, prefix=self.settings.prefix)
+        view = await job_result(self.streams, job_id, prefix=self.settings.prefix)
         status = await self._status(job_id, view)
         timings = {"started_ms": view.started_ts, "first_chunk_ms": view.first_chunk_ts, "ended_ms": view.ended_ts}
         body = {
@@ -197,7 +210,7 @@ class Gateway:
     async def cancel_job(self, request: Request) -> Response:
         self.grant(request, need_key=True)
         job_id = validate_job_id(request.path_params["job_id"])
-        view = await job_result(self.redis, job_id, prefix=self.settings.prefix)
+        view = await job_result(self.streams, job_id, prefix=self.settings.prefix)
         status = await self._status(job_id, view)
         if view.done:
             raise Refused(409, "ended", f"job {job_id} has already ended: {status}")
@@ -208,14 +221,14 @@ class Gateway:
         job_id = validate_job_id(request.path_params["job_id"])
         self.grant(request).job(job_id)
         stream = EventStream(
-            self.redis, self.hub, [self.keys.job(job_id)], job=job_id, filters=filters_of(request),
+            self.streams, self.hub, [self.keys.job(job_id)], job=job_id, filters=filters_of(request),
             cursor=cursor_of(request), buffer_bytes=CLIENT_BUFFER_BYTES, retry_ms=self.config.retry_ms,
             stats=self.stats,
         )  # fmt: skip
         await stream.prepare()
         if stream.ended:
             return Response(status_code=204)  # resumed after the end: EventSource stops reconnecting
-        if not await self.redis.exists(self.keys.job(job_id)):
+        if not await self.streams.exists(self.keys.job(job_id)):
             await self._status(job_id, JobView(job_id))  # 404 for a job neither run nor queued, or expired
         return self._sse(stream)
 
@@ -226,7 +239,8 @@ class Gateway:
         self.grant(request).tag_streams(tags)
         tag_streams = {self.keys.tag(t): t for t in tags}
         stream = EventStream(
-            self.redis, self.hub, list(tag_streams), tag_streams=tag_streams, filters=filters_of(request, by_tag=False),
+            self.streams, self.hub, list(tag_streams), tag_streams=tag_streams,
+            filters=filters_of(request, by_tag=False),
             cursor=cursor_of(request), buffer_bytes=CLIENT_BUFFER_BYTES, retry_ms=self.config.retry_ms,
             stats=self.stats,
         )  # fmt: skip

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from sse_starlette import ServerSentEvent
 
 from tokenbus.consumer.attempts import AttemptFilter, Restart
@@ -193,7 +194,7 @@ class EventStream:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         hub: StreamHub,
         streams: Sequence[str],
         *,
