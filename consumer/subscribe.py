@@ -21,7 +21,7 @@ from typing import Literal
 
 from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import MAX_COPIES_PER_JOB, AttemptFilter, Restart
-from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text
+from tokenbus.consumer.reader import BEGINNING, LATEST, Gap, StreamReader, as_text, latest_positions, parse_id
 from tokenbus.schemas.entries import TERMINAL_TYPES, Entry, EntryType, redrive_group
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.schemas.keys import DEFAULT_PREFIX, StreamKeys
@@ -80,6 +80,7 @@ async def subscribe(
     open_jobs = set(job_list) - ended if job_list and until_final is not False else None
     if open_jobs is not None and not open_jobs:
         return
+    ends = _Ends(open_jobs, streams, several=len(tag_streams) > 1) if open_jobs is not None else None
 
     decode, accept = Entry.decode, attempts.accept
     async with aclosing(reader.batches()) as batches:  # closed at once: frees the reader's connection
@@ -97,6 +98,8 @@ async def subscribe(
                     continue
                 if (wanted_jobs and entry.job not in wanted_jobs) or redrive_group(fields) is not None:
                     continue  # (a dead letter handed back to a consumer group is not new)
+                if ends is not None:
+                    ends.saw(entry, stream)
                 verdict = accept(entry)
                 if not verdict:
                     continue
@@ -107,16 +110,71 @@ async def subscribe(
                     if entry.seq != 0:  # the attempt's first entries were trimmed
                         yield Gap(stream, BEGINNING, entry_id)
                 terminal = entry.type in TERMINAL_TYPES
-                if terminal and open_jobs is not None and not entry.retry:
-                    open_jobs.discard(entry.job)
                 if (
                     (not wanted_types or entry.type in wanted_types)
                     and (not wanted_nodes or entry.node in wanted_nodes or terminal)
                     and (not parse_json or _json_parses(entry, on_malformed))
                 ):
                     yield entry
-            if open_jobs is not None and not open_jobs:
+            if ends is not None and await ends.over(redis, reader.positions):
                 return
+
+
+class _Ends:
+    """Which followed jobs are over: from one stream (or several job streams), at their final
+    entry. When jobs are followed through several tag streams, a job's final entry in one of them
+    does not end the follow: the streams are read in their own order each (on a Redis Cluster, each on
+    its own connection), and another may still hold chunks of the job. A job is over once every
+    followed stream that carried its newest attempt has shown its final entry (each stream holds
+    a job's entries in order, its terminal entry last), and every followed stream was read up to
+    where it ended when the job's first final entry was seen (a stream whose copies of the job's
+    last chunks were still on their way then: they were written before that final entry)."""
+
+    def __init__(self, open_jobs: set[str], streams: list[str], *, several: bool) -> None:
+        self.open_jobs = open_jobs
+        self._streams = streams
+        self._several = several
+        self._attempt: dict[str, int] = {}
+        self._carried: dict[str, set[str]] = {}  # job → followed streams that carried its newest attempt
+        self._ended: dict[str, set[str]] = {}  # job → those that showed its final entry
+        self._closing: set[str] = set()  # jobs whose first final entry was just seen
+        self._targets: dict[str, dict[str, str]] = {}  # job → where each stream ended then
+
+    def saw(self, entry: Entry, stream: str) -> None:
+        """An entry of a followed job (passed on or not: a copy counts) read from ``stream``."""
+        if not self._several:
+            if entry.is_final:
+                self.open_jobs.discard(entry.job)
+            return
+        job, attempt = entry.job, self._attempt.get(entry.job, 0)
+        if entry.attempt < attempt:
+            return
+        if entry.attempt > attempt:
+            self._attempt[job], self._carried[job], self._ended[job] = entry.attempt, set(), set()
+            self._closing.discard(job)
+            self._targets.pop(job, None)
+        self._carried[job].add(stream)
+        if entry.is_final:
+            self._ended[job].add(stream)
+            if job not in self._targets:
+                self._closing.add(job)
+
+    async def over(self, redis: AnyRedis, positions: Mapping[str, str]) -> bool:
+        """Whether every followed job is over (``positions``: each stream's last id read)."""
+        open_jobs = self.open_jobs
+        if self._closing:
+            latest = await latest_positions(redis, self._streams)
+            for job in self._closing:
+                self._targets[job] = latest
+            self._closing.clear()
+        for job, targets in self._targets.items():
+            if (
+                job in open_jobs
+                and self._carried[job] <= self._ended[job]
+                and all(parse_id(positions[s]) >= parse_id(last) for s, last in targets.items())
+            ):
+                open_jobs.discard(job)
+        return not open_jobs
 
 
 def _json_parses(entry: Entry, on_malformed: Literal["skip", "raise"]) -> bool:

@@ -130,7 +130,7 @@ async def follow_job(
     return view, entries
 
 
-async def read_stream(redis: Redis, key: str) -> list[Entry]:
+async def read_stream(redis: AnyRedis, key: str) -> list[Entry]:
     return [Entry.decode(f, id=i.decode(), stream=key) for i, f in await redis.xrange(key, "-", "+")]
 
 

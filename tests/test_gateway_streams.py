@@ -14,11 +14,13 @@ import httpx2
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import STREAMS
 from tests.sse import Event, events, free_port
 from tests.support import Process, entry, start_gateway, token, wait_for, write
 from tests.test_gateway import stop_gateway
 from tokenbus.schemas.entries import EntryType
 from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.redis_client import StreamsRedis
 from tokenbus.worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -174,14 +176,15 @@ async def test_a_resumed_tail_of_several_tags_passes_no_copy_twice(
     assert poem_ids[1] < cursor.split(",")[1]
 
 
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)  # on a Redis Cluster: the hub reads two slots
 async def test_clients_of_one_entry_share_its_encoding_but_not_their_cursors(
-    gateway: str, follow: Any, redis: Redis, keys: StreamKeys
+    gateway: str, follow: Any, streams: StreamsRedis, keys: StreamKeys
 ) -> None:
     alone = [await follow(f"{gateway}/tags/poem/events") for _ in range(2)]
     with_joke = await follow(f"{gateway}/tags/joke/events?tag=poem")
-    joke_id = (await write(redis, keys.tag("joke"), token("j7", 1, "ha", tag="joke")))[0]
+    joke_id = (await write(streams, keys.tag("joke"), token("j7", 1, "ha", tag="joke")))[0]
     await with_joke.until(lambda f: f.entries(), "the joke")
-    poem_id = (await write(redis, keys.tag("poem"), token("j8", 1, "roses")))[0]
+    poem_id = (await write(streams, keys.tag("poem"), token("j8", 1, "roses")))[0]
     for follower in [*alone, with_joke]:
         await follower.until(lambda f: any(e["content"] == "roses" for e in f.entries()), "the poem's token")
     sent = [[e for e in f.events if e.id is not None][-1] for f in [*alone, with_joke]]

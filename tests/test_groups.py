@@ -9,15 +9,17 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import STREAMS
 from tests.support import Process, settings_env, wait_for, wait_until
 from tokenbus.consumer.groups import GroupConsumer, group_stats
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import Entry, TokenEntry
 from tokenbus.schemas.keys import StreamKeys
+from tokenbus.worker.redis_client import StreamsRedis
 from tokenbus.worker.settings import Settings
 
 
-async def fill(redis: Redis, key: str, n: int, job: str = "j") -> list[str]:
+async def fill(redis: StreamsRedis, key: str, n: int, job: str = "j") -> list[str]:
     ids = []
     for i in range(n):
         entry = TokenEntry(job=job, attempt=1, seq=i, ts=i, content=str(i), tags=("poem",))
@@ -124,9 +126,10 @@ async def test_poison_entry_goes_to_the_dead_letter_stream(redis: Redis, prefix:
     assert (await redis.xpending(key, "billing"))["pending"] == 0
 
 
-async def test_tail_with_a_group_acks_what_it_prints(redis: Redis, settings: Settings) -> None:
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)
+async def test_tail_with_a_group_acks_what_it_prints(streams: StreamsRedis, settings: Settings) -> None:
     key = settings.keys.tag("poem")
-    await fill(redis, key, 3)
+    await fill(streams, key, 3)
     tail = await Process.start(
         "tail", "--tag", "poem", "--group", "g", "--consumer", "c", "--from-start", "--format", "jsonl",
         env=settings_env(settings),
@@ -135,14 +138,14 @@ async def test_tail_with_a_group_acks_what_it_prints(redis: Redis, settings: Set
 
     async def all_acked() -> bool:
         return (
-            bool((await redis.xinfo_groups(key))[0]["last-delivered-id"])
-            and not (await redis.xpending(key, "g"))["pending"]
+            bool((await streams.xinfo_groups(key))[0]["last-delivered-id"])
+            and not (await streams.xpending(key, "g"))["pending"]
         )
 
     await wait_for(all_acked, what="the group to have acked everything")
     await tail.stop()
     assert len(tail.stdout) == 3
-    await fill(redis, key, 2, job="later")  # two entries the group has not read yet
+    await fill(streams, key, 2, job="later")  # two entries the group has not read yet
     groups = await Process.start("groups", "--tag", "poem", env=settings_env(settings))
     assert await groups.wait() == 0, groups.output
     assert groups.stdout[1].split()[1:5] == ["g", "1", "0", "2"]  # group, consumers, pending, lag

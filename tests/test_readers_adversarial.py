@@ -17,7 +17,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import START, StateGraph
 from redis.asyncio import Redis
 
-from tests.conftest import RunWorker
+from tests.conftest import STREAMS, RunWorker
 from tests.graphs import State, WordsModel
 from tests.support import Process, entry, read_stream, settings_env, wait_for
 from tokenbus.consumer.attempts import Restart
@@ -28,6 +28,7 @@ from tokenbus.consumer.subscribe import subscribe
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.errors import MalformedEntry
 from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.redis_client import StreamsRedis
 from tokenbus.worker.settings import Settings
 
 
@@ -63,24 +64,26 @@ def jsonl(lines: list[str]) -> list[dict[str, Any]]:
 # -- a chunk in several followed tag streams is passed on once ---------------------------------------
 
 
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)  # on a Redis Cluster, a and b are on different masters
 @pytest.mark.parametrize("fan_out", [None, ["b"]], ids=["every-tag", "filter-b"])
 async def test_a_chunk_tagged_with_two_followed_tags_is_seen_once_by_every_reader(
-    fan_out: list[str] | None, settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker: RunWorker
-) -> None:
+    fan_out: list[str] | None, settings: Settings, client: TokenbusClient, streams: StreamsRedis,
+    run_burst_worker: RunWorker,
+) -> None:  # fmt: skip
     job = await client.enqueue("two_tags", {"n": 30}, modes=["messages"], tags=fan_out)
     await run_burst_worker(graphs=GRAPHS)
     followed = {"a", "b"}
     # what a reader of a and b must get: each chunk written to one of their streams, once, in job order
     expected = [
         (e.seq, e.content)
-        for e in await read_stream(redis, settings.keys.job(job))
+        for e in await read_stream(streams, settings.keys.job(job))
         if e.is_chunk and followed & set(e.tags) & set(fan_out or e.tags)
     ]
     assert sum("shared" in content for _, content in expected) == 30
 
     got = [
         (item.seq, item.content)
-        async for item in subscribe(redis, tags=["a", "b"], jobs=[job], prefix=settings.prefix, start="0")
+        async for item in subscribe(streams, tags=["a", "b"], jobs=[job], prefix=settings.prefix, start="0")
         if isinstance(item, Entry) and item.is_chunk
     ]
     assert sorted(got) == expected
@@ -99,9 +102,9 @@ async def test_a_chunk_tagged_with_two_followed_tags_is_seen_once_by_every_reade
         if e.is_chunk:
             handled[(e.seq, e.content)] += 1
 
-    streams = [settings.keys.tag("a"), settings.keys.tag("b")]
+    tag_keys = [settings.keys.tag("a"), settings.keys.tag("b")]
     consumers = [
-        GroupConsumer(redis, streams, "g", name, keys=settings.keys, start="0", count=8, block_ms=100)
+        GroupConsumer(streams, tag_keys, "g", name, keys=settings.keys, start="0", count=8, block_ms=100)
         for name in ("c1", "c2")  # the copies of one chunk can go to different consumers of the group
     ]
     await consumers[0].ensure_groups()
@@ -109,11 +112,11 @@ async def test_a_chunk_tagged_with_two_followed_tags_is_seen_once_by_every_reade
     tasks = [asyncio.create_task(c.run(handler, stop=stop)) for c in consumers]
 
     async def group_done() -> bool:
-        for stream in streams:
-            for group in await redis.xinfo_groups(stream):
+        for stream in tag_keys:
+            for group in await streams.xinfo_groups(stream):
                 if group["pending"] or group["lag"]:
                     return False
-        return sum(c.acked for c in consumers) == sum([await redis.xlen(s) for s in streams])
+        return sum(c.acked for c in consumers) == sum([await streams.xlen(s) for s in tag_keys])
 
     try:
         await wait_for(group_done, what="the group to have acked both streams")

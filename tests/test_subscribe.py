@@ -150,6 +150,23 @@ async def test_chunk_with_two_followed_tags_is_seen_once(any_redis: Redis, keys:
     assert [(i.type, i.content) for i in items] == [("token", "both"), ("end", "")]
 
 
+async def test_a_jobs_end_in_one_tag_stream_waits_for_its_chunks_in_another(
+    any_redis: AnyRedis, keys: StreamKeys
+) -> None:
+    """Each stream is read in its own order (on a cluster, each slot on its own connection): the
+    job's final entry read from one stream ends the follow only once the other stream that
+    carried the job has shown it too."""
+    end = entry(EntryType.END, "j", 4)
+    await write(any_redis, keys.tag("joke"), token("j", 1, "a", tag="joke"), end)
+    await write(any_redis, keys.tag("poem"), token("j", 2, "b"))
+    follow = subscribe(any_redis, tags=["joke", "poem"], jobs=["j"], prefix=keys.prefix, start="0", block_ms=100)
+    items = await collect(follow, n=3)
+    assert sorted((i.seq, i.type) for i in items) == [(1, "token"), (2, "token"), (4, "end")]
+    await write(any_redis, keys.tag("poem"), token("j", 3, "c"), end)  # the poem stream's last chunk, then its end
+    items = await collect(follow)  # until the follow ends by itself
+    assert [(i.seq, i.content) for i in items] == [(3, "c")]
+
+
 async def test_live_entries_after_subscribing(any_redis: Redis, keys: StreamKeys) -> None:
     await write(any_redis, keys.tag("poem"), token("old", 1, "before"))
     positions = await latest_positions(any_redis, [keys.tag("poem")])

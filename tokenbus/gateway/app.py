@@ -134,7 +134,7 @@ class Gateway:
             await self.redis.ping()
             if self.streams is not self.redis:
                 await self.streams.ping()
-        except REDIS_UNAVAILABLE as e:
+        except (*REDIS_UNAVAILABLE, redis_errors.RedisClusterException) as e:
             return JSONResponse({"status": "unavailable", "detail": f"Redis does not answer: {e}"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
