@@ -158,7 +158,12 @@ async def test_a_master_hung_mid_batch_then_killed_loses_nothing_it_acknowledged
     try:
         await client.initialize()
         keys = StreamKeys(f"t{uuid.uuid4().hex[:10]}")
-        doomed, healthy = spread(client, keys.tag, 2)
+        tags = spread(client, keys.tag, 3)  # one on each master
+        # The doomed master is the client's default node (slot 0's): the one redis-py's own
+        # initialize() asks for its command table, the worst case for reloading the slot table.
+        default = client.get_default_node().name
+        doomed = next(tag for tag in tags if client.get_node_from_key(keys.tag(tag)).name == default)
+        healthy = next(tag for tag in tags if tag != doomed)
         master = cluster.master_of(keys.tag(doomed))
         job_ids = [j for j in spread(client, keys.job, 3) if client.get_node_from_key(keys.job(j)).port != master.port][
             :2

@@ -9,8 +9,12 @@ On a Redis Cluster the publisher writes to each primary on a wire of its own, an
 cluster client where each hash slot lives (:class:`ClusterTopology`): its ``nodes_manager``'s
 ``get_node_from_slot()`` (the slot table), and a node's ``connection_class`` and
 ``connection_kwargs`` (how redis-py connects to it: credentials, TLS). These are undocumented
-attributes of redis-py 5's ``redis.asyncio.cluster``, not underscored. The table is reloaded
-with the client's public ``aclose()`` and ``initialize()``, as redis-py does on a lost node.
+attributes of redis-py 5's ``redis.asyncio.cluster``, not underscored. The table is (re)loaded
+with the ``nodes_manager``'s ``initialize()``, which asks its ``startup_nodes`` (every node it
+has seen) for ``CLUSTER SLOTS`` in turn until one answers, not with the client's public
+``initialize()``: that one then also asks the first primary listed for its ``COMMAND`` table,
+and fails while that primary is a node just killed that the others still list (until its
+replica takes over), a failover of the shard of slot 0 leaving the publisher without a table.
 
 The public API that would replace them: none in redis-py; the wire would open its own
 ``asyncio`` connection and repeat redis-py's connection set-up, and the cluster's topology would
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import weakref
+from collections.abc import Collection
 
 from redis import exceptions as redis_errors
 from redis.asyncio import RedisCluster
@@ -51,8 +57,9 @@ class ClusterTopology:
         self._cluster = cluster
 
     async def ready(self) -> None:
-        """Load the slot table if the client has not yet (its first command does otherwise)."""
-        await self._cluster.initialize()
+        """Load the slot table if the client has none yet (its first command does otherwise)."""
+        if not self._cluster.nodes_manager.slots_cache:
+            await self.refresh()
 
     def node_of(self, slot: int) -> str:
         """The primary serving ``slot`` (``ConnectionError`` if none does, as in a failover)."""
@@ -74,12 +81,28 @@ class ClusterTopology:
         connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
         return connection
 
-    async def refresh(self) -> None:
-        """Reload the slot table from the cluster (after ``MOVED``, a failover, a node lost) as
-        redis-py's client does itself on such errors: closed, then initialized again under its
-        lock (two refreshes at once would reload the table over each other)."""
-        try:
-            await self._cluster.aclose()
-            await self._cluster.initialize()
-        except redis_errors.RedisClusterException as e:  # no node answered: the cluster is away
-            raise redis_errors.ConnectionError(f"the cluster's topology could not be read: {e}") from e
+    async def refresh(self, failed: Collection[str] = ()) -> None:
+        """Reload the slot table (after ``MOVED``, a failover, a node lost) from the first known
+        node that answers, the ``failed`` ones (``host:port``) asked last. The client's
+        connections are left open (others may be using them); those to nodes gone are closed by
+        redis-py.
+
+        One reload at a time per client (the topologies of two publishers on one client): a
+        reload changes the table of nodes another one walks. The client's own reload runs under
+        its private lock, not this one: if it changes the table under this one, this one fails
+        (``RuntimeError`` from the walk), as when no node answers, and is tried again later."""
+        lock = _RELOADING.setdefault(self._cluster, asyncio.Lock())
+        async with lock:
+            manager = self._cluster.nodes_manager
+            if failed:  # a new dict: a walk in progress goes on over the old one
+                manager.startup_nodes = dict(sorted(manager.startup_nodes.items(), key=lambda node: node[0] in failed))
+            try:
+                await manager.initialize()
+            except redis_errors.RedisClusterException as e:  # no node answered: the cluster is away
+                raise redis_errors.ConnectionError(f"the cluster's topology could not be read: {e}") from e
+            except RuntimeError as e:  # "dictionary changed size during iteration"
+                raise redis_errors.ConnectionError(f"the cluster's topology changed while read: {e}") from e
+
+
+_RELOADING: weakref.WeakKeyDictionary[RedisCluster, asyncio.Lock] = weakref.WeakKeyDictionary()
+"""The lock of each client's slot table reloads (:meth:`ClusterTopology.refresh`)."""

@@ -25,6 +25,15 @@ What goes again, and how:
   left, as it does when one Redis is away, and gives up after ``TOKENBUS_PUBLISH_GIVE_UP``,
   counting as lost only the commands still undelivered (:meth:`ClusterWire.undelivered`).
 
+What is delivered is known per command: a command leaves the batch as soon as its node's reply to
+it is in (written, or refused for good), in whichever round or call, and nothing puts it back
+until the next batch is loaded. So when the publisher gives up, what the healthy nodes took in an
+earlier call is not counted lost (nor sent again in the meantime).
+
+The slot table is reloaded from whichever known node answers first, the nodes that just failed
+asked last (:meth:`ClusterTopology.refresh`): a node killed is often still listed by the others
+until its replica takes over, and asking it first would only wait for its timeout.
+
 A pipeline whose connection was lost may have been applied in part; all of it goes again. Its
 entries that were applied are then written twice, with the same ``(job, attempt, seq)``: readers
 drop the second copy, as they drop the copies of any retried batch. An entry Redis acknowledged
@@ -34,6 +43,7 @@ may still be lost in a failover (replication is asynchronous): nothing here can 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -60,6 +70,7 @@ Refused = list[tuple[int, redis_errors.ResponseError]]
 
 class _Command(NamedTuple):
     number: int  # its index in the batch
+    item: int  # the index of the item it was queued in
     slot: int
     packed: bytes
 
@@ -76,7 +87,8 @@ class ClusterWire:
         self._topology = ClusterTopology(cluster)
         self._timeout_s = timeout_s
         self._wires: dict[str, Wire] = {}
-        self._todo: list[_Command] = []
+        self._left: dict[int, _Command] = {}  # the batch's commands with no reply yet, by index, in order
+        self._sizes: list[int] = []  # commands per item of the batch
         self._refused: Refused = []
         self._reconnects = 0  # of wires closed since (a node gone)
         self.redirects = 0
@@ -97,45 +109,74 @@ class ClusterWire:
 
     def load(self, items: Sequence[tuple[bytes, Route | None]]) -> None:
         """Take a new batch: each item's packed commands and their route."""
-        todo: list[_Command] = []
-        for packed, route in items:
+        left: dict[int, _Command] = {}
+        sizes: list[int] = []
+        for item, (packed, route) in enumerate(items):
             if route is None:
                 raise ClientStateError("a command was queued without its route to a cluster node")
-            for slot, command in route.split(packed):
-                todo.append(_Command(len(todo), slot, command))
-        self._todo, self._refused = todo, []
+            commands = route.split(packed)
+            for slot, command in commands:
+                left[len(left)] = _Command(len(left), item, slot, command)
+            sizes.append(len(commands))
+        self._left, self._sizes, self._refused = left, sizes, []
+
+    def retain(self, items: Sequence[int]) -> list[int]:
+        """Keep only the batch's ``items`` (indexes, ascending), renumbered as the batch of those
+        items (an attempt fenced between two calls: its items are dropped). What was written
+        stays written; returns the commands of the items dropped that were (by index before)."""
+        starts = [0, *itertools.accumulate(self._sizes)]
+        numbers: dict[int, int] = {}  # old command index -> new
+        for item in items:
+            for offset in range(self._sizes[item]):
+                numbers[starts[item] + offset] = len(numbers)
+        answered = set(self._left) | {number for number, _ in self._refused}
+        written = [number for number in range(starts[-1]) if number not in numbers and number not in answered]
+        new_items = {item: new_item for new_item, item in enumerate(items)}
+        self._left = {
+            numbers[number]: command._replace(number=numbers[number], item=new_items[command.item])
+            for number, command in self._left.items()
+            if number in numbers
+        }
+        self._refused = [(numbers[number], error) for number, error in self._refused if number in numbers]
+        self._sizes = [self._sizes[item] for item in items]
+        return written
 
     def undelivered(self) -> list[int]:
-        """The batch's commands not (known to be) written yet, by index."""
-        return [command.number for command in self._todo]
+        """The batch's commands Redis has not acknowledged (written or refused) yet, by index."""
+        return list(self._left)
+
+    def refused(self) -> Refused:
+        """The batch's commands refused for good so far, with Redis's error, by index; forgotten."""
+        refused, self._refused = sorted(self._refused, key=lambda pair: pair[0]), []
+        return refused
 
     async def execute(self) -> Refused:
         """Write what is left of the batch; return the errors Redis replied with, by command index.
         Raises ``ConnectionError`` while some of it cannot be written (call again to go on)."""
         await self._topology.ready()
         rounds = 0
-        while self._todo:
-            again, refresh, failure = await self._round()
-            self._todo = sorted(again)
-            if not self._todo:
+        while self._left:
+            refresh, failure, failed = await self._round()
+            if not self._left:
                 break
             if refresh:
-                await self._refresh()
+                await self._refresh(failed)
             rounds += 1
             if failure is not None or rounds >= MAX_REDIRECT_ROUNDS:
                 raise redis_errors.ConnectionError(
-                    f"{len(self._todo)} commands could not be written to the cluster: {failure or 'redirected again'}"
+                    f"{len(self._left)} commands could not be written to the cluster: {failure or 'redirected again'}"
                 )
-        refused, self._refused = sorted(self._refused), []
-        return refused
+        return self.refused()
 
-    async def _round(self) -> tuple[list[_Command], bool, str | None]:
-        """Send every command left, one pipeline per primary; what must go again, whether the slot
-        table is stale, and why if a node failed."""
+    async def _round(self) -> tuple[bool, str | None, set[str]]:
+        """Send every command left, one pipeline per primary, and drop from the batch each one a
+        reply answered for good; whether the slot table is stale, why if a node failed, and the
+        nodes that failed."""
         groups: dict[str, list[_Command]] = {}
         again: list[_Command] = []
         failure: str | None = None
-        for command in self._todo:
+        failed: set[str] = set()
+        for command in self._left.values():
             try:
                 node = self._topology.node_of(command.slot)
             except redis_errors.ConnectionError as e:  # the slot has no primary (a failover)
@@ -148,36 +189,47 @@ class ClusterWire:
         )
         refresh = failure is not None
         asks: list[tuple[str, _Command]] = []
+        unexpected: BaseException | None = None
         for (node, group), reply in zip(groups.items(), replies, strict=True):
             if isinstance(reply, BaseException):
                 if not isinstance(reply, REDIS_UNAVAILABLE):
-                    raise reply
+                    unexpected = unexpected or reply  # raised once every reply in is counted
+                    continue
                 logger.warning("writing %d commands to cluster node %s failed: %s", len(group), node, reply)
                 again.extend(group)  # all of it: what was applied is written twice, and dropped by readers
                 refresh, failure = True, f"node {node}: {reply}"
+                failed.add(node)
                 continue
-            for position, error in reply:
-                command = group[position]
-                word = _kind(error)
+            errors = dict(reply)
+            for position, command in enumerate(group):
+                error = errors.get(position)
+                word = None if error is None else _kind(error)
                 if word == "ASK":
                     asks.append((str(error).split()[-1], command))
-                elif word == "MOVED":
+                    continue
+                if word == "MOVED":
                     again.append(command)
                     refresh = True
                     self.redirects += 1
-                elif word in RETRY_LATER:
+                    continue
+                if word in RETRY_LATER:
                     again.append(command)
                     refresh, failure = True, f"node {node}: {error}"
-                else:
+                    continue
+                if error is not None:
                     self._refused.append((command.number, error))
+                del self._left[command.number]  # written, or refused for good
+        if unexpected is not None:
+            raise unexpected
         if asks:
             self.redirects += len(asks)
-            failure = await self._asked(asks, again) or failure
-        return again, refresh, failure
+            failure = await self._asked(asks, again, failed) or failure
+        return refresh, failure, failed
 
-    async def _asked(self, asks: list[tuple[str, _Command]], again: list[_Command]) -> str | None:
+    async def _asked(self, asks: list[tuple[str, _Command]], again: list[_Command], failed: set[str]) -> str | None:
         """Send each ``ASK``-ed command to the node named, after ``ASKING``, unless an earlier
-        command of its slot goes again (it would overtake it): then it goes again too."""
+        command of its slot goes again (it would overtake it): then it goes again too. Those
+        answered for good leave the batch; ``failed`` gets the nodes that failed."""
         waiting = {command.slot for command in again}
         targets: dict[str, list[_Command]] = {}
         for node, command in asks:
@@ -193,13 +245,18 @@ class ClusterWire:
             except REDIS_UNAVAILABLE as e:
                 again.extend(group)
                 failure = f"node {node}: {e}"
+                failed.add(node)
                 continue
-            failed = {position // 2 for position, _ in errors}  # ASKING's reply, or the command's
+            retry = {position // 2 for position, _ in errors}  # ASKING's reply, or the command's
             for position, error in errors:
                 if position % 2 == 1 and _kind(error) not in ("ASK", "MOVED", *RETRY_LATER):
                     self._refused.append((group[position // 2].number, error))  # refused for good
-                    failed.discard(position // 2)
-            again.extend(group[i] for i in sorted(failed))
+                    retry.discard(position // 2)
+            for i, command in enumerate(group):
+                if i in retry:
+                    again.append(command)
+                else:
+                    del self._left[command.number]
         return failure
 
     async def _send(self, node: str, group: list[_Command]) -> Refused:
@@ -214,11 +271,12 @@ class ClusterWire:
             )
         return wire
 
-    async def _refresh(self) -> None:
-        """Reload the slot table; close the wires of nodes that no longer serve a slot."""
+    async def _refresh(self, failed: set[str]) -> None:
+        """Reload the slot table (``failed`` nodes asked last); close the wires of nodes that no
+        longer serve a slot."""
         self.refreshes += 1
         try:
-            await self._topology.refresh()
+            await self._topology.refresh(failed)
         except redis_errors.ConnectionError as e:
             logger.warning("reloading the cluster's slot table failed: %s", e)
             return

@@ -322,39 +322,49 @@ class Publisher:
                 self._writable.set()
             try:
                 await self._write(batch)
-            except Exception as e:  # a bug or an unexpected reply: lose this batch, not the writer
+            except Exception as e:  # a bug in counting what failed: lose this batch, not the writer
                 logger.exception("publishing %d entries failed unexpectedly", len(batch))
                 self._lose(batch, e, 0.0)
             self._done += taken
             self._release_waiters()
 
-    async def _unfenced(self, batch: list[_Item]) -> list[_Item]:
-        """The batch without the entries of attempts that lost their lease. A lease that may have
-        lapsed unnoticed (the worker stalled) is confirmed first: nothing is written before."""
+    async def _unfenced(self, batch: list[_Item]) -> list[int] | None:
+        """The indexes of the batch's items to keep if some are of attempts that lost their
+        lease (None if none is). A lease that may have lapsed unnoticed (the worker stalled) is
+        confirmed first: nothing is written before."""
         fence = self.fence
         if fence is None:
-            return batch
+            return None
         if fence.expired():
             await fence.confirm()
-        if fence.fenced():
-            return [item for item in batch if not item[0].fenced]
-        return batch
+        if fence.fenced() and any(item[0].fenced for item in batch):
+            return [i for i, item in enumerate(batch) if not item[0].fenced]
+        return None
 
     async def _write(self, batch: list[_Item]) -> None:
+        """Write ``batch``, retrying while Redis is away; past ``give_up_s``, count what is left
+        of it lost. On a cluster, what the nodes acknowledged in any call stays written: the
+        batch is loaded once, and later calls write only the rest (:class:`ClusterWire`)."""
         started = time.monotonic()
         attempt = 0
-        packed, count = b"", -1
+        packed, count, loaded = b"", 0, False
         cluster, wire = self._cluster, self._wire
         while True:
             try:
-                unfenced = await self._unfenced(batch)
-                if len(unfenced) != count:
-                    batch = unfenced
-                    count = sum([n for _, _, n, _, _ in batch])
+                kept = await self._unfenced(batch)
+                if kept is not None:
+                    if loaded and cluster is not None:  # what the nodes took of the items dropped is written
+                        self.entries_written += _entries(_of_commands(batch, cluster.retain(kept)))
+                    else:
+                        loaded = False
+                    batch = [batch[i] for i in kept]
+                if not loaded:
                     if cluster is None:
                         packed = b"".join([commands for _, commands, _, _, _ in batch])
                     else:
                         cluster.load([(commands, route) for _, commands, _, _, route in batch])
+                    loaded = True
+                count = sum([n for _, _, n, _, _ in batch])
                 if not batch:
                     return
                 sent = time.monotonic()
@@ -368,7 +378,7 @@ class Publisher:
                 self.failures += 1
                 waited = time.monotonic() - started
                 if waited >= self._give_up_s:
-                    self._lose(batch, e, waited, None if cluster is None else cluster.undelivered())
+                    self._give_up(batch, e, waited, loaded)
                     return
                 delay = self._backoff_s[min(attempt, len(self._backoff_s) - 1)]
                 attempt += 1
@@ -376,16 +386,40 @@ class Publisher:
                 logger.warning("publishing %d entries failed (%s); retry %d in %.2fs", len(batch), e, attempt, delay)
                 await asyncio.sleep(min(delay, max(0.0, self._give_up_s - waited)))
                 continue
+            except Exception as e:  # a bug or an unexpected reply: lose what is left of the batch, not the writer
+                logger.exception("publishing %d entries failed unexpectedly", len(batch))
+                self._give_up(batch, e, time.monotonic() - started, loaded)
+                return
             self.round_trips.observe(time.monotonic() - sent)
-            self.batch_sizes.observe(count)
-            entries = sum([e for _, _, _, e, _ in batch])
-            if self._wait:
-                refused, unacked = self._acknowledged(batch, refused, count)
-                entries -= unacked
-            if refused:
-                entries -= self._refused(batch, refused)
-            self.entries_written += entries
+            self._written(batch, refused, count)
             return
+
+    def _written(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]], count: int) -> None:
+        """Count a batch of ``count`` commands written, but those ``refused`` (and, with
+        ``wait_replicas``, those not acknowledged by enough replicas)."""
+        self.batch_sizes.observe(count)
+        entries = _entries(batch)
+        if self._wait:
+            refused, unacked = self._acknowledged(batch, refused, count)
+            entries -= unacked
+        if refused:
+            entries -= self._refused(batch, refused)
+        self.entries_written += entries
+
+    def _give_up(self, batch: list[_Item], error: BaseException, waited: float, loaded: bool) -> None:
+        """Count ``batch`` lost; on a cluster whose wire holds it (``loaded``), only the commands
+        no node acknowledged: those written count as written, those refused as refused."""
+        cluster = self._cluster
+        if cluster is None or not loaded:
+            self._lose(batch, error, waited)
+            return
+        undelivered = cluster.undelivered()
+        refused = cluster.refused()
+        entries = _entries(batch) - _entries(_of_commands(batch, undelivered))
+        if refused:
+            entries -= self._refused(batch, refused)
+        self.entries_written += entries
+        self._lose(batch, error, waited, undelivered)
 
     def _acknowledged(
         self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]], count: int
@@ -438,12 +472,12 @@ class Publisher:
         """Count ``batch`` lost on its jobs' sinks; only its ``undelivered`` commands (by index)
         if the others were written (on a cluster, the nodes that took theirs)."""
         if undelivered is not None:
-            batch = _undelivered(batch, undelivered)
+            batch = _of_commands(batch, undelivered)
         for sink, _, n, _, _ in batch:
             sink.lost += n
         lost = sum([n for _, _, n, _, _ in batch])
         self.lost_total += lost
-        self.entries_lost += sum([e for _, _, _, e, _ in batch])
+        self.entries_lost += _entries(batch)
         jobs = sorted({sink.job_id for sink, _, _, _, _ in batch})
         logger.error(
             "gave up publishing %d entries of jobs %s after %.1fs: %s",
@@ -476,7 +510,12 @@ def _single(wire: Wire | None) -> Wire:
     return wire
 
 
-def _undelivered(batch: list[_Item], indexes: list[int]) -> list[_Item]:
+def _entries(batch: list[_Item]) -> int:
+    """The stream entries of ``batch``'s items."""
+    return sum([e for _, _, _, e, _ in batch])
+
+
+def _of_commands(batch: list[_Item], indexes: list[int]) -> list[_Item]:
     """The items of ``batch`` holding the commands at ``indexes``, each counting only those
     (as commands, and as entries if the item's commands are entries)."""
     ends = list(itertools.accumulate(n for _, _, n, _, _ in batch))

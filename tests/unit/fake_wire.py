@@ -39,6 +39,11 @@ class FakeWire:
         self.replicas = 0
         """What a ``WAIT`` is answered with: how many replicas acknowledged."""
         self.last_reply: object = None
+        self.connects = 1
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight.is_set()
 
     async def execute(self, packed: bytes, count: int) -> list[tuple[int, redis_errors.ResponseError]]:
         commands = parse(packed)
