@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+from langchain_core.messages import AIMessageChunk
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
@@ -22,7 +23,9 @@ from tokenbus.consumer.jobs import JobView
 from tokenbus.consumer.reader import Gap
 from tokenbus.consumer.subscribe import subscribe
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
+from tokenbus.worker.emitter import JobEmitter, Outcome
 from tokenbus.worker.offline_model import Fault, OfflineModelServer, script_for
+from tokenbus.worker.publisher import Publisher
 from tokenbus.worker.settings import Settings
 
 T = TypeVar("T")
@@ -218,3 +221,25 @@ async def write(redis: AnyRedis, key: str, *entries: Entry) -> list[str]:
 
 def token(job: str, seq: int, text: str, tag: str = "poem", attempt: int = 1, node: str = "call_model") -> Entry:
     return entry(EntryType.TOKEN, job, seq, attempt, content=text, tags=(tag,), node=node)
+
+
+async def emit_while_paused(
+    publisher: Publisher, emitter: JobEmitter, paused: Redis, words: list[str], metadata: dict[str, Any]
+) -> int:
+    """Write an attempt whose chunks queue up while ``paused`` (the Redis, or the cluster master, of
+    the job's stream) holds the start entry's write: ``CLIENT PAUSE WRITE``, the start entry, the
+    chunks as one model call, then unpause and end. How many chunks merged while it was paused."""
+    try:
+        await paused.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        emitter.start({"graph": "g"})
+        await wait_until(lambda: publisher.buffered == 0, what="the start entry in flight, held by Redis")
+        for word in words:
+            emitter.message(AIMessageChunk(content=word, id="run-1"), metadata)
+        merged: int = publisher.chunks_merged
+        await paused.execute_command("CLIENT", "UNPAUSE")
+        emitter.finish(Outcome())
+        await emitter.sink.flushed()
+        emitter.sink.check()
+        return merged
+    finally:
+        await paused.execute_command("CLIENT", "UNPAUSE")

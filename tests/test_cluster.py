@@ -11,12 +11,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from langchain_core.messages import AIMessageChunk
 from pydantic import ValidationError
 from redis.asyncio import Redis, RedisCluster
 
 from tests.conftest import make_settings
-from tests.support import read_stream, text_of, wait_until
+from tests.support import emit_while_paused, read_stream, text_of, wait_until
 from tokenbus.redis_server import RedisClusterProcesses
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.keys import StreamKeys
@@ -232,18 +231,8 @@ async def test_chunks_merged_while_the_jobs_master_holds_the_publisher_up_reach_
     master = Redis.from_url(redis_cluster.master_of(keys.job(job_id)).url, socket_timeout=30)
     try:
         emitter = JobEmitter(publisher, keys, LIMITS, job_id, 1)
-        await master.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        emitter.start({"graph": "g"})
-        await wait_until(lambda: publisher.buffered == 0, what="the start entry in flight, held by the job's master")
-        for word in words:
-            emitter.message(AIMessageChunk(content=word, id="run-1"), call)
-        merged_while_paused = publisher.chunks_merged
-        await master.execute_command("CLIENT", "UNPAUSE")
-        emitter.finish(Outcome())
-        await emitter.sink.flushed()
-        emitter.sink.check()
+        merged_while_paused = await emit_while_paused(publisher, emitter, master, words, call)
     finally:
-        await master.execute_command("CLIENT", "UNPAUSE")
         await master.aclose()
         await publisher.close()
 

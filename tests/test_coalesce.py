@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-from langchain_core.messages import AIMessageChunk
 from redis.asyncio import Redis
 
 from tests.conftest import make_settings
-from tests.support import JOKE, POEM, ThreadedModelServer, follow_job, read_stream, text_of, wait_until
+from tests.support import JOKE, POEM, ThreadedModelServer, emit_while_paused, follow_job, read_stream, text_of
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.jobs import job_result
 from tokenbus.consumer.output import Printer
@@ -25,24 +24,16 @@ from tokenbus.schemas.entries import Entry
 from tokenbus.schemas.keys import StreamKeys
 from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
-from tokenbus.worker.emitter import JobEmitter, Outcome, StreamLimits
+from tokenbus.worker.emitter import JobEmitter, StreamLimits
 from tokenbus.worker.publisher import Publisher
 
 CALL = {"langgraph_node": "write", "tags": ["poem", "joke"], "ls_model_name": "m"}
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServerProcess]:
-    """A server of this test's own: pausing it holds up no other test."""
-    server = RedisServerProcess()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-async def paused_redis(private_redis: RedisServerProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url, socket_timeout=30)
+async def paused_redis(own_redis: RedisServerProcess) -> AsyncIterator[Redis]:
+    """A client of a server of this test's own: pausing it holds up no other test."""
+    client = Redis.from_url(own_redis.url, socket_timeout=30)
     yield client
     await client.execute_command("CLIENT", "UNPAUSE")
     await client.aclose()
@@ -68,16 +59,7 @@ async def test_chunks_queued_while_redis_is_paused_are_merged_and_read_once(paus
     publisher = Publisher(redis, coalesce_after=1).start()
     try:
         emitter = JobEmitter(publisher, keys, StreamLimits(), "j1", 1)
-        await redis.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        emitter.start({"graph": "g"})
-        await wait_until(lambda: publisher.buffered == 0, what="the start entry in flight, held by Redis")
-        for word in words:
-            emitter.message(AIMessageChunk(content=word, id="run-1"), CALL)
-        merged_while_paused = publisher.chunks_merged
-        await redis.execute_command("CLIENT", "UNPAUSE")
-        emitter.finish(Outcome())
-        await emitter.sink.flushed()
-        emitter.sink.check()
+        merged_while_paused = await emit_while_paused(publisher, emitter, redis, words, CALL)
     finally:
         await publisher.close()
 
@@ -109,11 +91,11 @@ async def test_chunks_queued_while_redis_is_paused_are_merged_and_read_once(paus
 
 @pytest.mark.parametrize("mode", ["messages", "custom"])
 async def test_a_worker_coalesces_while_redis_holds_it_up_and_the_text_is_exact(
-    paused_redis: Redis, private_redis: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str, mode: str
+    paused_redis: Redis, own_redis: RedisServerProcess, paced_model: ThreadedModelServer, prefix: str, mode: str
 ) -> None:
     redis = paused_redis
     settings = make_settings(
-        private_redis.url, paced_model.base_url, prefix, TOKENBUS_COALESCE="adaptive", TOKENBUS_COALESCE_AFTER=1
+        own_redis.url, paced_model.base_url, prefix, TOKENBUS_COALESCE="adaptive", TOKENBUS_COALESCE_AFTER=1
     )
     async with await TokenbusClient.connect(settings) as client:
         job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=[mode])
