@@ -10,18 +10,19 @@ import orjson
 import pytest
 
 from bench.latency import paced_ceiling
+from bench.scaleout import alternate, spread
 
 ROOT = Path(__file__).parent.parent
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=280,
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=340,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = orjson.loads(out.read_bytes())
@@ -38,6 +39,13 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
         "ratio_paced_ceiling_tokenbus_vs_nosink", "paced_ceiling_nosink_without_astream_from_due_jobs",
         "ratio_paced_ceiling_tokenbus_vs_nosink_of_medians", "ratio_bus_alone_messages_vs_floor",
         "ratio_bus_alone_custom_vs_floor",
+        "ratio_cluster_vs_single_messages_chunks_per_s", "ratio_cluster_vs_single_custom_worker_cpu",
+        "ratio_cluster_vs_single_bus_alone_custom_redis_cpu",
+        "cpu_redis_us_per_chunk_per_shard_scaleout_cluster_custom",
+        "scaleout_cluster_custom_redis_share_shard_rank3", "ratio_coalesce_on_vs_off_bus_alone_custom_entries",
+        "ratio_coalesce_on_vs_off_custom_redis_cpu", "ratio_coalesce_on_vs_off_20jobs_p99",
+        "ratio_custom_coalesce_on_vs_floor", "scaleout_hot_tag_coalesce_off_master_capacity_chunks_per_s",
+        "ratio_wait1_vs_wait0_20jobs_p99", "ratio_wait1_vs_wait0_bus_alone_custom_chunks_per_s",
     ]:  # fmt: skip
         assert expected in names, f"{expected} missing from {sorted(names)}"
     # A paced ceiling is 0 when even one job misses its deadline, as on a machine busy with other
@@ -47,9 +55,31 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     assert all(r["min"] > 0 for name, r in results.items() if not name.startswith(ceilings)), results
     assert all(r["min"] >= 0 for r in results.values()), results
     assert (ROOT / "bench" / "results" / "profile.txt").exists()
+    # coalescing off writes one tag-stream entry per chunk; on, as many or fewer
+    entries = {
+        side: report["results"][f"scaleout_coalesce_{side}_bus_alone_custom_entries_per_chunk"]
+        for side in ("off", "on")
+    }
+    assert entries["off"]["min"] == entries["off"]["max"] == 1.0, entries
+    assert entries["on"]["max"] <= 1.0, entries
+    assert "scaleout_hot_tag_coalesce_off_limit" in report["notes"]
 
 
 def test_a_paced_ceiling_is_the_load_before_the_first_that_falls_behind() -> None:
     assert paced_ceiling({1: 0.2, 300: 24.9, 350: 25.1, 400: 12.0}) == 300  # a later pass does not count
     assert paced_ceiling({1: 30.0, 20: 1.0}) == 0
     assert paced_ceiling({20: 1.0, 1: 2.0}) == 20  # by load, whatever the order measured
+
+
+def test_spread_deals_names_shard_by_shard_in_candidate_order() -> None:
+    owner = {"a": 0, "b": 0, "c": 1, "d": 2, "e": 1, "f": 2, "g": 0}.__getitem__
+    assert spread(owner, "abcdefg", 3, 1) == ["a", "c", "d"]
+    assert spread(owner, "abcdefg", 3, 2) == ["a", "c", "d", "b", "e", "f"]
+    with pytest.raises(ValueError, match="2 names on each of 3 shards"):
+        spread(owner, "abcd", 3, 2)  # shard 1 and 2 get one each
+
+
+def test_alternate_puts_each_side_first_every_other_turn() -> None:
+    assert alternate(("off", "on"), 0) == ["off", "on"]
+    assert alternate(("off", "on"), 1) == ["on", "off"]
+    assert alternate(("off", "on"), 2) == ["off", "on"]
