@@ -29,6 +29,7 @@ from bench.latency import latency
 from bench.memory import memory
 from bench.pickup import pickup
 from bench.profiling import profile
+from bench.scaleout import scaleout
 from bench.scaling import scaling
 from bench.throughput import throughput
 from tokenbus.redis_server import RedisServerProcess
@@ -42,6 +43,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "consumer": consumer_decode,
     "memory": memory,
     "scaling": scaling,
+    "scaleout": scaleout,
     "profile": profile,
 }
 

@@ -1,10 +1,12 @@
 """A consumer in its own process: reads entries through the consumer API and reports.
 
-    python -m bench.consumer URL PREFIX --jobs N [--tag T | --job ID]
+    python -m bench.consumer URL PREFIX --jobs N [--tag T | --job ID] [--cluster]
 
-Prints one JSON line once N jobs have ended: entries received, the receive time of the last
-terminal entry, latencies of payloads carrying a ``t`` (when written, seconds since the epoch) and
-from their ``due`` time if they carry one, and the CPU time it spent after start-up.
+Prints one JSON line once N jobs have ended: entries received, the chunks they hold (a merged
+entry holds ``n``: ``TOKENBUS_COALESCE``), the receive time of the last terminal entry, latencies
+of payloads carrying a ``t`` (when written, seconds since the epoch) and from their ``due`` time
+if they carry one, and the CPU time it spent after start-up. ``--cluster``: URL is a node of a
+Redis Cluster.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 import orjson
 import uvloop
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from tokenbus.consumer.reader import LATEST
 from tokenbus.consumer.subscribe import subscribe
@@ -23,8 +25,9 @@ from tokenbus.schemas.entries import Entry
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    redis = Redis.from_url(args.url, socket_timeout=None)
-    count, ended, last = 0, 0, 0.0
+    cls = RedisCluster if args.cluster else Redis
+    redis: Redis | RedisCluster = cls.from_url(args.url, socket_timeout=None)
+    count, chunks, ended, last = 0, 0, 0, 0.0
     latencies: list[float] = []
     from_due: list[float] = []
     kind = {"tags": args.tag} if args.tag else {"jobs": [args.job]}
@@ -34,6 +37,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         async for item in subscribe(redis, prefix=args.prefix, start=args.start or LATEST, **kind):
             assert isinstance(item, Entry)
             count += 1
+            if not item.is_final:
+                chunks += item.n
             if args.latency and item.data and "t" in item.data:
                 now = time.time()
                 latencies.append(now - item.data["t"])
@@ -48,6 +53,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await redis.aclose()
     return {
         "entries": count,
+        "chunks": chunks,
         "last": last,
         "latency_ms": percentiles(latencies),
         "from_due_ms": percentiles(from_due),
@@ -73,6 +79,7 @@ def main() -> None:
     parser.add_argument("--job")
     parser.add_argument("--start")
     parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--cluster", action="store_true", help="URL is a node of a Redis Cluster")
     result = uvloop.run(run(parser.parse_args()))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 

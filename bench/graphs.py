@@ -1,4 +1,6 @@
-"""Graphs for the benchmarks: a lean fake chat model (no HTTP, no sleep) and paced custom writers."""
+"""Graphs for the benchmarks: a lean fake chat model (no HTTP, no sleep) and paced custom writers.
+
+Their chunks are tagged ``bench``, or the input's ``tag`` (to spread tag streams over a cluster's shards)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class LeanChatModel(BaseChatModel):
 class State(TypedDict, total=False):
     n: int
     rate: float
+    tag: str
     done: bool
 
 
@@ -59,7 +62,9 @@ _model = LeanChatModel(tags=["bench"])
 
 
 async def _messages(state: State, config: RunnableConfig) -> State:
-    await _model.ainvoke("go", config, n=state.get("n", 1000))
+    tag = state.get("tag", "bench")
+    model = _model if tag == "bench" else LeanChatModel(tags=[tag])
+    await model.ainvoke("go", config, n=state.get("n", 1000))
     return {"done": True}
 
 
@@ -69,8 +74,9 @@ async def _tokens(n: int) -> AsyncIterator[str]:
 
 
 async def _custom(state: State, writer: StreamWriter) -> State:
+    tag = state.get("tag", "bench")
     async for token in _tokens(state.get("n", 1000)):
-        writer({"content": token, "tags": ["bench"]})
+        writer({"content": token, "tags": [tag]})
     return {"done": True}
 
 
@@ -78,12 +84,12 @@ async def _paced(state: State, writer: StreamWriter) -> State:
     """``n`` tokens at ``rate`` per second; each payload carries the wall times it was written at
     (``t``) and due at (``due``: an event loop that cannot keep up writes late)."""
     interval = 1.0 / state.get("rate", 100.0)
-    start, wall = time.monotonic(), time.time()
+    start, wall, tag = time.monotonic(), time.time(), state.get("tag", "bench")
     for i in range(state.get("n", 100)):
         delay = start + i * interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        writer({"content": WORDS[i % len(WORDS)], "t": time.time(), "due": wall + i * interval, "tags": ["bench"]})
+        writer({"content": WORDS[i % len(WORDS)], "t": time.time(), "due": wall + i * interval, "tags": [tag]})
     return {"done": True}
 
 

@@ -1,6 +1,6 @@
 """What every scenario shares: the run's state (:class:`Bench`), consumer and worker processes, an
-in-process worker, and the two measures more than one scenario takes (:func:`tokenbus_e2e`,
-:func:`paced_tokenbus`)."""
+in-process worker, where a measure's streams live (:class:`Streams`), and the two measures more
+than one scenario takes (:func:`tokenbus_e2e`, :func:`paced_tokenbus`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from bench.graphs import GRAPHS
 from tokenbus.worker.app import build_worker, stop_worker
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.job import RESOURCES, run_graph
+from tokenbus.worker.redis_client import streams_from_settings
 from tokenbus.worker.settings import Settings
 
 ROOT = Path(__file__).parent.parent
@@ -61,10 +62,61 @@ class Bench:
         }
         return Settings(**values)
 
+    @property
+    def streams(self) -> Streams:
+        """The run's own Redis, holding the queue and the streams (every scenario but ``scaleout``)."""
+        return Streams(self.redis_url, (self.redis_url,), apart=False)
 
-async def start_consumer(bench: Bench, prefix: str, *args: str) -> asyncio.subprocess.Process:
+
+@dataclass(frozen=True)
+class Streams:
+    """Where a measure's streams live: the run's own Redis (with the queue), or a deployment of
+    their own (``TOKENBUS_STREAMS_URL``: a single Redis, or a Redis Cluster), and the nodes whose
+    CPU is theirs (a cluster's masters: ``INFO cpu`` of each)."""
+
+    url: str
+    masters: tuple[str, ...]
+    cluster: bool = False
+    apart: bool = True
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The settings that point a worker at them."""
+        if not self.apart:
+            return {}
+        return {"TOKENBUS_STREAMS_URL": self.url, "TOKENBUS_STREAMS_CLUSTER": self.cluster}
+
+    async def cpu(self) -> list[float]:
+        """CPU seconds (user + system) each master has used so far."""
+        seconds = []
+        for url in self.masters:
+            async with Redis.from_url(url) as redis:
+                seconds.append(await redis_cpu(redis))
+        return seconds
+
+    async def reset_stats(self) -> None:
+        """``CONFIG RESETSTAT`` on each master (the bench's own servers): command statistics from here."""
+        for url in self.masters:
+            async with Redis.from_url(url) as redis:
+                await redis.config_resetstat()
+
+    async def command_seconds(self, commands: Sequence[str]) -> float:
+        """Seconds the masters spent executing ``commands`` since :meth:`reset_stats` (``INFO commandstats``)."""
+        total = 0.0
+        for url in self.masters:
+            async with Redis.from_url(url) as redis:
+                stats = await redis.info("commandstats")
+            total += sum(stats.get(f"cmdstat_{c}", {}).get("usec", 0) for c in commands) / 1e6
+        return total
+
+
+async def start_consumer(
+    bench: Bench, prefix: str, *args: str, streams: Streams | None = None
+) -> asyncio.subprocess.Process:
+    streams = streams or bench.streams
+    cluster = ("--cluster",) if streams.cluster else ()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.consumer", bench.redis_url, prefix, *args,
+        sys.executable, "-m", "bench.consumer", streams.url, prefix, *args, *cluster,
         stdout=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     bench.consumers.append(proc)
@@ -109,7 +161,11 @@ async def worker_processes(bench: Bench, settings: Settings, count: int) -> Asyn
         REDIS_URL=bench.redis_url, TOKENBUS_PREFIX=settings.prefix, TOKENBUS_QUEUE=settings.queue_name,
         TOKENBUS_TAG_MAXLEN=str(settings.tag_maxlen), TOKENBUS_MAX_JOBS=str(settings.max_jobs),
         OPENAI_BASE_URL=bench.model_url, OPENAI_API_KEY="bench",
+        TOKENBUS_COALESCE=settings.coalesce, TOKENBUS_COALESCE_AFTER=str(settings.coalesce_after),
+        TOKENBUS_WAIT_REPLICAS=str(settings.wait_replicas),
     )  # fmt: skip
+    if settings.streams_url is not None:
+        env.update(TOKENBUS_STREAMS_URL=settings.streams_url, TOKENBUS_STREAMS_CLUSTER=str(settings.streams_cluster))
     tokenbus = str(Path(sys.executable).with_name("tokenbus"))
     workers = [
         await asyncio.create_subprocess_exec(tokenbus, "worker", env=env, stderr=asyncio.subprocess.PIPE)
@@ -130,8 +186,19 @@ async def worker_processes(bench: Bench, settings: Settings, count: int) -> Asyn
 
 
 async def tokenbus_e2e(
-    bench: Bench, graph: str, inputs: dict[str, Any], mode: str, jobs: int = 1, *, arq: bool = True, warm: bool = False
-) -> dict[str, float]:
+    bench: Bench,
+    graph: str,
+    inputs: dict[str, Any] | Sequence[dict[str, Any]],
+    mode: str,
+    jobs: int = 1,
+    *,
+    arq: bool = True,
+    warm: bool = False,
+    streams: Streams | None = None,
+    tags: Sequence[str] | None = None,
+    job_ids: Sequence[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Jobs through a worker, Redis and a consumer process reading every entry with the consumer API.
 
     ``arq=False`` runs the same job function (``run_graph``: start entry, graph, terminal entry)
@@ -139,27 +206,36 @@ async def tokenbus_e2e(
     ``warm`` first runs the same jobs once on the worker, unmeasured: its HTTP and Redis
     connections are then open, as in a worker that has been serving (and as the floor's HTTP
     client is after its first round).
+
+    ``streams`` (default: the run's Redis) and ``overrides`` (``TOKENBUS_COALESCE``...) make the
+    worker's settings; ``inputs`` may be one per job, ``job_ids`` (arq only) name the jobs, and
+    ``tags`` are the tag streams the consumer follows (default: the graphs' own).
     """
-    settings = bench.settings(TOKENBUS_MAX_JOBS=jobs)
-    tags = ["joke", "poem"] if graph == "joke_poem" else ["bench"]
-    redis = Redis.from_url(bench.redis_url)
-    request = {"graph": graph, "input": inputs, "modes": [mode]}
-    job_ids = [f"{settings.prefix}-{i}" for i in range(jobs)]
+    streams = streams or bench.streams
+    settings = bench.settings(TOKENBUS_MAX_JOBS=jobs, **streams.overrides, **(overrides or {}))
+    tags = tags or (["joke", "poem"] if graph == "joke_poem" else ["bench"])
+    redis = streams_from_settings(settings)
+    per_job = [inputs] * jobs if isinstance(inputs, dict) else list(inputs)
+    requests = [{"graph": graph, "input": one, "modes": [mode]} for one in per_job]
+    names = list(job_ids or [f"{settings.prefix}-{i}" for i in range(jobs)])
     async with RunningWorker(settings) as running:
         resources = running.worker.ctx[RESOURCES]
         if warm and arq:
             async with await TokenbusClient.connect(settings) as client:
-                for _ in range(jobs):
-                    await client.enqueue(graph, inputs, modes=[mode])
+                for one in per_job:
+                    await client.enqueue(graph, one, modes=[mode])
             while running.worker.jobs_complete < jobs:  # noqa: ASYNC110 (arq offers no completion event)
                 await asyncio.sleep(0.01)
         elif warm:
             await asyncio.gather(
-                *(run_graph({RESOURCES: resources, "job_id": f"{job}-warm", "job_try": 1}, request) for job in job_ids)
+                *(
+                    run_graph({RESOURCES: resources, "job_id": f"{job}-warm", "job_try": 1}, request)
+                    for job, request in zip(names, requests, strict=True)
+                )
             )
         # the consumer reads from its start on: the warm-up's entries are behind it
         consumer = await start_consumer(
-            bench, settings.prefix, *[a for t in tags for a in ("--tag", t)], "--jobs", str(jobs)
+            bench, settings.prefix, *[a for t in tags for a in ("--tag", t)], "--jobs", str(jobs), streams=streams
         )
         if arq:
             # every job is queued before the worker may take one, so that one poll starts them all:
@@ -167,46 +243,71 @@ async def tokenbus_e2e(
             # for the next one: arq's queue latency, not the bus's)
             running.worker.allow_pick_jobs = False
             async with await TokenbusClient.connect(settings) as client:
-                job_ids = [await client.enqueue(graph, inputs, modes=[mode]) for _ in range(jobs)]
-        cpu0, rcpu0 = time.process_time(), await redis_cpu(redis)
+                names = [
+                    await client.enqueue(graph, one, modes=[mode], job_id=job_ids[i] if job_ids else None)
+                    for i, one in enumerate(per_job)
+                ]
+        cpu0, rcpu0 = time.process_time(), await streams.cpu()
         if arq:
             running.worker.allow_pick_jobs = True
         else:
             await asyncio.gather(
-                *(run_graph({RESOURCES: resources, "job_id": job, "job_try": 1}, request) for job in job_ids)
+                *(
+                    run_graph({RESOURCES: resources, "job_id": job, "job_try": 1}, request)
+                    for job, request in zip(names, requests, strict=True)
+                )
             )
         result = await consumer_result(consumer)
-        cpu1, rcpu1 = time.process_time(), await redis_cpu(redis)
+        cpu1, rcpu1 = time.process_time(), await streams.cpu()
     # from the first job's start (waiting in arq's queue for the next poll is not the bus's doing)
     # to the consumer's receipt of the last terminal entry; ms resolution
-    starts = [int((await redis.xrange(settings.keys.job(job), count=1))[0][1][b"ts"]) / 1000 for job in job_ids]
-    job_key = settings.keys.job(job_ids[0])
+    starts = [int((await redis.xrange(settings.keys.job(job), count=1))[0][1][b"ts"]) / 1000 for job in names]
+    job_key = settings.keys.job(names[0])
     (_, first), (_, last) = (await redis.xrange(job_key, count=1))[0], (await redis.xrevrange(job_key, count=1))[0]
     producing_s = (int(last[b"ts"]) - int(first[b"ts"])) / 1000  # the worker's side alone
     await redis.aclose()
-    chunks = result["entries"] - jobs  # less one terminal entry per job
+    chunks = result["chunks"]  # (a merged entry holds several)
     elapsed = result["last"] - min(starts)
+    redis_s = [after - before for before, after in zip(rcpu0, rcpu1, strict=True)]
     return {
         "chunks": chunks,
+        "entries_per_chunk": (result["entries"] - jobs) / chunks,  # less one terminal entry per job
         "rate": chunks / elapsed,
         "producer_rate": chunks / jobs / max(producing_s, 0.001),
         "worker_us": (cpu1 - cpu0) / chunks * 1e6,
-        "redis_us": (rcpu1 - rcpu0) / chunks * 1e6,
+        "redis_us": sum(redis_s) / chunks * 1e6,
+        "redis_shares": shares(redis_s),
         "consumer_us": result["cpu"] / chunks * 1e6,
     }
+
+
+def shares(seconds: Sequence[float]) -> list[float]:
+    """Each node's share of the CPU time of all (the busiest first)."""
+    total = sum(seconds) or 1.0
+    return sorted((s / total for s in seconds), reverse=True)
 
 
 Percentiles = tuple[float, float, float]
 
 
 async def paced_tokenbus(
-    bench: Bench, jobs: int, n: int, rate: float, processes: int = 1
+    bench: Bench,
+    jobs: int,
+    n: int,
+    rate: float,
+    processes: int = 1,
+    *,
+    streams: Streams | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[Percentiles, Percentiles]:
     """The paced jobs through ``tokenbus worker`` processes (as deployed: the worker alone in its
     process, like LangGraph alone in the no-sink measure) and a consumer process; the processes
-    run all of the jobs at once, each its share."""
-    settings = bench.settings(TOKENBUS_MAX_JOBS=-(-jobs // processes))
-    consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs), "--latency")
+    run all of the jobs at once, each its share. ``streams`` and ``overrides`` as for :func:`tokenbus_e2e`."""
+    streams = streams or bench.streams
+    settings = bench.settings(TOKENBUS_MAX_JOBS=-(-jobs // processes), **streams.overrides, **(overrides or {}))
+    consumer = await start_consumer(
+        bench, settings.prefix, "--tag", "bench", "--jobs", str(jobs), "--latency", streams=streams
+    )
     async with worker_processes(bench, settings, processes), await TokenbusClient.connect(settings) as client:
         for _ in range(jobs):
             await client.enqueue("bench_paced", {"n": n, "rate": rate}, modes=["custom"])

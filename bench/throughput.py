@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import httpx2
@@ -15,13 +16,14 @@ from langchain_core.messages import AIMessageChunk
 from redis.asyncio import Redis
 
 from bench.graphs import WORDS, custom, messages
-from bench.harness import Bench, consumer_result, redis_cpu, start_consumer, tokenbus_e2e
+from bench.harness import Bench, Streams, consumer_result, shares, start_consumer, tokenbus_e2e
 from tokenbus.consumer.reader import BEGINNING
 from tokenbus.schemas.entries import chunk_fields
 from tokenbus.worker._langgraph import install_writer
 from tokenbus.worker.emitter import JobEmitter, Outcome, StreamLimits
 from tokenbus.worker.graphs import joke_poem
 from tokenbus.worker.publisher import Publisher
+from tokenbus.worker.redis_client import streams_from_settings
 
 
 async def floor(
@@ -60,51 +62,96 @@ async def floor_after_a_round_trip(
     return await floor(graph, inputs, mode, config)
 
 
-async def bus_alone(bench: Bench, mode: str, n: int) -> dict[str, float]:
-    """The bus with no graph at all: one job's chunks, made beforehand with the metadata and payloads
+async def bus_alone(
+    bench: Bench,
+    mode: str,
+    n: int,
+    *,
+    streams: Streams | None = None,
+    tags: Sequence[str] = ("bench",),
+    jobs: Sequence[str] = ("alone",),
+    coalesce_after: int | None = None,
+    wait_replicas: int = 0,
+) -> dict[str, Any]:
+    """The bus with no graph at all: ``n`` chunks, made beforehand with the metadata and payloads
     the bench graph's chunks carry, emitted in a loop (pausing as a model's token callback does)
     through a publisher, Redis and a consumer process. What the bus can carry on this machine
     whatever LangGraph costs: no worker can do better than this, so its ratio to the floor bounds
     ``ratio_<mode>_vs_floor``. With the CPU per chunk of Redis (all of it, and the part spent
-    executing XADD and XREAD, from Redis's command statistics) and of the consumer."""
-    chunks: list[tuple[Any, ...]]
+    executing XADD and XREAD, from Redis's command statistics), of the consumer and of this
+    process (the publisher), and the share of a core each used.
+
+    ``streams``: where they go (default: the run's Redis). The chunks are dealt round-robin to
+    ``jobs`` (job ids, after the run's prefix), job ``k`` tagging its chunks ``tags[k % len(tags)]``
+    (one tag for all: one hot tag stream). ``coalesce_after`` and ``wait_replicas`` are the
+    publisher's (``TOKENBUS_COALESCE_AFTER`` with ``TOKENBUS_COALESCE=adaptive``, ``TOKENBUS_WAIT_REPLICAS``)."""
+    streams = streams or bench.streams
+    settings = bench.settings(**streams.overrides)
+    job_tags = [tags[k % len(tags)] for k in range(len(jobs))]
+    chunks: list[list[tuple[Any, ...]]]  # each job's
     if mode == "messages":
         made = [chunk async for chunk in messages.astream({"n": 1}, stream_mode=["messages"], subgraphs=True)]
         _, _, (message, metadata) = made[0]
-        chunks = [(AIMessageChunk(content=WORDS[i % len(WORDS)], id=message.id), metadata) for i in range(n)]
+        # one metadata object per job, as a model call's chunks share theirs
+        metas = [metadata if metadata.get("tags") == [tag] else {**metadata, "tags": [tag]} for tag in job_tags]
+        chunks = [
+            [(AIMessageChunk(content=WORDS[i % len(WORDS)], id=message.id), meta) for i in range(k, n, len(jobs))]
+            for k, meta in enumerate(metas)
+        ]
     else:
-        chunks = [({"content": WORDS[i % len(WORDS)], "tags": ["bench"]},) for i in range(n)]
-    settings = bench.settings()
-    consumer = await start_consumer(bench, settings.prefix, "--tag", "bench", "--jobs", "1")
-    redis = Redis.from_url(bench.redis_url)
-    publisher = Publisher(redis, batch_max=settings.publish_batch_max, buffer_max=settings.publish_buffer_max).start()
+        chunks = [
+            [({"content": WORDS[i % len(WORDS)], "tags": [tag]},) for i in range(k, n, len(jobs))]
+            for k, tag in enumerate(job_tags)
+        ]
+    follow = [a for t in dict.fromkeys(job_tags) for a in ("--tag", t)]
+    consumer = await start_consumer(bench, settings.prefix, *follow, "--jobs", str(len(jobs)), streams=streams)
+    redis = streams_from_settings(settings)
+    publisher = Publisher(
+        redis,
+        batch_max=settings.publish_batch_max,
+        buffer_max=settings.publish_buffer_max,
+        coalesce_after=coalesce_after,
+        wait_replicas=wait_replicas,
+    ).start()
     limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
-    emitter = JobEmitter(publisher, settings.keys, limits, f"{settings.prefix}-alone", 1)
-    emit = emitter.message if mode == "messages" else emitter.custom
+    emitters = [JobEmitter(publisher, settings.keys, limits, f"{settings.prefix}-{job}", 1) for job in jobs]
+    emits = [emitter.message if mode == "messages" else emitter.custom for emitter in emitters]
+    calls = [(emits[i % len(jobs)], chunks[i % len(jobs)][i // len(jobs)]) for i in range(n)]
     try:
-        await redis.config_resetstat()  # the bench's own server: its command statistics from here
-        rcpu0, start = await redis_cpu(redis), time.time()
-        emitter.start({})
-        for chunk in chunks:
+        await streams.reset_stats()  # the bench's own servers: their command statistics from here
+        rcpu0, cpu0, start = await streams.cpu(), time.process_time(), time.time()
+        for emitter in emitters:
+            emitter.start({})
+        for emit, chunk in calls:
             emit(*chunk)
             if publisher.congested:
                 await publisher.wait_writable()
             elif publisher.should_yield():
                 await asyncio.sleep(0)
-        emitter.finish(Outcome())
-        await emitter.sink.flushed()
+        for emitter in emitters:
+            emitter.finish(Outcome())
+        for emitter in emitters:
+            await emitter.sink.flushed()
+        cpu1 = time.process_time()
         result = await consumer_result(consumer)
-        rcpu1, stats = await redis_cpu(redis), await redis.info("commandstats")
+        rcpu1, commands_s = await streams.cpu(), await streams.command_seconds(("xadd", "xread"))
     finally:
         await publisher.close()
         await redis.aclose()
-    chunks_out = result["entries"] - 1  # less the terminal entry
-    commands_s = sum(stats.get(f"cmdstat_{c}", {}).get("usec", 0) for c in ("xadd", "xread")) / 1e6
+    chunks_out = result["chunks"]  # (a merged entry holds several)
+    elapsed = result["last"] - start
+    redis_s = [after - before for before, after in zip(rcpu0, rcpu1, strict=True)]
     return {
-        "rate": chunks_out / (result["last"] - start),
-        "redis_us": (rcpu1 - rcpu0) / chunks_out * 1e6,
+        "rate": chunks_out / elapsed,
+        "redis_us": sum(redis_s) / chunks_out * 1e6,
+        "redis_shares": shares(redis_s),
+        "redis_core": [s / elapsed for s in redis_s],  # each master's share of one core
         "redis_commands_us": commands_s / chunks_out * 1e6,
         "consumer_us": result["cpu"] / chunks_out * 1e6,
+        "consumer_core": result["cpu"] / elapsed,
+        "publisher_us": (cpu1 - cpu0) / chunks_out * 1e6,
+        "publisher_core": (cpu1 - cpu0) / elapsed,
+        "entries_per_chunk": (result["entries"] - len(jobs)) / chunks_out,  # less one terminal entry per job
     }
 
 

@@ -5,26 +5,42 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from bench.__main__ import SCENARIOS
 from bench.latency import paced_ceiling
+from bench.scaleout import alternate, spread
 
 ROOT = Path(__file__).parent.parent
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.timeout(300)
-def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
+def quick_run(tmp_path: Path, only: list[str], timeout_s: float) -> dict[str, Any]:
+    """``python -m bench --quick --only ...``: the report, its figures checked for what any run holds."""
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=280,
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), *[a for name in only for a in ("--only", name)]],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout_s,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    report = orjson.loads(out.read_bytes())
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    # A paced ceiling is 0 when even one job misses its deadline, as on a machine busy with other
+    # work; memory growth may be negative (the worker gave memory back).
+    ceilings = ("paced_ceiling_", "ratio_paced_ceiling_")
+    results = {name: r for name, r in report["results"].items() if not name.startswith("memory_")}
+    assert all(r["min"] > 0 for name, r in results.items() if not name.startswith(ceilings)), results
+    assert all(r["min"] >= 0 for r in results.values()), results
+    return report
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
+    # scaleout (its own deployments, a minute) runs in a test of its own, below
+    report = quick_run(tmp_path, [name for name in SCENARIOS if name != "scaleout"], 280)
     names = set(report["results"])
     for expected in [
         "ratio_messages_vs_floor", "ratio_custom_vs_floor", "ratio_joke_poem_http_vs_floor", "ratio_messages_vs_naive",
@@ -40,16 +56,51 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
         "ratio_bus_alone_custom_vs_floor",
     ]:  # fmt: skip
         assert expected in names, f"{expected} missing from {sorted(names)}"
-    # A paced ceiling is 0 when even one job misses its deadline, as on a machine busy with other
-    # work; memory growth may be negative (the worker gave memory back).
-    ceilings = ("paced_ceiling_", "ratio_paced_ceiling_")
-    results = {name: r for name, r in report["results"].items() if not name.startswith("memory_")}
-    assert all(r["min"] > 0 for name, r in results.items() if not name.startswith(ceilings)), results
-    assert all(r["min"] >= 0 for r in results.values()), results
     assert (ROOT / "bench" / "results" / "profile.txt").exists()
+
+
+@pytest.mark.timeout(200)
+def test_quick_scaleout_runs(tmp_path: Path) -> None:
+    report = quick_run(tmp_path, ["scaleout"], 180)
+    names = set(report["results"])
+    for expected in [
+        "ratio_cluster_vs_single_messages_chunks_per_s", "ratio_cluster_vs_single_custom_worker_cpu",
+        "ratio_cluster_vs_single_bus_alone_custom_redis_cpu",
+        "cpu_redis_us_per_chunk_per_shard_scaleout_cluster_custom",
+        "scaleout_cluster_custom_redis_share_shard_rank3", "ratio_coalesce_on_vs_off_bus_alone_custom_entries",
+        "ratio_coalesce_on_vs_off_custom_redis_cpu", "ratio_coalesce_on_vs_off_20jobs_p99",
+        "ratio_custom_coalesce_on_vs_floor", "scaleout_hot_tag_coalesce_off_master_capacity_chunks_per_s",
+        "ratio_wait1_vs_wait0_20jobs_p99", "ratio_wait1_vs_wait0_bus_alone_custom_chunks_per_s",
+    ]:  # fmt: skip
+        assert expected in names, f"{expected} missing from {sorted(names)}"
+    # coalescing off writes one tag-stream entry per chunk; on, as many or fewer
+    entries = {
+        side: report["results"][f"scaleout_coalesce_{side}_bus_alone_custom_entries_per_chunk"]
+        for side in ("off", "on")
+    }
+    assert entries["off"]["min"] == entries["off"]["max"] == 1.0, entries
+    assert entries["on"]["max"] <= 1.0, entries
+    # the masters' shares of the cluster's Redis CPU add up to all of it
+    shares = [report["results"][f"scaleout_cluster_custom_redis_share_shard_rank{r}"]["min"] for r in (1, 2, 3)]
+    assert sum(shares) == pytest.approx(1.0), shares
+    assert "scaleout_hot_tag_coalesce_off_limit" in report["notes"]
 
 
 def test_a_paced_ceiling_is_the_load_before_the_first_that_falls_behind() -> None:
     assert paced_ceiling({1: 0.2, 300: 24.9, 350: 25.1, 400: 12.0}) == 300  # a later pass does not count
     assert paced_ceiling({1: 30.0, 20: 1.0}) == 0
     assert paced_ceiling({20: 1.0, 1: 2.0}) == 20  # by load, whatever the order measured
+
+
+def test_spread_deals_names_shard_by_shard_in_candidate_order() -> None:
+    owner = {"a": 0, "b": 0, "c": 1, "d": 2, "e": 1, "f": 2, "g": 0}.__getitem__
+    assert spread(owner, "abcdefg", 3, 1) == ["a", "c", "d"]
+    assert spread(owner, "abcdefg", 3, 2) == ["a", "c", "d", "b", "e", "f"]
+    with pytest.raises(ValueError, match="2 names on each of 3 shards"):
+        spread(owner, "abcd", 3, 2)  # shard 1 and 2 get one each
+
+
+def test_alternate_puts_each_side_first_every_other_turn() -> None:
+    assert alternate(("off", "on"), 0) == ["off", "on"]
+    assert alternate(("off", "on"), 1) == ["on", "off"]
+    assert alternate(("off", "on"), 2) == ["off", "on"]
