@@ -171,6 +171,8 @@ async def test_a_master_killed_mid_stream_loses_only_what_readers_report(
     # counted: acknowledged = held + acknowledged and lost (no copy written twice, none uncounted)
     assert publisher.entries_written == held_total + sum(map(len, lost_acked.values()))
     assert job_lost and lost_acked[tag_key], "the cut did not lose what the master acknowledged"
+    # lost: exactly what the master acknowledged after the cut (its replica had all it wrote before)
+    assert job_lost == set(range(cut_at, max(seq for _, seq in acknowledged[job_key]) + 1))
     # the job ends once, saying what its publisher knows it lost (the master's loss it cannot know)
     assert [e.type for e in job if e.is_terminal] == [terminal.type]
     if terminal.type is EntryType.END:
