@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import orjson
 from langchain_core.messages import AIMessageChunk
 from pydantic import SecretStr
-from redis.asyncio import Redis
 
 from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import Restart
@@ -116,7 +115,7 @@ async def wait_until(predicate: Callable[[], T], *, within: float = 20.0, what: 
 
 
 async def follow_job(
-    redis: Redis, prefix: str, job_id: str, on_chunk: Callable[[Entry], Awaitable[None]] | None = None
+    redis: AnyRedis, prefix: str, job_id: str, on_chunk: Callable[[Entry], Awaitable[None]] | None = None
 ) -> tuple[JobView, list[Entry]]:
     """Follow one job through the consumer API until its final entry, calling ``on_chunk`` on each
     chunk (to inject a fault at a given token); return what the job produced and every entry seen."""

@@ -33,6 +33,7 @@ from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import StreamLimits
 from tokenbus.worker.orphans import Sweeper
+from tokenbus.worker.redis_client import StreamsRedis
 from tokenbus.worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -69,10 +70,16 @@ async def fault_client(fast_recovery: Settings) -> AsyncIterator[TokenbusClient]
         yield c
 
 
-@pytest.mark.parametrize("mode", ["messages", "custom"])
+@pytest.mark.parametrize(
+    ("mode", "settings"),
+    [("messages", "single"), ("custom", "single"), ("custom", "cluster")],  # one cluster case: the suite's time
+    indirect=["settings"],
+)
 async def test_sigkill_at_a_random_token_leaves_one_clean_copy(
-    mode: str, fast_recovery: Settings, fault_client: TokenbusClient, redis: Redis, rng: random.Random
+    mode: str, fast_recovery: Settings, fault_client: TokenbusClient, streams: StreamsRedis, rng: random.Random
 ) -> None:
+    """On one Redis, and with the streams on a Redis Cluster (the job stream and the tag streams
+    on different masters, the queue and its leases on one Redis)."""
     worker = await start_worker(fast_recovery)
     try:
         for _ in range(RUNS // 2 or 1):
@@ -87,12 +94,12 @@ async def test_sigkill_at_a_random_token_leaves_one_clean_copy(
                     assert await worker.wait() == -signal.SIGKILL
                     worker = await start_worker(fast_recovery)  # takes the job over once arq's claim expires
 
-            view, entries = await follow_job(redis, fast_recovery.prefix, job_id, on_chunk)
+            view, entries = await follow_job(streams, fast_recovery.prefix, job_id, on_chunk)
             assert (view.status, view.attempt) == (EntryType.END, 2), f"killed at chunk {kill_at}: {view}"
             assert view.text == JOKE + POEM and view.texts == {"joke": JOKE, "poem": POEM}
             newest = [(e.attempt, e.seq) for e in entries if e.attempt == 2]
             assert newest == [(2, s) for s in range(len(newest))], "duplicates or holes in what the consumer saw"
-            stream = await read_stream(redis, fast_recovery.keys.job(job_id))
+            stream = await read_stream(streams, fast_recovery.keys.job(job_id))
             first = [e for e in stream if e.attempt == 1 and e.is_terminal]
             assert len(first) == 1 and first[0].type is EntryType.ERROR and first[0].retry
             assert "attempt 1 was interrupted" in first[0].error

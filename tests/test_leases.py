@@ -170,3 +170,27 @@ async def test_a_lease_that_ran_out_while_redis_was_away_is_taken_again_if_nobod
     assert lost == [overtaken]
     assert await redis.get(claim_key(alone)) == leases.tokens[alone]
     assert await redis.exists(claim_key(overtaken)) == 0
+
+
+async def test_a_renewal_answered_after_its_job_ended_or_was_claimed_again_fences_nothing(redis: Redis) -> None:
+    """A renewal is one round trip; a job may end (its claim deleted by arq's end of it) or be
+    claimed again by this worker (a new attempt, a new token) while it is on its way, a long way
+    after a failover of the queue's Redis. Its answer is about the tokens it sent: neither job
+    was lost, and the new attempt must not be stopped."""
+    lost: list[str] = []
+    leases = make_leases(redis, lost)
+    ended, again = f"j{uuid.uuid4().hex}", f"j{uuid.uuid4().hex}"
+    for job_id in (ended, again):
+        await claim(redis, leases, job_id)
+        leases.attach(job_id, Publisher(redis).sink(job_id), 1)
+
+    # the claims go first (the renewal is slow to get there: waiting for a connection, say)
+    await redis.delete(claim_key(ended), claim_key(again))
+    renewing = asyncio.create_task(leases.renew())
+    await asyncio.sleep(0)  # the renewal has taken the tokens it sends, and waits for its answer
+    leases.forget(ended)  # the job ended (Leases.finish)
+    leases.forget(again)
+    await claim(redis, leases, again)  # the same job claimed again: its next attempt
+    await renewing
+    assert lost == [] and leases.lost == 0
+    assert set(leases.tokens) == {again}

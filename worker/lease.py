@@ -197,10 +197,14 @@ class Leases(Background):
                 keys = [claim_key(job_id), retry_key_prefix + job_id]
                 await self._renew(keys=keys, args=[token, self.lease_ms, job_try], client=pipe)
             replies = await pipe.execute()
-        for (job_id, _), renewed in zip(held, replies, strict=True):
+        # Only about the claims still held with the token sent: a job may have ended, or been
+        # claimed again (a new token), while the round trip was under way (long, after a failover).
+        answered = [(job_id, renewed) for (job_id, token), renewed in zip(held, replies, strict=True)
+                    if self.tokens.get(job_id) == token]  # fmt: skip
+        for job_id, renewed in answered:
             if renewed == 2:
                 logger.warning("job %s: its lease ran out while Redis was away; nobody took it over: going on", job_id)
-        self._fence(job_id for (job_id, token), renewed in zip(held, replies, strict=True) if not renewed)
+        self._fence(job_id for job_id, renewed in answered if not renewed)
         if self.tokens:
             self.valid_until = sent + self.lease_ms / 1000
 
