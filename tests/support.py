@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import orjson
 from langchain_core.messages import AIMessageChunk
 from pydantic import SecretStr
+from redis.asyncio import Redis
 
 from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import Restart
