@@ -207,7 +207,7 @@ async def start_gateway(settings: Settings, port: int, *, name: str = "gateway",
     """A ``tokenbus serve`` process on ``port`` with ``settings`` (and ``TOKENBUS_GATEWAY_*`` in
     ``env``), once it accepts connections."""
     gateway = await Process.start("serve", "--port", str(port), env={**settings_env(settings), **env}, name=name)
-    await gateway.wait_line("gateway listening on")
+    await gateway.wait_line("gateway listening on", within=90)  # imports take long on a busy machine
     return gateway
 
 
