@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.jobs import JobView
 from tokenbus.consumer.reader import Gap
 from tokenbus.consumer.subscribe import subscribe
+from tokenbus.redis_server import RedisClusterProcesses, RedisServerProcess
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from tokenbus.worker.emitter import JobEmitter, Outcome
 from tokenbus.worker.offline_model import Fault, OfflineModelServer, script_for
@@ -243,3 +245,32 @@ async def emit_while_paused(
         return merged
     finally:
         await paused.execute_command("CLIENT", "UNPAUSE")
+
+
+def replica_of(cluster: RedisClusterProcesses, key: str) -> RedisServerProcess | None:
+    """A live, connected replica of the master serving ``key``, as that master sees it."""
+    master = cluster.master_of(key)
+    node_id = redis_cli(master, "CLUSTER", "MYID").strip()
+    for line in redis_cli(master, "CLUSTER", "REPLICAS", node_id).splitlines():
+        fields = line.split()
+        if len(fields) > 7 and "fail" not in fields[2] and fields[7] == "connected":
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            return next((n for n in cluster.nodes if n.port == port and n.running), None)
+    return None
+
+
+def redis_cli(node: RedisServerProcess, *args: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(node.port), *args], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+
+
+async def cut_replication(replica: RedisServerProcess) -> None:
+    """The replica drops its link to its master and cannot make a new one (it authenticates with a
+    password the master does not have): the master acknowledges writes its replica will never get."""
+    client = Redis(host="127.0.0.1", port=replica.port, socket_timeout=10)
+    try:
+        await client.config_set("masterauth", "not-the-masters-password")
+        await client.execute_command("CLIENT", "KILL", "TYPE", "master")
+    finally:
+        await client.aclose()

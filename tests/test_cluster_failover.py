@@ -20,8 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import make_settings
-from tests.support import JOKE, POEM, ThreadedModelServer, text_of, wait_for
-from tests.test_cluster_readers import _cut_replication, _replica_of
+from tests.support import JOKE, POEM, ThreadedModelServer, cut_replication, replica_of, text_of, wait_for
 from tokenbus.consumer.jobs import JobView, job_result
 from tokenbus.consumer.reader import Gap, stop_task
 from tokenbus.consumer.subscribe import subscribe
@@ -73,7 +72,7 @@ async def test_a_master_killed_mid_stream_loses_only_what_readers_report(
     master = cluster.master_of(tag_key)
     job_id = next(j for j in (f"{prefix}-{i}" for i in range(10_000)) if cluster.master_of(keys.job(j)) is master)
     job_key = keys.job(job_id)
-    replica = _replica_of(cluster, tag_key)
+    replica = replica_of(cluster, tag_key)
     assert replica is not None
     job_streams = [job_key, keys.tag("joke"), tag_key]
     on_master = [key for key in job_streams if cluster.master_of(key) is master]  # the job's and the tag's, at least
@@ -112,7 +111,7 @@ async def test_a_master_killed_mid_stream_loses_only_what_readers_report(
             await held.wait()
         resources: WorkerResources = worker.ctx[RESOURCES]
 
-        await _cut_replication(replica)  # from here on, what the master acknowledges dies with it
+        await cut_replication(replica)  # from here on, what the master acknowledges dies with it
         cut_at = int(await direct.xlen(job_key))
         replicated = await _replica_len(replica.url, job_key)  # frozen from the cut (no link): what survives
 

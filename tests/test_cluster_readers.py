@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from tests.support import entry, token, wait_for, wait_until, write
+from tests.support import cut_replication, entry, redis_cli, replica_of, token, wait_for, wait_until, write
 from tests.test_subscribe import collect
 from tokenbus.consumer.dead import redrive
 from tokenbus.consumer.groups import GroupConsumer
@@ -273,7 +272,10 @@ async def test_a_reader_follows_a_stream_whose_slot_migrates_to_another_master(
     reading = asyncio.create_task(collect(items, n=12, within=30))
     try:
         slot = int(await clients[source.port].execute_command("CLUSTER", "KEYSLOT", key))
-        source_id, target_id = _cli(source, "CLUSTER", "MYID").strip(), _cli(target, "CLUSTER", "MYID").strip()
+        source_id, target_id = (
+            redis_cli(source, "CLUSTER", "MYID").strip(),
+            redis_cli(target, "CLUSTER", "MYID").strip(),
+        )
         await write(cluster_client, key, *_tokens("j", 0, 3))
         await clients[target.port].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
         await clients[source.port].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
@@ -294,7 +296,7 @@ async def test_a_reader_follows_a_stream_whose_slot_migrates_to_another_master(
 
 
 def _is_master(node: RedisServerProcess) -> bool:
-    return "role:master" in _cli(node, "INFO", "replication")
+    return "role:master" in redis_cli(node, "INFO", "replication")
 
 
 LOST = 3000
@@ -310,12 +312,12 @@ async def test_a_failover_mid_read_repeats_nothing_and_reads_on_from_the_last_id
     meanwhile are acknowledged and then lost for sure. The reader goes on from the last id
     it had seen, on the new master: it passes nothing on twice and every entry the cluster holds
     once, in order; the lost entries it had not read are reported as a gap (the job's ``seq`` jumps)."""
-    victim = next(n for n in (f"v{i}" for i in range(1000)) if _replica_of(redis_cluster, keys.job(n)))
+    victim = next(n for n in (f"v{i}" for i in range(1000)) if replica_of(redis_cluster, keys.job(n)))
     victim_key = keys.job(victim)
     [calm] = spread(redis_cluster, keys.job, 1, taken=(victim_key,))
     calm_key = keys.job(calm)
     master = redis_cluster.master_of(victim_key)
-    replica = _replica_of(redis_cluster, victim_key)
+    replica = replica_of(redis_cluster, victim_key)
     assert replica is not None
 
     received: list[Entry] = []
@@ -338,7 +340,7 @@ async def test_a_failover_mid_read_repeats_nothing_and_reads_on_from_the_last_id
         await _replicated(replica, victim_key, 10)
 
         pulled.clear()
-        await _cut_replication(replica)  # what follows is acknowledged, never replicated: lost with the master
+        await cut_replication(replica)  # what follows is acknowledged, never replicated: lost with the master
         async with cluster_client.pipeline() as pipe:
             for e in _tokens(victim, 10, after):
                 pipe.xadd(victim_key, e.encode())  # type: ignore[arg-type]
@@ -375,35 +377,6 @@ async def test_a_failover_mid_read_repeats_nothing_and_reads_on_from_the_last_id
 
 def _tokens(job: str, first: int, end: int) -> list[Entry]:
     return [token(job, seq, str(seq)) for seq in range(first, end)]
-
-
-def _replica_of(cluster: RedisClusterProcesses, key: str) -> RedisServerProcess | None:
-    """A live, connected replica of the master serving ``key``, as that master sees it."""
-    master = cluster.master_of(key)
-    node_id = _cli(master, "CLUSTER", "MYID").strip()
-    for line in _cli(master, "CLUSTER", "REPLICAS", node_id).splitlines():
-        fields = line.split()
-        if len(fields) > 7 and "fail" not in fields[2] and fields[7] == "connected":
-            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-            return next((n for n in cluster.nodes if n.port == port and n.running), None)
-    return None
-
-
-def _cli(node: RedisServerProcess, *args: str) -> str:
-    return subprocess.run(
-        ["redis-cli", "-p", str(node.port), *args], capture_output=True, text=True, check=True, timeout=10
-    ).stdout
-
-
-async def _cut_replication(replica: RedisServerProcess) -> None:
-    """The replica drops its link to its master and cannot make a new one (it authenticates with a
-    password the master does not have): the master acknowledges writes its replica will never get."""
-    client = Redis(host="127.0.0.1", port=replica.port, socket_timeout=10)
-    try:
-        await client.config_set("masterauth", "not-the-masters-password")
-        await client.execute_command("CLIENT", "KILL", "TYPE", "master")
-    finally:
-        await client.aclose()
 
 
 async def _replicated(replica: RedisServerProcess, key: str, n: int) -> None:
