@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +24,19 @@ pytestmark = pytest.mark.e2e
 def quick_run(tmp_path: Path, only: list[str], timeout_s: float) -> dict[str, Any]:
     """``python -m bench --quick --only ...``: the report, its figures checked for what any run holds."""
     out = tmp_path / "bench.json"
-    result = subprocess.run(
+    # a session of its own: a run that overstays is stopped with everything it started (its worker,
+    # consumer and redis-server processes), not only the harness
+    with subprocess.Popen(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out), *[a for name in only for a in ("--only", name)]],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout_s,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    ) as bench:  # fmt: skip
+        try:
+            _, stderr = bench.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.communicate()
+            raise
+    assert bench.returncode == 0, stderr[-3000:]
     report: dict[str, Any] = orjson.loads(out.read_bytes())
     # A paced ceiling is 0 when even one job misses its deadline, as on a machine busy with other
     # work; memory growth may be negative (the worker gave memory back).
