@@ -153,6 +153,7 @@ async def test_a_master_hung_mid_batch_then_killed_loses_nothing_it_acknowledged
     replica.)"""
     cluster = RedisClusterProcesses()
     await asyncio.to_thread(cluster.start)
+    await asyncio.to_thread(cluster.wait_synced)  # before the first sync a failover loses everything
     client = RedisCluster.from_url(cluster.url, socket_timeout=30)
     try:
         await client.initialize()

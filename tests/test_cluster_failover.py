@@ -54,6 +54,7 @@ async def failing_cluster() -> AsyncIterator[RedisClusterProcesses]:
     """A cluster of the test's own (the session's keeps its replicas), quick to fail over."""
     cluster = RedisClusterProcesses(node_timeout_ms=500)
     await asyncio.to_thread(cluster.start)
+    await asyncio.to_thread(cluster.wait_synced)  # before the first sync a failover loses everything
     yield cluster
     await asyncio.to_thread(cluster.close)
 

@@ -217,7 +217,6 @@ class RedisClusterProcesses:
                 check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
             )  # fmt: skip
             self.wait_ready()
-            self.wait_synced()
         except BaseException:
             self.close()
             raise
