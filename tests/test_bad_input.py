@@ -136,7 +136,7 @@ async def test_tags_can_never_leave_the_prefix(settings: Settings) -> None:
 
 
 async def test_a_key_redis_refuses_fails_the_job_naming_it(
-    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker
+    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker, caplog: pytest.LogCaptureFixture
 ) -> None:
     await redis.set(settings.keys.tag("poem"), "not a stream")  # someone else's key, or a bad migration
     job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
@@ -144,6 +144,11 @@ async def test_a_key_redis_refuses_fails_the_job_naming_it(
     job = await read_stream(redis, settings.keys.job(job_id))
     assert job[-1].type is EntryType.ERROR
     assert f"XADD {settings.keys.tag('poem')}: WRONGTYPE" in job[-1].error, job[-1].error
+    # refused for good: the terminal entry is not sent again and again (it would be refused each
+    # time), and the log says it once, not once per refused chunk
+    assert [e.type for e in job].count(EntryType.ERROR) == 1
+    refusals = [r for r in caplog.records if "Redis refused" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
     assert text_of(await read_stream(redis, settings.keys.tag("joke"))) != ""  # the other tag still got its chunks
 
 

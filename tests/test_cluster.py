@@ -77,7 +77,7 @@ async def test_entries_of_jobs_and_tags_on_every_master_land_in_their_streams_in
     for emitter in emitters:
         emitter.finish(Outcome())
         await emitter.sink.flushed()
-        assert not emitter.sink.lost and not emitter.sink.errors
+        assert not emitter.sink.lost and not emitter.sink.refused
     await publisher.close()
 
     for emitter in emitters:
@@ -137,7 +137,7 @@ async def test_a_slot_migrated_while_a_job_streams_to_it_loses_nothing_and_keeps
     await emitter.sink.flushed()
     await publisher.close()
 
-    assert not emitter.sink.lost and not emitter.sink.errors
+    assert not emitter.sink.lost and not emitter.sink.refused
     tag_stream = await read_stream(cluster_client, keys.tag(tag))  # type: ignore[arg-type]
     job = await read_stream(cluster_client, keys.job(job_id))  # type: ignore[arg-type]
     assert chunks(tag_stream, job_id) == list(range(1, emitter.seq - 1))
@@ -190,7 +190,7 @@ async def test_a_master_hung_mid_batch_then_killed_loses_nothing_it_acknowledged
         await hasty.close()
 
         patient_sink, hasty_sink = emitters[0].sink, emitters[1].sink
-        assert patient_sink.lost == 0 and not patient_sink.errors
+        assert patient_sink.lost == 0 and not patient_sink.refused
         assert patient.retries > 0
         assert hasty_sink.lost > 0 and hasty.entries_lost == hasty_sink.lost
         assert "could not be written" in str(hasty_sink.failure())

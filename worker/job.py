@@ -138,28 +138,30 @@ async def _write_terminal(
 
     If entries of the job were lost on the way (or, with ``TOKENBUS_WAIT_REPLICAS``, not
     acknowledged by enough replicas), an ``end`` becomes an ``error`` that says how many.
-    A terminal entry Redis refused (``OOM`` at ``maxmemory``, say) or lost is written again, with
-    backoff, for about 15 s more. The sweeper closes the attempt if even this fails (the worker
-    dies, or Redis never returns).
+    A terminal entry lost, or refused for now (``OOM`` at ``maxmemory``, say: :func:`may_pass`), is
+    written again, with backoff, for about 15 s more; one refused for good (``WRONGTYPE``: a tag's
+    key holds something else) is not, as it would only be refused again. The sweeper closes the
+    attempt if even this fails (the worker dies, or Redis never returns).
     """
     sink = emitter.sink
     backoff = iter(TERMINAL_BACKOFF_S)
     while True:
-        if (sink.lost or sink.errors or sink.unacked) and outcome.type is EntryType.END:  # (its result is dropped)
+        if (sink.lost or sink.refused or sink.unacked) and outcome.type is EntryType.END:  # (its result is dropped)
             outcome = Outcome(EntryType.ERROR, str(sink.failure()), ErrorType.PUBLISH_ERROR)
-        lost_before, refused_before = sink.lost, len(sink.errors)
-        summary: dict[str, int] = {"elapsed_ms": elapsed_ms, "lost": sink.lost + len(sink.errors)}
+        lost_before, transient_before = sink.lost, sink.transient
+        summary: dict[str, int] = {"elapsed_ms": elapsed_ms, "lost": sink.lost + sink.refused}
         if resources.publisher.wait_replicas:
             summary["unacknowledged"] = sink.unacked
         emitter.finish(outcome, summary)
         resources.publisher.command(sink, ("ZREM", resources.keys.running, emitter.job_id))
         await sink.flushed()
-        written = sink.lost == lost_before and len(sink.errors) == refused_before
-        if written or sink.fenced or (delay := next(backoff, None)) is None:
+        # written where it can be: nothing lost, nothing refused that a later try might get in
+        done = sink.lost == lost_before and sink.transient == transient_before
+        if done or sink.fenced or (delay := next(backoff, None)) is None:
             break
-        await asyncio.sleep(delay)  # the terminal entry itself was lost or refused: try again
+        await asyncio.sleep(delay)  # the terminal entry itself was lost or refused for now: try again
     resources.sweeper.running.discard(emitter.job_id)
-    if written and not outcome.retry and not sink.fenced:
+    if done and not outcome.retry and not sink.fenced:
         resources.ended.add(emitter.job_id)
         emitter.record_finished()
     return outcome

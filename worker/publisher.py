@@ -41,7 +41,7 @@ from typing import Any, Protocol, cast
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
-from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE
+from tokenbus.consumer.redis_errors import REDIS_UNAVAILABLE, may_pass
 from tokenbus.consumer.resp import pack
 from tokenbus.schemas.errors import ClientStateError, PublishError
 from tokenbus.worker.cluster_wire import ClusterWire
@@ -59,7 +59,7 @@ and, for a Redis Cluster, their route."""
 class Sink:
     """What one job has queued, written and lost; the job waits on it with :meth:`flushed`."""
 
-    __slots__ = ("_publisher", "errors", "fenced", "job_id", "last_index", "lost", "unacked")
+    __slots__ = ("_publisher", "fenced", "job_id", "last_index", "lost", "refusal", "refused", "transient", "unacked")
 
     def __init__(self, publisher: Publisher, job_id: str) -> None:
         self._publisher = publisher
@@ -68,7 +68,12 @@ class Sink:
         self.lost = 0
         self.unacked = 0
         """Stream entries Redis took but fewer than ``wait_replicas`` replicas acknowledged in time."""
-        self.errors: list[str] = []
+        self.refused = 0
+        """Commands Redis answered with an error (``WRONGTYPE``, ``OOM`` at ``maxmemory``...)."""
+        self.refusal = ""
+        """The first of those errors, with the command it refused."""
+        self.transient = 0
+        """Those of the refusals that may pass if the command is sent again later (:func:`may_pass`)."""
         self.fenced = False
         """The attempt lost its lease (:mod:`tokenbus.worker.lease`): nothing more of it is written."""
 
@@ -79,15 +84,15 @@ class Sink:
     def check(self) -> None:
         """Raise :class:`PublishError` if anything this job queued was lost, refused or (with
         ``wait_replicas``) not acknowledged by enough replicas."""
-        if self.lost or self.errors or self.unacked:
+        if self.lost or self.refused or self.unacked:
             raise self.failure()
 
     def failure(self) -> PublishError:
         """What was lost, refused or not acknowledged so far, as the error the job ends with."""
-        lost = self.lost + len(self.errors)
+        lost = self.lost + self.refused
         parts = []
         if lost:
-            detail = f"; Redis said: {self.errors[0]}" if self.errors else ""
+            detail = f"; Redis said: {self.refusal}" if self.refusal else ""
             parts.append(f"{lost} stream entries of job {self.job_id} could not be written to Redis{detail}")
         if self.unacked:
             replicas, timeout_ms = self._publisher.wait_replicas, self._publisher.wait_timeout_ms
@@ -460,9 +465,12 @@ class Publisher:
             item = bisect.bisect_right(ends, index)
             sink, commands, n, xadds, _ = batch[item]
             what = describe(commands, index - (ends[item] - n))
-            sink.errors.append(f"{what}: {error}")
+            sink.refused += 1
+            sink.transient += may_pass(error)
             entries += 1 if xadds else 0
-            logger.error("job %s: Redis refused %s: %s", sink.job_id, what, error, extra={"job_id": sink.job_id})
+            if not sink.refusal:  # one line per job: its end says how many more
+                sink.refusal = f"{what}: {error}"
+                logger.error("job %s: Redis refused %s: %s", sink.job_id, what, error, extra={"job_id": sink.job_id})
         self.entries_lost += entries
         return entries
 

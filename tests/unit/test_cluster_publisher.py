@@ -136,7 +136,7 @@ async def test_past_give_up_only_the_copies_of_the_failed_node_are_lost(
     assert values(topology.wires[A]) == [str(i).encode() for i in range(CHUNKS)]
     assert topology.wires[B].commands == []
     assert sink.lost == CHUNKS  # B's copies, nothing of A's
-    assert sink.errors == ["XADD ka: WRONGTYPE not a stream"]  # refused in the first call, not lost
+    assert (sink.refused, sink.refusal) == (1, "XADD ka: WRONGTYPE not a stream")  # refused in the first call, not lost
     assert (publisher.lost_total, publisher.entries_lost, publisher.entries_written) == (CHUNKS, CHUNKS + 1, CHUNKS - 1)
     assert publisher.failures == calls and publisher.retries == calls - 1
     assert sink.failure().lost == CHUNKS + 1
@@ -200,6 +200,6 @@ async def test_an_attempt_fenced_between_two_calls_is_dropped_and_what_was_writt
     assert values(a) == [f"{job} {i}".encode() for job in ("gone", "kept") for i in range(CHUNKS)]
     assert values(b) == [f"kept {i}".encode() for i in range(CHUNKS)]
     assert len(a.batches) == 1 and len(b.batches) == 1
-    assert (gone.lost, gone.errors, kept.lost) == (0, [], 0)
-    assert kept.errors == ["XADD ka: WRONGTYPE not a stream"]
+    assert (gone.lost, gone.refused, kept.lost) == (0, 0, 0)
+    assert (kept.refused, kept.refusal) == (1, "XADD ka: WRONGTYPE not a stream")
     assert publisher.entries_written == 2 * CHUNKS - 1 + CHUNKS  # A's, but the refused one, and B's
