@@ -27,6 +27,7 @@ from tokenbus.redis_server import RedisClusterProcesses, RedisServerProcess
 from tokenbus.schemas.entries import ENTRY_CLASSES, Entry, EntryType
 from tokenbus.worker.emitter import JobEmitter, Outcome
 from tokenbus.worker.offline_model import Fault, OfflineModelServer, script_for
+from tokenbus.worker.presence import WorkerInfo
 from tokenbus.worker.publisher import Publisher
 from tokenbus.worker.settings import Settings
 
@@ -274,3 +275,12 @@ async def cut_replication(replica: RedisServerProcess) -> None:
         await client.execute_command("CLIENT", "KILL", "TYPE", "master")
     finally:
         await client.aclose()
+
+
+def worker_record(settings: Settings, worker_id: str, *, graphs: tuple[str, ...], seen_ago_ms: int) -> bytes:
+    """A worker's record in ``<prefix>:workers``, as a worker writes it, last seen ``seen_ago_ms`` ago."""
+    now = int(time.time() * 1000)
+    return WorkerInfo(
+        id=worker_id, host="elsewhere", pid=1, queue=settings.queue_name, graphs=graphs, max_jobs=1, running=0,
+        started_ms=now - seen_ago_ms, seen_ms=now - seen_ago_ms, heartbeat_ms=5000,
+    ).to_json()  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.sse import Event, events, free_port
-from tests.support import Process, entry, settings_env, start_gateway, write
+from tests.support import Process, entry, settings_env, start_gateway, worker_record, write
 from tests.support import token as tok
 from tests.test_gateway import stop_gateway
 from tokenbus.gateway import GatewaySettings, create_app
@@ -142,6 +142,20 @@ async def test_bad_requests_get_one_json_line(gateway: str, http: httpx2.AsyncCl
     refused(await http.get(f"{gateway}/no/such/path"), 404, "http_error")
     queued = (await http.post(f"{gateway}/jobs", json=JOB, headers=key)).json()
     assert (await http.get(f"{gateway}/jobs/{queued['job_id']}", headers=key)).json()["status"] == "queued"
+
+
+async def test_a_graph_no_live_worker_serves_is_refused_naming_the_served_ones(
+    gateway: str, http: httpx2.AsyncClient, settings: Settings, redis: Redis
+) -> None:
+    key = bearer(KEY)
+    # no live worker: nothing to check against, the job waits in the queue for one
+    assert (await http.post(f"{gateway}/jobs", json={**JOB, "graph": "later"}, headers=key)).status_code == 201
+    await redis.hset(settings.keys.workers, "w1", worker_record(settings, "w1", graphs=("joke_poem",), seen_ago_ms=0))
+    unknown = await http.post(f"{gateway}/jobs", json={**JOB, "graph": "nosuch"}, headers=key)
+    detail = refused(unknown, 422, "unknown_graph")
+    assert detail == f"unknown graph 'nosuch'; the live workers of queue {settings.queue_name} serve: joke_poem"
+    assert (await http.post(f"{gateway}/jobs", json=JOB, headers=key)).status_code == 201
+    assert await redis.zcard(settings.queue_name) == 2  # the refused one was not queued
 
 
 async def test_without_keys_only_loopback_clients_are_served(settings: Settings) -> None:

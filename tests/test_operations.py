@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -29,6 +28,7 @@ from tests.support import (
     token,
     wait_for,
     wait_until,
+    worker_record,
     write,
 )  # fmt: skip
 from tokenbus.consumer.groups import GroupConsumer
@@ -38,7 +38,6 @@ from tokenbus.schemas.errors import UnknownGraph, UnknownJob
 from tokenbus.schemas.keys import FINISHED_KEPT
 from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.emitter import finished_commands
-from tokenbus.worker.presence import WorkerInfo
 from tokenbus.worker.settings import Settings
 from tokenbus.worker.status import JobState
 
@@ -51,15 +50,6 @@ async def run(settings: Settings, *args: str, within: float = 60) -> Process:
 
 def jsonl(process: Process) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in process.stdout]
-
-
-def record(settings: Settings, worker_id: str, *, graphs: tuple[str, ...], seen_ago_ms: int) -> bytes:
-    """A worker's record in ``<prefix>:workers``, as a worker writes it, last seen ``seen_ago_ms`` ago."""
-    now = int(time.time() * 1000)
-    return WorkerInfo(
-        id=worker_id, host="elsewhere", pid=1, queue=settings.queue_name, graphs=graphs, max_jobs=1, running=0,
-        started_ms=now - seen_ago_ms, seen_ms=now - seen_ago_ms, heartbeat_ms=5000,
-    ).to_json()  # fmt: skip
 
 
 @pytest.fixture
@@ -86,7 +76,7 @@ async def test_enqueue_of_a_graph_no_live_worker_serves_fails_at_once_naming_the
 
 async def test_a_worker_registers_what_it_serves_and_leaves_when_it_stops(settings: Settings, redis: Redis) -> None:
     await redis.hset(
-        settings.keys.workers, "long-gone", record(settings, "long-gone", graphs=("old",), seen_ago_ms=3_600_000)
+        settings.keys.workers, "long-gone", worker_record(settings, "long-gone", graphs=("old",), seen_ago_ms=3_600_000)
     )
     worker = await start_worker(settings)
     try:
@@ -110,7 +100,8 @@ async def test_a_worker_registers_what_it_serves_and_leaves_when_it_stops(settin
 async def test_enqueue_with_no_live_worker_queues_the_job_and_says_who_will_run_it(
     settings: Settings, redis: Redis
 ) -> None:
-    await redis.hset(settings.keys.workers, "dead", record(settings, "dead", graphs=("other",), seen_ago_ms=60_000))
+    dead = worker_record(settings, "dead", graphs=("other",), seen_ago_ms=60_000)
+    await redis.hset(settings.keys.workers, "dead", dead)
     enqueue = await run(settings, "enqueue", "joke_poem")
     assert enqueue.proc.returncode == 0, enqueue.output
     [job_id] = enqueue.stdout
@@ -134,7 +125,8 @@ async def test_follow_with_no_live_worker_says_so_after_the_wait_timeout(setting
 async def test_follow_behind_busy_workers_says_so_once_and_waits(
     settings: Settings, redis: Redis, run_burst_worker: RunWorker
 ) -> None:
-    await redis.hset(settings.keys.workers, "busy", record(settings, "busy", graphs=("joke_poem",), seen_ago_ms=0))
+    busy = worker_record(settings, "busy", graphs=("joke_poem",), seen_ago_ms=0)
+    await redis.hset(settings.keys.workers, "busy", busy)
     enqueue = await Process.start(
         "enqueue", "joke_poem", "--input", '{"topic": "cats"}', "--mode", "messages", "--follow",
         "--wait-timeout", "0.2", env=settings_env(settings),

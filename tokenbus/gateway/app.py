@@ -39,7 +39,7 @@ from tokenbus.gateway.metrics import CountRequests, gateway_registry
 from tokenbus.gateway.settings import GatewaySettings
 from tokenbus.gateway.stats import GatewayStats
 from tokenbus.schemas.entries import EntryType
-from tokenbus.schemas.errors import InvalidJobId, InvalidJobRequest, InvalidTag
+from tokenbus.schemas.errors import InvalidJobId, InvalidJobRequest, InvalidTag, UnknownGraph
 from tokenbus.schemas.job import JobRequest
 from tokenbus.schemas.keys import StreamKeys, validate_job_id, validate_tag
 from tokenbus.worker.client import TokenbusClient
@@ -147,7 +147,8 @@ class Gateway:
             raw = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise InvalidJobRequest(f"the body is not JSON: {e}") from None
-        job_id = await self.client.enqueue_request(JobRequest.parse(raw))
+        # a graph no live worker serves is refused now (422), not left to fail on a worker
+        job_id = await self.client.enqueue_request(JobRequest.parse(raw), check_graph=True)
         token, expires = self.access.issue(jobs=[job_id])
         return JSONResponse(
             {
@@ -301,6 +302,10 @@ async def _invalid(request: Request, exc: Exception) -> Response:
     return _error(422 if isinstance(exc, InvalidJobRequest) else 400, error, str(exc))
 
 
+async def _unknown_graph(request: Request, exc: Exception) -> Response:
+    return _error(422, "unknown_graph", str(exc))
+
+
 async def _bad_cursor(request: Request, exc: Exception) -> Response:
     return _error(400, "invalid_cursor", str(exc))
 
@@ -332,6 +337,7 @@ def create_app(settings: Settings, gateway: GatewaySettings) -> Starlette:
         InvalidJobRequest: _invalid,
         InvalidJobId: _invalid,
         InvalidTag: _invalid,
+        UnknownGraph: _unknown_graph,
         BadCursor: _bad_cursor,
         HTTPException: _http,
         **{error: _unavailable for error in REDIS_UNAVAILABLE},
