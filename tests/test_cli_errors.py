@@ -96,6 +96,22 @@ async def test_a_worker_refused_its_password_stops_at_once_instead_of_waiting_fo
     assert "refused the user and password" in worker.stderr[-1]
 
 
+@pytest.mark.parametrize("command", [("enqueue", "joke_poem"), ("tail", "--tag", "poem")], ids=["enqueue", "tail"])
+async def test_sentinels_that_are_down_or_are_not_sentinels(
+    command: tuple[str, ...], settings: Settings, redis_server: RedisServerProcess
+) -> None:
+    down = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    env = {**settings_env(settings), "TOKENBUS_SENTINELS": down, "TOKENBUS_SENTINEL_MASTER": "queue"}
+    line = assert_one_line(
+        await run(env, *command), f"no Sentinel of TOKENBUS_SENTINELS={down} answered with a master named 'queue'",
+        "Connection refused", "check TOKENBUS_SENTINELS and TOKENBUS_SENTINEL_MASTER",
+    )  # fmt: skip
+    assert "<redis" not in line  # redis-py's repr of its clients is not shown
+    plain = f"127.0.0.1:{redis_server.port}"  # the Redis itself, not a Sentinel watching it
+    env = {**settings_env(settings), "TOKENBUS_SENTINELS": plain}
+    assert_one_line(await run(env, *command), f"TOKENBUS_SENTINELS={plain} names a Redis that is not a Sentinel")
+
+
 async def test_no_password_for_a_redis_that_needs_one(settings: Settings, password_server: RedisServerProcess) -> None:
     env = {**settings_env(settings), "REDIS_URL": url(password_server)}
     assert_one_line(await run(env, "enqueue", "joke_poem"), "needs a password", "REDIS_URL")

@@ -246,8 +246,7 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("INFO" if args.command in LONG_RUNNING else "WARNING"), args.log_format)
-    from tokenbus.problems import redis_problem, settings_problem
-    from tokenbus.worker.redis_client import redis_url
+    from tokenbus.problems import queue_problem, settings_problem
     from tokenbus.worker.settings import Settings
 
     settings: Settings | None = None
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except TokenbusError as e:
         return _failed(str(e), e)
     except redis_errors.RedisError as e:
-        return _failed(redis_problem(e, redis_url(settings) if settings else "REDIS_URL"), e)
+        return _failed(queue_problem(e, settings), e)
     except BrokenPipeError:
         _drop_stdout()
         return EXIT_CLOSED_PIPE

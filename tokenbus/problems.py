@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 from redis import exceptions as redis_errors
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import RedisClusterException
 
 from tokenbus.schemas.errors import CommandError, shown
@@ -26,6 +27,8 @@ from tokenbus.worker.redis_client import (
 from tokenbus.worker.settings import Settings
 
 CONFIGURATION = "see the README's Configuration"
+_CLIENT_REPR = re.compile(r"<redis\.[\w.]+\(.*?host=([^,]+),port=(\d+)[^>]*>\)>\)> - ")
+"""A Sentinel's client as redis-py's ``MasterNotFoundError`` shows it, before that Sentinel's error."""
 _JSON_EXAMPLES = {"TOKENBUS_GRAPHS": '{"name": "package.module:attribute"}'}
 
 
@@ -62,6 +65,31 @@ def redis_problem(error: BaseException, url: str, setting: str = "REDIS_URL") ->
     """What an error of redis-py, met on connecting to or using ``url`` (the value of ``setting``),
     means, and what to do."""
     return _redis_problem(error, url).replace("REDIS_URL", setting)
+
+
+def queue_problem(error: BaseException, settings: Settings | None) -> str:
+    """:func:`redis_problem` for the queue's Redis: ``REDIS_URL``, or the master that the Sentinels
+    of ``TOKENBUS_SENTINELS`` name (what they say, or fail to, is theirs to explain)."""
+    if settings is None:
+        return redis_problem(error, "REDIS_URL")
+    if settings.sentinels is not None:
+        sentinels, master = settings.sentinels, settings.sentinel_master
+        detail = _one_line(str(error)) or type(error).__name__
+        if isinstance(error, MasterNotFoundError):  # redis-py names each Sentinel by its client's repr
+            detail = _CLIENT_REPR.sub(r"\1:\2: ", detail)
+            return (
+                f"no Sentinel of TOKENBUS_SENTINELS={sentinels} answered with a master named {master!r} ({detail}): "
+                "start them, or check TOKENBUS_SENTINELS and TOKENBUS_SENTINEL_MASTER"
+            )
+        if isinstance(error, redis_errors.ResponseError) and "unknown command 'SENTINEL'" in detail:
+            return (
+                f"TOKENBUS_SENTINELS={sentinels} names a Redis that is not a Sentinel ({detail}): give the "
+                "Sentinels' host:port (26379 by default), not the Redis they watch"
+            )
+        return redis_problem(error, redis_url(settings)).replace(
+            f"at {shown_url(redis_url(settings))}", f"at the master {master!r} of the Sentinels {sentinels}"
+        )
+    return redis_problem(error, redis_url(settings))
 
 
 def _redis_problem(error: BaseException, url: str) -> str:
@@ -120,7 +148,7 @@ async def check_redis(settings: Settings, *, wait_if_down: bool = False) -> None
     except (redis_errors.RedisError, OSError) as e:
         if wait_if_down and isinstance(e, REDIS_UNAVAILABLE) and not isinstance(e, REFUSED_CREDENTIALS):
             return
-        raise RedisProblem(redis_problem(e, redis_url(settings))) from e
+        raise RedisProblem(queue_problem(e, settings)) from e
     finally:
         await redis.aclose()
     if settings.streams_apart:
