@@ -2,7 +2,7 @@
 master, in order per stream; slots moved under it (``ASK`` during a migration, ``MOVED`` after);
 a master hung mid-batch and killed (failover): nothing acknowledged lost, what is given up counted;
 chunks merged while a master holds the publisher up (``TOKENBUS_COALESCE``) routed to every stream's
-master; ``TOKENBUS_WAIT_REPLICAS`` refused."""
+master; ``TOKENBUS_WAIT_REPLICAS`` accepted (its jobs: test_loss.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from pydantic import ValidationError
 from redis.asyncio import Redis, RedisCluster
 
 from tests.conftest import make_settings
@@ -253,12 +252,12 @@ async def test_chunks_merged_while_the_jobs_master_holds_the_publisher_up_reach_
     assert publisher.entries_written == len(job) + 3 * (len(job) - 1) and not emitter.sink.lost
 
 
-async def test_wait_replicas_is_refused_on_a_cluster_saying_why(cluster_client: RedisCluster) -> None:
+async def test_wait_replicas_is_accepted_on_a_cluster(cluster_client: RedisCluster) -> None:
+    """Each master's pipeline waits for that master's replicas (test_loss.py runs jobs so)."""
     queue, model = "redis://127.0.0.1:6379/0", "http://127.0.0.1:1"
     cluster = {"TOKENBUS_STREAMS_URL": "redis://127.0.0.1:7000/0", "TOKENBUS_STREAMS_CLUSTER": "true"}
-    with pytest.raises(ValidationError, match="TOKENBUS_WAIT_REPLICAS cannot be used with TOKENBUS_STREAMS_CLUSTER"):
-        make_settings(queue, model, "p", TOKENBUS_WAIT_REPLICAS="1", **cluster)
+    settings = make_settings(queue, model, "p", TOKENBUS_WAIT_REPLICAS="2", TOKENBUS_WAIT_TIMEOUT_MS="300", **cluster)
+    assert (settings.streams_cluster, settings.wait_replicas, settings.wait_timeout_ms) == (True, 2, 300)
     assert make_settings(queue, model, "p", **cluster).wait_replicas == 0
-    assert make_settings(queue, model, "p", TOKENBUS_WAIT_REPLICAS="1").wait_replicas == 1  # one Redis: allowed
-    with pytest.raises(ValueError, match="no wait_replicas on a Redis Cluster"):
-        Publisher(cluster_client, wait_replicas=1)
+    publisher = Publisher(cluster_client, wait_replicas=2, wait_timeout_ms=300)
+    assert (publisher.wait_replicas, publisher.wait_timeout_ms) == (2, 300)

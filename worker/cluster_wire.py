@@ -37,7 +37,16 @@ until its replica takes over, and asking it first would only wait for its timeou
 A pipeline whose connection was lost may have been applied in part; all of it goes again. Its
 entries that were applied are then written twice, with the same ``(job, attempt, seq)``: readers
 drop the second copy, as they drop the copies of any retried batch. An entry Redis acknowledged
-may still be lost in a failover (replication is asynchronous): nothing here can tell.
+may still be lost in a failover (replication is asynchronous): without ``WAIT``, nothing here can tell.
+
+With ``wait_replicas`` (``TOKENBUS_WAIT_REPLICAS``), every pipeline ends with ``WAIT <replicas>
+<timeout>`` on its own connection, those to an importing node after ``ASK`` included. ``WAIT``
+counts the replicas of that connection's node that have every write made on it so far: exactly
+the commands of that pipeline (and the earlier ones on it, already judged). So each command is
+judged by the ``WAIT`` of the pipeline that wrote it for good: those of a pipeline whose ``WAIT``
+answered fewer replicas (or failed) are noted unacknowledged (:meth:`ClusterWire.unacknowledged`);
+a command that goes again (``MOVED``, ``ASK``, retried, its connection lost) is judged where it
+goes, not where it was turned away. A command refused for good is refused, not unacknowledged.
 """
 
 from __future__ import annotations
@@ -83,13 +92,20 @@ def _kind(error: redis_errors.ResponseError) -> str:
 class ClusterWire:
     """Writes batches of routed items to a Redis Cluster. One writer at a time (the publisher's)."""
 
-    def __init__(self, cluster: RedisCluster, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, cluster: RedisCluster, *, timeout_s: float = 30.0, wait_replicas: int = 0, wait_timeout_ms: int = 1000
+    ) -> None:
         self._topology = ClusterTopology(cluster)
         self._timeout_s = timeout_s
         self._wires: dict[str, Wire] = {}
         self._left: dict[int, _Command] = {}  # the batch's commands with no reply yet, by index, in order
         self._sizes: list[int] = []  # commands per item of the batch
         self._refused: Refused = []
+        self._unacked: list[int] = []  # the batch's commands written whose pipeline's WAIT fell short
+        self.wait_replicas = wait_replicas
+        """Replicas each pipeline's ``WAIT`` asks for (0: no ``WAIT``)."""
+        self.wait_timeout_ms = wait_timeout_ms
+        self._wait = pack(("WAIT", wait_replicas, wait_timeout_ms)) if wait_replicas else b""
         self._reconnects = 0  # of wires closed since (a node gone)
         self.redirects = 0
         """Commands sent again after ``MOVED`` or ``ASK``: read by the metrics endpoint and the tests."""
@@ -118,19 +134,21 @@ class ClusterWire:
             for slot, command in commands:
                 left[len(left)] = _Command(len(left), item, slot, command)
             sizes.append(len(commands))
-        self._left, self._sizes, self._refused = left, sizes, []
+        self._left, self._sizes, self._refused, self._unacked = left, sizes, [], []
 
-    def retain(self, items: Sequence[int]) -> list[int]:
+    def retain(self, items: Sequence[int]) -> tuple[list[int], list[int]]:
         """Keep only the batch's ``items`` (indexes, ascending), renumbered as the batch of those
         items (an attempt fenced between two calls: its items are dropped). What was written
-        stays written; returns the commands of the items dropped that were (by index before)."""
+        stays written; returns the commands of the items dropped that were (by index before):
+        those acknowledged, and those too few replicas acknowledged (``WAIT``)."""
         starts = [0, *itertools.accumulate(self._sizes)]
         numbers: dict[int, int] = {}  # old command index -> new
         for item in items:
             for offset in range(self._sizes[item]):
                 numbers[starts[item] + offset] = len(numbers)
         answered = set(self._left) | {number for number, _ in self._refused}
-        written = [number for number in range(starts[-1]) if number not in numbers and number not in answered]
+        unacked = set(self._unacked)
+        dropped = [number for number in range(starts[-1]) if number not in numbers and number not in answered]
         new_items = {item: new_item for new_item, item in enumerate(items)}
         self._left = {
             numbers[number]: command._replace(number=numbers[number], item=new_items[command.item])
@@ -138,8 +156,9 @@ class ClusterWire:
             if number in numbers
         }
         self._refused = [(numbers[number], error) for number, error in self._refused if number in numbers]
+        self._unacked = [numbers[number] for number in self._unacked if number in numbers]
         self._sizes = [self._sizes[item] for item in items]
-        return written
+        return [n for n in dropped if n not in unacked], [n for n in dropped if n in unacked]
 
     def undelivered(self) -> list[int]:
         """The batch's commands Redis has not acknowledged (written or refused) yet, by index."""
@@ -149,6 +168,12 @@ class ClusterWire:
         """The batch's commands refused for good so far, with Redis's error, by index; forgotten."""
         refused, self._refused = sorted(self._refused, key=lambda pair: pair[0]), []
         return refused
+
+    def unacknowledged(self) -> list[int]:
+        """The batch's commands written so far by a pipeline whose ``WAIT`` answered fewer than
+        ``wait_replicas`` replicas (or failed), by index; forgotten."""
+        unacked, self._unacked = sorted(self._unacked), []
+        return unacked
 
     async def execute(self) -> Refused:
         """Write what is left of the batch; return the errors Redis replied with, by command index.
@@ -185,7 +210,8 @@ class ClusterWire:
                 continue
             groups.setdefault(node, []).append(command)
         replies = await asyncio.gather(
-            *(self._send(node, group) for node, group in groups.items()), return_exceptions=True
+            *(self._send(node, b"".join([c.packed for c in group]), len(group)) for node, group in groups.items()),
+            return_exceptions=True,
         )
         refresh = failure is not None
         asks: list[tuple[str, _Command]] = []
@@ -200,25 +226,8 @@ class ClusterWire:
                 refresh, failure = True, f"node {node}: {reply}"
                 failed.add(node)
                 continue
-            errors = dict(reply)
-            for position, command in enumerate(group):
-                error = errors.get(position)
-                word = None if error is None else _kind(error)
-                if word == "ASK":
-                    asks.append((str(error).split()[-1], command))
-                    continue
-                if word == "MOVED":
-                    again.append(command)
-                    refresh = True
-                    self.redirects += 1
-                    continue
-                if word in RETRY_LATER:
-                    again.append(command)
-                    refresh, failure = True, f"node {node}: {error}"
-                    continue
-                if error is not None:
-                    self._refused.append((command.number, error))
-                del self._left[command.number]  # written, or refused for good
+            stale, busy = self._answered(node, group, reply, again, asks)
+            refresh, failure = refresh or stale, busy or failure
         if unexpected is not None:
             raise unexpected
         if asks:
@@ -226,10 +235,49 @@ class ClusterWire:
             failure = await self._asked(asks, again, failed) or failure
         return refresh, failure, failed
 
+    def _answered(
+        self,
+        node: str,
+        group: list[_Command],
+        reply: tuple[Refused, object],
+        again: list[_Command],
+        asks: list[tuple[str, _Command]],
+    ) -> tuple[bool, str | None]:
+        """Sort the commands of a pipeline ``node`` answered (its errors, its ``WAIT``'s reply):
+        each written or refused for good leaves the batch (those written judged by the ``WAIT``),
+        the others go to ``again`` or, redirected by ``ASK``, to ``asks``. Whether the slot table
+        is stale, and why the node could not take some now."""
+        errors, replicas = dict(reply[0]), reply[1]
+        refresh, failure = False, None
+        written: list[int] = []
+        for position, command in enumerate(group):
+            error = errors.get(position)
+            word = None if error is None else _kind(error)
+            if word == "ASK":
+                asks.append((str(error).split()[-1], command))
+                continue
+            if word == "MOVED":
+                again.append(command)
+                refresh = True
+                self.redirects += 1
+                continue
+            if word in RETRY_LATER:
+                again.append(command)
+                refresh, failure = True, f"node {node}: {error}"
+                continue
+            if error is None:
+                written.append(command.number)
+            else:
+                self._refused.append((command.number, error))
+            del self._left[command.number]  # written, or refused for good
+        self._judge(node, written, replicas)
+        return refresh, failure
+
     async def _asked(self, asks: list[tuple[str, _Command]], again: list[_Command], failed: set[str]) -> str | None:
         """Send each ``ASK``-ed command to the node named, after ``ASKING``, unless an earlier
         command of its slot goes again (it would overtake it): then it goes again too. Those
-        answered for good leave the batch; ``failed`` gets the nodes that failed."""
+        answered for good leave the batch, judged by that pipeline's ``WAIT``; ``failed`` gets
+        the nodes that failed."""
         waiting = {command.slot for command in again}
         targets: dict[str, list[_Command]] = {}
         for node, command in asks:
@@ -241,27 +289,59 @@ class ClusterWire:
         for node, group in targets.items():
             try:
                 packed = b"".join(ASKING + command.packed for command in group)
-                errors = await self._wire(node).execute(packed, 2 * len(group))
+                errors, replicas = await self._send(node, packed, 2 * len(group))
             except REDIS_UNAVAILABLE as e:
                 again.extend(group)
                 failure = f"node {node}: {e}"
                 failed.add(node)
                 continue
             retry = {position // 2 for position, _ in errors}  # ASKING's reply, or the command's
+            refused: set[int] = set()
             for position, error in errors:
                 if position % 2 == 1 and _kind(error) not in ("ASK", "MOVED", *RETRY_LATER):
                     self._refused.append((group[position // 2].number, error))  # refused for good
                     retry.discard(position // 2)
+                    refused.add(position // 2)
+            written: list[int] = []
             for i, command in enumerate(group):
                 if i in retry:
                     again.append(command)
-                else:
-                    del self._left[command.number]
+                    continue
+                if i not in refused:
+                    written.append(command.number)
+                del self._left[command.number]
+            self._judge(node, written, replicas)
         return failure
 
-    async def _send(self, node: str, group: list[_Command]) -> Refused:
-        """One pipeline to ``node``; errors by position in ``group``."""
-        return await self._wire(node).execute(b"".join([command.packed for command in group]), len(group))
+    async def _send(self, node: str, packed: bytes, count: int) -> tuple[Refused, object]:
+        """One pipeline of ``count`` packed commands to ``node``, ending with ``WAIT`` when asked
+        for: the errors Redis replied with, by position, and ``WAIT``'s reply (None without)."""
+        wire = self._wire(node)
+        if not self._wait:
+            return await wire.execute(packed, count), None
+        errors = await wire.execute(packed + self._wait, count + 1)
+        if errors and errors[-1][0] == count:  # WAIT refused: its error is its reply
+            return errors[:-1], errors[-1][1]
+        return errors, wire.last_reply
+
+    def _judge(self, node: str, written: list[int], replicas: object) -> None:
+        """Note the commands a pipeline to ``node`` wrote (by index) unacknowledged if its ``WAIT``
+        answered ``replicas`` fewer than ``wait_replicas``, or failed."""
+        if not self._wait or not written:
+            return
+        if isinstance(replicas, int) and replicas >= self.wait_replicas:
+            return
+        self._unacked.extend(written)
+        if isinstance(replicas, int):
+            logger.warning(
+                "%d commands written to cluster node %s acknowledged by %d of %d replicas within %d ms",
+                len(written), node, replicas, self.wait_replicas, self.wait_timeout_ms,
+            )  # fmt: skip
+        else:
+            logger.error(
+                "WAIT after a publish pipeline to cluster node %s failed (%r): its %d commands count as unacknowledged",
+                node, replicas, len(written),
+            )  # fmt: skip
 
     def _wire(self, node: str) -> Wire:
         wire = self._wires.get(node)

@@ -23,8 +23,10 @@ With ``wait_replicas`` set (``TOKENBUS_WAIT_REPLICAS``), each batch ends with ``
 <timeout>`` on the same connection: its entries count as written only once that many replicas
 acknowledged them. Those of a batch fewer replicas acknowledged within the timeout are counted
 on each job's :class:`Sink` as unacknowledged (Redis holds them, but a failover may lose them),
-and the job ends with an ``error`` that says how many. Not on a Redis Cluster: ``WAIT`` counts the
-replicas of the node of its connection only, and a batch goes to several (refused when made).
+and the job ends with an ``error`` that says how many. On a Redis Cluster, ``WAIT`` counts the
+replicas of its connection's node only, so each primary's pipeline ends with one of its own and
+each stream entry is judged by the ``WAIT`` of the pipeline that wrote it (``cluster_wire``):
+the entries a batch wrote to a primary short of replicas are unacknowledged, the others not.
 """
 
 from __future__ import annotations
@@ -128,9 +130,7 @@ class Publisher:
         self._cluster: ClusterWire | None = None
         self._wire: Wire | None = None
         if isinstance(redis, RedisCluster):
-            if wait_replicas:
-                raise ValueError("no wait_replicas on a Redis Cluster: WAIT counts one node's replicas")
-            self._cluster = ClusterWire(redis)
+            self._cluster = ClusterWire(redis, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
         else:
             self._wire = Wire(cast(Redis, redis))  # (mypy does not narrow redis-py's union)
         self._xadd = XaddPacker()
@@ -359,7 +359,9 @@ class Publisher:
                 kept = await self._unfenced(batch)
                 if kept is not None:
                     if loaded and cluster is not None:  # what the nodes took of the items dropped is written
-                        self.entries_written += _entries(_of_commands(batch, cluster.retain(kept)))
+                        written, unacked = cluster.retain(kept)
+                        self.entries_written += _entries(_of_commands(batch, written))
+                        self._unacknowledged(_of_commands(batch, unacked))
                     else:
                         loaded = False
                     batch = [batch[i] for i in kept]
@@ -373,7 +375,7 @@ class Publisher:
                 if not batch:
                     return
                 sent = time.monotonic()
-                if cluster is not None:  # (no WAIT: refused when made)
+                if cluster is not None:  # (WAIT, if any, ends each node's pipeline: judged there)
                     refused = await cluster.execute()
                 elif self._wait:  # (WAIT's reply is the last: its index is count)
                     refused = await _single(wire).execute(packed + self._wait, count + 1)
@@ -404,7 +406,9 @@ class Publisher:
         ``wait_replicas``, those not acknowledged by enough replicas)."""
         self.batch_sizes.observe(count)
         entries = _entries(batch)
-        if self._wait:
+        if self._cluster is not None:
+            entries -= self._unacknowledged(_of_commands(batch, self._cluster.unacknowledged()))
+        elif self._wait:
             refused, unacked = self._acknowledged(batch, refused, count)
             entries -= unacked
         if refused:
@@ -413,7 +417,8 @@ class Publisher:
 
     def _give_up(self, batch: list[_Item], error: BaseException, waited: float, loaded: bool) -> None:
         """Count ``batch`` lost; on a cluster whose wire holds it (``loaded``), only the commands
-        no node acknowledged: those written count as written, those refused as refused."""
+        no node acknowledged: those written count as written (or, with ``wait_replicas``, as
+        unacknowledged if their pipeline's ``WAIT`` fell short), those refused as refused."""
         cluster = self._cluster
         if cluster is None or not loaded:
             self._lose(batch, error, waited)
@@ -421,6 +426,7 @@ class Publisher:
         undelivered = cluster.undelivered()
         refused = cluster.refused()
         entries = _entries(batch) - _entries(_of_commands(batch, undelivered))
+        entries -= self._unacknowledged(_of_commands(batch, cluster.unacknowledged()))
         if refused:
             entries -= self._refused(batch, refused)
         self.entries_written += entries
@@ -441,20 +447,23 @@ class Publisher:
         if replicas >= self.wait_replicas:
             return refused, 0
         refused_at = {index for index, _ in refused}
-        unacked = start = 0
-        for sink, _, n, xadds, _ in batch:
-            if xadds:
-                taken = xadds - sum([1 for index in range(start, start + n) if index in refused_at])
-                sink.unacked += taken
-                unacked += taken
-            start += n
-        self.entries_unacknowledged += unacked
+        unacked = self._unacknowledged(_of_commands(batch, [i for i in range(count) if i not in refused_at]))
         if unacked:
             logger.warning(
                 "%d stream entries acknowledged by %d of %d replicas within %d ms",
                 unacked, max(replicas, 0), self.wait_replicas, self.wait_timeout_ms,
             )  # fmt: skip
         return refused, unacked
+
+    def _unacknowledged(self, items: list[_Item]) -> int:
+        """Count the stream entries of ``items`` (as :func:`_of_commands` cuts them: those written
+        that too few replicas acknowledged) on their jobs' sinks; return how many."""
+        unacked = 0
+        for sink, _, _, xadds, _ in items:
+            sink.unacked += xadds
+            unacked += xadds
+        self.entries_unacknowledged += unacked
+        return unacked
 
     def _refused(self, batch: list[_Item], refused: list[tuple[int, redis_errors.ResponseError]]) -> int:
         """Record each error reply on the job whose command it answers (by command index); return

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     """Calls waiting in the publisher's buffer from which it counts as congested (``adaptive`` only)."""
     wait_replicas: int = Field(default=0, ge=0, validation_alias="TOKENBUS_WAIT_REPLICAS")
     """Replicas that must acknowledge each publish pipeline (``WAIT``) before its entries count as
-    written; 0: no ``WAIT``. Not with ``TOKENBUS_STREAMS_CLUSTER`` (refused)."""
+    written; 0: no ``WAIT``. On a Redis Cluster (``TOKENBUS_STREAMS_CLUSTER``), replicas of the
+    master each pipeline went to: each master's pipeline ends with its own ``WAIT``."""
     wait_timeout_ms: int = Field(default=1000, ge=1, le=20_000, validation_alias="TOKENBUS_WAIT_TIMEOUT_MS")
     """How long each ``WAIT`` waits for them (below the publisher's 30 s reply timeout)."""
 
@@ -101,13 +102,6 @@ class Settings(BaseSettings):
             )
         if self.streams_cluster and self.streams_url is not None and self.streams_url.startswith("unix:"):
             raise ValueError("a Redis Cluster is reached over TCP: TOKENBUS_STREAMS_URL cannot be a unix:// socket")
-        if self.streams_cluster and self.wait_replicas:
-            raise ValueError(
-                "TOKENBUS_WAIT_REPLICAS cannot be used with TOKENBUS_STREAMS_CLUSTER: WAIT counts the replicas "
-                "of one node's writes on one connection, and a publish batch goes to several cluster nodes. "
-                "Unset TOKENBUS_WAIT_REPLICAS (a cluster replicates asynchronously: a failover may lose "
-                "acknowledged entries, and job-stream readers report the missing seqs as gaps)"
-            )
         if self.sentinels is not None and self.redis_url is not None and self.redis_url.startswith("unix:"):
             raise ValueError("with TOKENBUS_SENTINELS, REDIS_URL gives credentials over TCP, not a unix:// socket")
         return self

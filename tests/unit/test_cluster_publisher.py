@@ -1,6 +1,8 @@
 """The publisher on a Redis Cluster of fake nodes: what one node acknowledged stays written, and
 counts as written, whatever the others do and however many calls a batch takes; only the copies
-no node acknowledged are counted lost when the publisher gives up."""
+no node acknowledged are counted lost when the publisher gives up. With ``WAIT``, each node's
+pipeline ends with one, and judges the commands that pipeline wrote: those redirected by ``ASK``
+by the importing node's."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import RedisCluster
 
 from tests.unit.fake_wire import FakeWire
+from tokenbus.schemas.errors import PublishError
 from tokenbus.worker import cluster_wire as cluster_wire_module
 from tokenbus.worker import publisher as publisher_module
 from tokenbus.worker.publisher import Publisher
@@ -110,6 +113,26 @@ def values(wire: FakeWire) -> list[bytes]:
     return [command[-1] for command in wire.commands]
 
 
+def xadds(wire: FakeWire) -> list[bytes]:
+    """The last field of each ``XADD`` the node took, in order."""
+    return [command[-1] for command in wire.commands if command[0] == b"XADD"]
+
+
+class Fence:
+    """The publisher's fence, with ``count`` attempts fenced (no lease ever in doubt)."""
+
+    count = 0
+
+    def expired(self) -> bool:
+        return False
+
+    async def confirm(self) -> None:
+        raise AssertionError("no lease is in doubt")
+
+    def fenced(self) -> int:
+        return self.count
+
+
 @pytest.mark.parametrize(
     ("calls", "readable"),
     [(1, None), (3, None), (3, 2)],
@@ -167,19 +190,6 @@ async def test_an_attempt_fenced_between_two_calls_is_dropped_and_what_was_writt
     while B holds its pipeline, then fails it. Before the next call the first job's attempt loses
     its lease: B then gets the second job's copies only, and the refusal on A stays the second
     job's (the batch renumbered without the first job's commands)."""
-
-    class Fence:
-        count = 0
-
-        def expired(self) -> bool:
-            return False
-
-        async def confirm(self) -> None:
-            raise AssertionError("no lease is in doubt")
-
-        def fenced(self) -> int:
-            return self.count
-
     publisher = start_publisher()
     fence = publisher.fence = Fence()
     gone, kept = publisher.sink("gone"), publisher.sink("kept")
@@ -203,3 +213,98 @@ async def test_an_attempt_fenced_between_two_calls_is_dropped_and_what_was_writt
     assert (gone.lost, gone.refused, kept.lost) == (0, 0, 0)
     assert (kept.refused, kept.refusal) == (1, "XADD ka: WRONGTYPE not a stream")
     assert publisher.entries_written == 2 * CHUNKS - 1 + CHUNKS  # A's, but the refused one, and B's
+
+
+async def test_with_wait_each_nodes_pipeline_ends_with_wait_and_judges_its_own_commands(
+    start_publisher: StartPublisher, topology: FakeTopology
+) -> None:
+    """A's replica acknowledges, B's does not: the chunks' copies on B are unacknowledged (but the
+    one B refused: refused, not unacknowledged), those on A written; an ``EXPIRE`` is no entry."""
+    publisher = start_publisher(wait_replicas=1, wait_timeout_ms=50)
+    a, b = topology.wires[A], topology.wires[B]
+    a.replicas, b.replicas = 1, 0
+    b.refuse = lambda command: "OOM no memory" if command[-1] == b"0" else None
+    sink = publisher.sink("j")
+    for i in range(CHUNKS):
+        publisher.xadd(sink, [(KEY_A, 100), (KEY_B, 100)], ["n", str(i)])
+    publisher.command(sink, ("EXPIRE", KEY_B, 60))
+    await sink.flushed()
+
+    for wire in (a, b):
+        assert wire.batches and all(batch[-1] == [b"WAIT", b"1", b"50"] for batch in wire.batches)
+        assert xadds(wire) == [str(i).encode() for i in range(CHUNKS)]
+    assert (sink.unacked, sink.lost, sink.refused, sink.refusal) == (CHUNKS - 1, 0, 1, "XADD kb: OOM no memory")
+    counted = (publisher.entries_written, publisher.entries_unacknowledged, publisher.entries_lost)
+    assert counted == (CHUNKS, CHUNKS - 1, 1)
+    with pytest.raises(PublishError, match=f"{CHUNKS - 1} stream entries of job j were written but not acknowledged"):
+        sink.check()
+
+
+@pytest.mark.parametrize("short", [A, B], ids=["source-short", "importing-node-short"])
+async def test_commands_redirected_by_ask_are_judged_by_the_wait_of_the_importing_nodes_pipeline(
+    start_publisher: StartPublisher, topology: FakeTopology, short: str
+) -> None:
+    """A's slot is migrating to B: A answers ``ASK`` for two of the chunks, which B writes after
+    ``ASKING``, in a pipeline ending with its own ``WAIT``. The node whose replica does not
+    acknowledge (``short``) leaves unacknowledged exactly the chunks it wrote."""
+    publisher = start_publisher(wait_replicas=1, wait_timeout_ms=50)
+    a, b = topology.wires[A], topology.wires[B]
+    a.replicas, b.replicas = (0, 1) if short == A else (1, 0)
+    asked = {b"1", b"3"}
+    a.refuse = lambda command: f"ASK {slot_of(KEY_A)} {B}" if command[-1] in asked else None
+    sink = publisher.sink("j")
+    for i in range(CHUNKS):
+        publisher.xadd(sink, [(KEY_A, 100)], ["n", str(i)])
+    await sink.flushed()
+
+    assert [[c[0] for c in batch] for batch in b.batches] == [[b"ASKING", b"XADD", b"ASKING", b"XADD", b"WAIT"]]
+    assert sorted(xadds(b)) == sorted(asked) and a.batches[-1][-1][0] == b"WAIT"
+    on_short = len(asked) if short == B else CHUNKS - len(asked)
+    assert (sink.unacked, publisher.entries_unacknowledged) == (on_short, on_short)
+    assert (publisher.entries_written, publisher.redirects, sink.lost) == (CHUNKS - on_short, len(asked), 0)
+
+
+async def test_given_up_the_copies_a_node_wrote_short_of_replicas_stay_unacknowledged_not_lost(
+    start_publisher: StartPublisher, topology: FakeTopology
+) -> None:
+    """A writes its copies (its replica does not acknowledge) while B fails until the publisher
+    gives up: A's copies are unacknowledged, B's lost, none written."""
+    publisher = start_publisher(give_up_s=0.5, wait_replicas=1)
+    topology.wires[B].failures = [redis_errors.ConnectionError("Connection reset by peer")]
+    sink = publisher.sink("j")
+    for i in range(CHUNKS):
+        publisher.xadd(sink, [(KEY_A, 100), (KEY_B, 100)], ["n", str(i)])
+    await sink.flushed()
+
+    assert (sink.unacked, sink.lost, publisher.entries_written) == (CHUNKS, CHUNKS, 0)
+    assert (publisher.entries_unacknowledged, publisher.entries_lost) == (CHUNKS, CHUNKS)
+
+
+async def test_an_attempt_fenced_between_two_calls_keeps_its_unacknowledged_copies_counted(
+    start_publisher: StartPublisher, topology: FakeTopology
+) -> None:
+    """The first job's chunks go to A, the second's are copied to A and B. A writes its copies
+    short of replicas while B holds its pipeline, then fails it; the first job's attempt is
+    fenced before the next call. Each job keeps its copies on A unacknowledged (the batch
+    renumbered without the first job's commands), and B, whose replica acknowledges, writes the
+    second job's."""
+    publisher = start_publisher(wait_replicas=1)
+    fence = publisher.fence = Fence()
+    gone, kept = publisher.sink("gone"), publisher.sink("kept")
+    a, b = topology.wires[A], topology.wires[B]
+    b.replicas = 1
+    b.gate.clear()
+    for i in range(CHUNKS):
+        publisher.xadd(gone, [(KEY_A, 100)], ["n", f"gone {i}"])
+    for i in range(CHUNKS):
+        publisher.xadd(kept, [(KEY_A, 100), (KEY_B, 100)], ["n", f"kept {i}"])
+    await b.in_flight.wait()
+    gone.fenced, fence.count = True, 1
+    b.failures = [redis_errors.ConnectionError("Connection reset by peer")]
+    b.gate.set()
+    await gone.flushed()
+    await kept.flushed()
+
+    assert xadds(b) == [f"kept {i}".encode() for i in range(CHUNKS)] and len(a.batches) == 1
+    assert (gone.unacked, kept.unacked, gone.lost, kept.lost) == (CHUNKS, CHUNKS, 0, 0)
+    assert (publisher.entries_unacknowledged, publisher.entries_written) == (2 * CHUNKS, CHUNKS)
