@@ -535,6 +535,8 @@ def _entries(batch: list[_Item]) -> int:
 def _of_commands(batch: list[_Item], indexes: list[int]) -> list[_Item]:
     """The items of ``batch`` holding the commands at ``indexes``, each counting only those
     (as commands, and as entries if the item's commands are entries)."""
+    if not indexes:  # the usual case (nothing unacknowledged, nothing undelivered): no pass over the batch
+        return []
     ends = list(itertools.accumulate(n for _, _, n, _, _ in batch))
     counts: dict[int, int] = {}
     for index in indexes:
