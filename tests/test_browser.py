@@ -28,7 +28,7 @@ from selenium.webdriver.support.select import Select
 from tests.browser import console
 from tests.conftest import make_settings
 from tests.sse import free_port
-from tests.support import Process, ThreadedModelServer, start_gateway, start_worker, wait_until
+from tests.support import Process, ThreadedModelServer, start_gateway, start_worker, wait_for, wait_until
 from tokenbus.consumer.jobs import job_result
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.worker.offline_model import script_for
@@ -103,6 +103,17 @@ async def gateway(
     """A worker and a gateway (no API key: loopback only) over the paced model."""
     async with run_stack(make_settings(redis_server.url, paced_model.base_url, prefix)) as gateway:
         yield gateway
+
+
+async def poem_streaming(redis: Redis, settings: Settings) -> None:
+    """Wait until the poem has a few tokens in Redis: the moment to break something mid-poem. Read
+    from Redis, not the page: on a busy machine the page shows them seconds later, when the slow
+    model may have written the whole poem."""
+
+    async def started() -> bool:
+        return int(await redis.xlen(settings.keys.tag("poem"))) >= 3
+
+    await wait_for(started, within=60, what="the poem to start streaming")
 
 
 # -- the page, through selenium -------------------------------------------------------------------
@@ -232,14 +243,15 @@ async def test_the_page_shows_any_job_by_its_id_tags_live_and_a_failed_job(
 
 
 async def test_the_page_carries_on_when_the_gateway_is_restarted_mid_stream(
-    browser: WebDriver, redis_server: RedisServerProcess, slow_model: ThreadedModelServer, prefix: str
+    browser: WebDriver, redis_server: RedisServerProcess, redis: Redis, slow_model: ThreadedModelServer, prefix: str
 ) -> None:
     topic = "cats"
     poem = texts_for(topic)["poem"]
-    async with run_stack(make_settings(redis_server.url, slow_model.base_url, prefix)) as gateway:
+    settings = make_settings(redis_server.url, slow_model.base_url, prefix)
+    async with run_stack(settings) as gateway:
         await open_page(browser, gateway.url)
         await enqueue(browser, topic)
-        await wait_until(lambda: column(browser, "poem") != "", within=60, what="the poem to start")
+        await poem_streaming(redis, settings)
 
         await gateway.kill()
         shown = column(browser, "poem")  # all the page can have: its gateway is gone
@@ -258,7 +270,7 @@ async def test_the_page_carries_on_when_the_gateway_is_restarted_mid_stream(
 
 
 async def test_the_page_starts_over_when_a_newer_attempt_of_the_job_begins(
-    browser: WebDriver, redis_server: RedisServerProcess, slow_model: ThreadedModelServer, prefix: str
+    browser: WebDriver, redis_server: RedisServerProcess, redis: Redis, slow_model: ThreadedModelServer, prefix: str
 ) -> None:
     """A worker stopped without grace mid-poem: attempt 1 ends with ``retry``, another worker runs
     attempt 2 from the start, and the page drops attempt 1's text on the ``restart`` event."""
@@ -269,7 +281,7 @@ async def test_the_page_starts_over_when_a_newer_attempt_of_the_job_begins(
         await gateway.start()
         await open_page(browser, gateway.url)
         await enqueue(browser, "cats")
-        await wait_until(lambda: column(browser, "poem") != "", within=60, what="the poem to start")
+        await poem_streaming(redis, settings)
         assert await workers[0].stop(signal.SIGTERM) == 0, workers[0].output
         assert column(browser, "poem") != texts_for("cats")["poem"], "the job ended before its worker was stopped"
         workers.append(await start_worker(settings))
