@@ -10,7 +10,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from tests.conftest import make_settings
-from tests.support import JOKE, POEM, ThreadedModelServer, follow_job, read_stream
+from tests.support import JOKE, POEM, Process, ThreadedModelServer, follow_job, read_stream, settings_env
 from tokenbus.consumer.jobs import job_result
 from tokenbus.redis_server import RedisSentinelProcesses, wait_replicated
 from tokenbus.schemas.entries import Entry, EntryType
@@ -19,6 +19,7 @@ from tokenbus.worker.client import TokenbusClient
 from tokenbus.worker.redis_client import streams_from_settings
 from tokenbus.worker.settings import Settings
 
+SENTINEL_PASSWORD = "sentinel-secret"
 KILL_AT = 5
 """The running job's chunk at which the master is killed."""
 
@@ -34,13 +35,25 @@ async def run_burst_worker(settings: Settings) -> None:
 async def test_jobs_queued_before_and_after_a_sentinel_failover_run(
     model_server: ThreadedModelServer, prefix: str
 ) -> None:
-    setup = RedisSentinelProcesses()
+    """Through Sentinels that ask for a password of their own (TOKENBUS_SENTINEL_PASSWORD)."""
+    setup = RedisSentinelProcesses(sentinel_password=SENTINEL_PASSWORD)
     await asyncio.to_thread(setup.start)
     try:
         # REDIS_URL's host is nobody's: everything goes through the Sentinels
         settings = make_settings(
-            "redis://127.0.0.1:1/0", model_server.base_url, prefix, TOKENBUS_SENTINELS=setup.sentinels
-        )
+            "redis://127.0.0.1:1/0", model_server.base_url, prefix, TOKENBUS_SENTINELS=setup.sentinels,
+            TOKENBUS_SENTINEL_PASSWORD=SENTINEL_PASSWORD,
+        )  # fmt: skip
+        without = await Process.start("jobs", env={**settings_env(settings), "TOKENBUS_SENTINEL_PASSWORD": ""})
+        assert await without.wait(within=60) == 2, without.output
+        assert without.stderr == [
+            f"tokenbus: the Sentinels of TOKENBUS_SENTINELS={setup.sentinels} refused the password of "
+            "TOKENBUS_SENTINEL_PASSWORD, or asked for one and it is unset (No master found for 'mymaster' : "
+            + ", ".join(
+                f"127.0.0.1:{port}: AuthenticationError('Authentication required.')" for port in setup.sentinel_ports
+            )
+            + "): set it to the Sentinels' requirepass"
+        ], without.output
         async with await TokenbusClient.connect(settings) as client:
             first = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
             await run_burst_worker(settings)

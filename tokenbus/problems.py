@@ -77,6 +77,12 @@ def queue_problem(error: BaseException, settings: Settings | None) -> str:
         detail = _one_line(str(error)) or type(error).__name__
         if isinstance(error, MasterNotFoundError):  # redis-py names each Sentinel by its client's repr
             detail = _CLIENT_REPR.sub(r"\1:\2: ", detail)
+            if "AuthenticationError" in detail:
+                return (
+                    f"the Sentinels of TOKENBUS_SENTINELS={sentinels} refused the password of "
+                    f"TOKENBUS_SENTINEL_PASSWORD, or asked for one and it is unset ({detail}): set it to "
+                    "the Sentinels' requirepass"
+                )
             return (
                 f"no Sentinel of TOKENBUS_SENTINELS={sentinels} answered with a master named {master!r} ({detail}): "
                 "start them, or check TOKENBUS_SENTINELS and TOKENBUS_SENTINEL_MASTER"

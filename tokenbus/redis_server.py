@@ -353,9 +353,18 @@ class RedisSentinelProcesses:
 
     kind = "redis-sentinel"
 
-    def __init__(self, *, sentinels: int = 1, master_name: str = "mymaster", down_after_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        sentinels: int = 1,
+        master_name: str = "mymaster",
+        down_after_ms: int = 1000,
+        sentinel_password: str | None = None,
+    ) -> None:
         self.master_name = master_name
         self._down_after_ms = down_after_ms
+        self.sentinel_password = sentinel_password
+        """What the Sentinels ask their clients for (``requirepass``); None: nothing."""
         self.master = RedisServerProcess()
         self.replica = RedisServerProcess(extra_args=("--replicaof", "127.0.0.1", str(self.master.port)))
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
@@ -383,6 +392,7 @@ class RedisSentinelProcesses:
                     f"sentinel monitor {self.master_name} 127.0.0.1 {self.master.port} {quorum}\n"
                     f"sentinel down-after-milliseconds {self.master_name} {self._down_after_ms}\n"
                     f"sentinel failover-timeout {self.master_name} 10000\n"
+                    + (f"requirepass {self.sentinel_password}\n" if self.sentinel_password else "")
                 )
                 self._sentinels.append(
                     subprocess.Popen(
@@ -397,11 +407,13 @@ class RedisSentinelProcesses:
             raise
 
     def _knows_replica(self, port: int) -> bool:
-        return str(self.replica.port).encode() in _command(port, "SENTINEL", "REPLICAS", self.master_name)
+        replicas = _reply(port, "SENTINEL", "REPLICAS", self.master_name, password=self.sentinel_password)
+        return str(self.replica.port).encode() in str(replicas).encode()
 
     def master_port(self) -> int:
         """The master's port as the first Sentinel names it now."""
-        return int(_reply(self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)[1])
+        asked = ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        return int(_reply(self.sentinel_ports[0], *asked, password=self.sentinel_password)[1])
 
     def kill_master(self, *, timeout_s: float = 60.0) -> None:
         """SIGKILL the master and wait until the Sentinels name the replica master, and it is one."""
@@ -470,19 +482,28 @@ def _command(port: int, *args: str) -> bytes:
     return reply if isinstance(reply, bytes) else str(reply).encode()
 
 
-def _reply(port: int, *args: str) -> Any:
-    """One command to a local node over a plain socket; its reply as hiredis reads it."""
+def _reply(port: int, *args: str, password: str | None = None) -> Any:
+    """One command to a local node over a plain socket (after ``AUTH password``, if given); its
+    reply as hiredis reads it."""
     import hiredis
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         command: tuple[Any, ...] = args
-        s.sendall(hiredis.pack_command(command))
+        login: tuple[Any, ...] = ("AUTH", password)
+        auth = hiredis.pack_command(login) if password is not None else b""
+        s.sendall(auth + hiredis.pack_command(command))
         reader = hiredis.Reader()
-        while (reply := reader.gets()) is False:
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"port {port} closed the connection")
-            reader.feed(chunk)
+        replies: list[Any] = []
+        while len(replies) < (2 if auth else 1):
+            while (reply := reader.gets()) is False:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"port {port} closed the connection")
+                reader.feed(chunk)
+            replies.append(reply)
+    if auth and isinstance(replies[0], hiredis.ReplyError):
+        raise RuntimeError(f"port {port}: AUTH: {replies[0]}")
+    reply = replies[-1]
     if isinstance(reply, hiredis.ReplyError):
         raise RuntimeError(f"port {port}: {' '.join(args)}: {reply}")
     return reply

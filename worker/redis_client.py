@@ -85,7 +85,14 @@ def sentinel_master(settings: Settings, *, redis_class: type[Redis] | None = Non
     # a command on a connection to a master that is gone reconnects: to the master the Sentinels name now
     options.setdefault("retry", Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5))
     options.setdefault("retry_on_error", [redis_errors.ConnectionError, redis_errors.TimeoutError])
-    sentinel = Sentinel(settings.sentinel_addresses, **credentials, **options)  # type: ignore[no-untyped-call]
+    # the Sentinels' own connections: the socket options, and their password if they ask for one
+    # (redis-py gives them only the socket options unless told otherwise)
+    sentinel_kwargs = {name: value for name, value in options.items() if name.startswith("socket_")}
+    if settings.sentinel_password is not None:
+        sentinel_kwargs["password"] = settings.sentinel_password.get_secret_value()
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinel_addresses, sentinel_kwargs=sentinel_kwargs, **credentials, **options
+    )
     client = sentinel.master_for(settings.sentinel_master, redis_class=redis_class or _SentinelMaster)
     assert isinstance(client, _SentinelMaster | _ArqSentinelMaster)
     client.sentinels = sentinel.sentinels

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     """``host:port,host:port...`` of Redis Sentinels: the queue's Redis is the master they name
     (``TOKENBUS_SENTINEL_MASTER``); ``REDIS_URL`` then gives only its user, password, database and TLS."""
     sentinel_master: str = Field(default="mymaster", min_length=1, validation_alias="TOKENBUS_SENTINEL_MASTER")
+    sentinel_password: SecretStr | None = Field(default=None, validation_alias="TOKENBUS_SENTINEL_PASSWORD")
+    """What the Sentinels themselves ask for (their ``requirepass``); ``REDIS_URL``'s password is
+    the master's. Unset: the Sentinels are asked nothing."""
     streams_url: str | None = Field(default=None, validation_alias="TOKENBUS_STREAMS_URL")
     """Where the ``<prefix>:`` keys live (streams, running, finished, workers, dead letters);
     unset: on the queue's Redis (``REDIS_URL``, or its Sentinel master)."""
