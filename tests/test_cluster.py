@@ -113,12 +113,13 @@ async def migrate_while_publishing(
     emit(emitter, 50, [tag])  # the source has no such key now: ASK, to the target
     await emitter.sink.flushed()
     assert publisher.redirects > redirects, "no ASK was followed"
-    redirects = publisher.redirects
+    redirects, reloads = publisher.redirects, publisher.slot_table_reloads
 
     await asyncio.to_thread(redis_cluster.end_migration, slot, target)
     emit(emitter, 50, [tag])  # the slot table still says source: MOVED
     await emitter.sink.flushed()
     assert publisher.redirects > redirects, "no MOVED was followed"
+    assert publisher.slot_table_reloads > reloads, "MOVED did not reload the slot table"
     assert redis_cluster.master_of(tag_key) is target
 
 

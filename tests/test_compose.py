@@ -56,6 +56,7 @@ SET_BY_THE_FILES = {
     "TOKENBUS_METRICS_HOST",
     "TOKENBUS_SENTINELS",  # docker-compose.sentinel.yml
     "TOKENBUS_SENTINEL_MASTER",
+    "TOKENBUS_SENTINEL_PASSWORD",  # none: docker-compose.sentinel.yml's Sentinels ask for none
     "TOKENBUS_STREAMS_URL",  # docker-compose.cluster.yml
     "TOKENBUS_STREAMS_CLUSTER",
 }

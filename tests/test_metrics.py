@@ -121,6 +121,8 @@ async def test_counters_move_as_the_jobs_streams_say(
     assert value(ended, "tokenbus_time_to_first_token_seconds_count", graph="joke_poem") == 1
     assert value(ended, "tokenbus_entries_published_total") == await stream_total(redis, settings.prefix)
     assert value(ended, "tokenbus_entries_lost_total") == 0
+    assert value(ended, "tokenbus_cluster_redirects_total") == 0  # one Redis
+    assert value(ended, "tokenbus_cluster_slot_table_reloads_total") == 0
     batches = value(ended, "tokenbus_publish_batch_commands_count")
     assert batches > 0 and value(ended, "tokenbus_publish_round_trip_seconds_count") == batches
     assert value(ended, "tokenbus_publish_batch_commands_sum") >= value(ended, "tokenbus_entries_published_total")

@@ -188,6 +188,18 @@ class WorkerCollector(Collector):
             "tokenbus_publish_retries", "Publish pipelines sent again after Redis failed them", publisher.retries
         )
         yield CounterMetricFamily(
+            "tokenbus_cluster_redirects",
+            "Stream commands sent again to another Redis Cluster node after MOVED or ASK (a slot moved or "
+            "moving); 0 on one Redis",
+            publisher.redirects,
+        )
+        yield CounterMetricFamily(
+            "tokenbus_cluster_slot_table_reloads",
+            "Times the publisher reloaded the Redis Cluster's slot table (after a redirect, or a node lost); "
+            "0 on one Redis",
+            publisher.slot_table_reloads,
+        )
+        yield CounterMetricFamily(
             "tokenbus_chunks_merged",
             "Chunks merged into the entry of the chunk before them while the publisher was congested "
             "(TOKENBUS_COALESCE=adaptive)",

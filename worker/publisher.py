@@ -514,6 +514,11 @@ class Publisher:
         """Commands sent again to another cluster node (``MOVED``, ``ASK``); 0 on one Redis."""
         return 0 if self._cluster is None else self._cluster.redirects
 
+    @property
+    def slot_table_reloads(self) -> int:
+        """Times the cluster's slot table was reloaded (a redirect, a node lost); 0 on one Redis."""
+        return 0 if self._cluster is None else self._cluster.refreshes
+
     def _release_waiters(self) -> None:
         while self._waiters and self._waiters[0][0] <= self._done:
             _, _, future = heapq.heappop(self._waiters)
