@@ -174,12 +174,13 @@ async def single_vs_cluster(bench: Bench, places: Deployments, sizes: Sizes, run
     for what in ("bus_alone_custom", "messages", "custom"):
         measured: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
         for round_ in range(sizes.rounds):
-            jobs = spread(places.owner, fresh_names("j"), MASTERS, sizes.per_shard)
             # each job's tag on the next shard: a chunk's two entries go to two masters
             tags = spread(places.owner, (f"t{i}" for i in range(10_000)), MASTERS, sizes.per_shard)
             tags = tags[1:] + tags[:1]
             sides = [("single", places.single), ("cluster", places.cluster)]
             for side, streams in alternate(sides, run + round_):
+                # the job ids themselves spread (a job stream's slot is its id's), one set per side
+                jobs = spread(places.owner, fresh_names(f"{side}-j"), MASTERS, sizes.per_shard)
                 if what == "bus_alone_custom":
                     m = await bus_alone(bench, "custom", sizes.alone, streams=streams, tags=tags, jobs=jobs)
                     m["worker_us"] = m["publisher_us"]
@@ -187,7 +188,7 @@ async def single_vs_cluster(bench: Bench, places: Deployments, sizes: Sizes, run
                     inputs = [{"n": sizes.e2e, "tag": tag} for tag in tags]
                     m = await tokenbus_e2e(
                         bench, f"bench_{what}", inputs, what, len(jobs), streams=streams, tags=tags,
-                        job_ids=[f"{side}-{job}" for job in jobs],
+                        job_ids=jobs,
                     )  # fmt: skip
                 measured[side].append(m)
         single, cluster = best(measured["single"]), best(measured["cluster"])

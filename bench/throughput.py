@@ -82,9 +82,10 @@ async def bus_alone(
     process (the publisher), and the share of a core each used.
 
     ``streams``: where they go (default: the run's Redis). The chunks are dealt round-robin to
-    ``jobs`` (job ids, after the run's prefix), job ``k`` tagging its chunks ``tags[k % len(tags)]``
-    (one tag for all: one hot tag stream). ``coalesce_after`` and ``wait_replicas`` are the
-    publisher's (``TOKENBUS_COALESCE_AFTER`` with ``TOKENBUS_COALESCE=adaptive``, ``TOKENBUS_WAIT_REPLICAS``)."""
+    ``jobs`` (job ids, as given: on a cluster, the caller picks their slots), job ``k`` tagging its
+    chunks ``tags[k % len(tags)]`` (one tag for all: one hot tag stream). ``coalesce_after`` and
+    ``wait_replicas`` are the publisher's (``TOKENBUS_COALESCE_AFTER`` with
+    ``TOKENBUS_COALESCE=adaptive``, ``TOKENBUS_WAIT_REPLICAS``)."""
     streams = streams or bench.streams
     settings = bench.settings(**streams.overrides)
     job_tags = [tags[k % len(tags)] for k in range(len(jobs))]
@@ -114,7 +115,7 @@ async def bus_alone(
         wait_replicas=wait_replicas,
     ).start()
     limits = StreamLimits(settings.tag_maxlen, settings.job_maxlen, settings.job_ttl_s)
-    emitters = [JobEmitter(publisher, settings.keys, limits, f"{settings.prefix}-{job}", 1) for job in jobs]
+    emitters = [JobEmitter(publisher, settings.keys, limits, job, 1) for job in jobs]
     emits = [emitter.message if mode == "messages" else emitter.custom for emitter in emitters]
     calls = [(emits[i % len(jobs)], chunks[i % len(jobs)][i // len(jobs)]) for i in range(n)]
     try:
