@@ -14,7 +14,8 @@ over the runs.
 
 The scenario starts deployments of its own, next to the run's Redis (which keeps arq's queue):
 a single ``redis-server`` for the streams, a 3-master Redis Cluster with no replicas
-(:class:`RedisClusterProcesses`), and a Redis with one replica for ``WAIT``. Workers point at
+(:class:`RedisClusterProcesses`), and, for ``WAIT``, a Redis with one replica and a 3-master
+cluster whose masters have one replica each. Workers point at
 them with ``TOKENBUS_STREAMS_URL`` (and ``TOKENBUS_STREAMS_CLUSTER``): both sides of a comparison
 run the same worker code apart from the client, and Redis CPU counts the streams' servers alone.
 
@@ -39,8 +40,10 @@ run the same worker code apart from the client, and Redis CPU counts the streams
   one is written in the report's notes), and the master's capacity on paper (chunks per CPU second of that master:
   what the stream carries when its master has a core of its own and enough publishers feed it).
   Off and on with coalescing.
-- **WAIT** (``scaleout_wait{0,1}_*``, on the Redis with a replica): the bus alone (chunks/s) and 20
-  paced jobs (p99) with ``TOKENBUS_WAIT_REPLICAS`` 0 and 1.
+- **WAIT** (``scaleout_wait{0,1}_*``, on the Redis with a replica; ``scaleout_cluster_wait{0,1}_*``,
+  on the cluster with replicas, each master's pipeline ending with its own ``WAIT``): the bus alone
+  (chunks/s; on the cluster its jobs and tags spread over the masters) and 20 paced jobs (p99) with
+  ``TOKENBUS_WAIT_REPLICAS`` 0 and 1.
 """
 
 from __future__ import annotations
@@ -87,8 +90,11 @@ class Deployments:
     single: Streams
     cluster: Streams
     replicated: Streams
+    replicated_cluster: Streams
     owner: Callable[[str], int]
     """The cluster master (index in ``cluster.masters``) serving a hash tag's slot."""
+    replicated_owner: Callable[[str], int]
+    """The same for ``replicated_cluster``."""
 
 
 @contextlib.asynccontextmanager
@@ -97,33 +103,48 @@ async def deployments() -> AsyncIterator[Deployments]:
     single, primary = RedisServerProcess(), RedisServerProcess()
     replica = RedisServerProcess(extra_args=("--replicaof", "127.0.0.1", str(primary.port)))
     cluster = RedisClusterProcesses(masters=MASTERS, replicas=0)
+    # a node silent for a second would be failed over: not on a machine this busy
+    replicated_cluster = RedisClusterProcesses(masters=MASTERS, replicas=1, node_timeout_ms=15_000)
     servers: list[RedisServerProcess | RedisClusterProcesses] = []
     try:
-        for server in (single, primary, replica, cluster):
+        for server in (single, primary, replica, cluster, replicated_cluster):
             await asyncio.to_thread(server.start)
             servers.append(server)
         await asyncio.to_thread(wait_replicated, primary)
-        client = RedisCluster.from_url(cluster.url)  # its map of the slots (none move here)
-        try:
-            await client.initialize()
-            ports = [node.port for node in cluster.nodes]
-
-            def owner(name: str) -> int:
-                node = client.get_node_from_key(name)  # (the slot of ``name`` is that of ``{name}``)
-                assert node is not None
-                return ports.index(node.port)
-
+        await asyncio.to_thread(replicated_cluster.wait_synced)
+        async with slot_map(cluster) as (streams, owner), slot_map(replicated_cluster) as (replicated, owner2):
             yield Deployments(
                 single=Streams(single.url, (single.url,)),
-                cluster=Streams(cluster.url, tuple(node.url for node in cluster.nodes), cluster=True),
+                cluster=streams,
                 replicated=Streams(primary.url, (primary.url,)),
+                replicated_cluster=replicated,
                 owner=owner,
+                replicated_owner=owner2,
             )
-        finally:
-            await client.aclose()
     finally:
         for server in reversed(servers):
             server.close()
+
+
+@contextlib.asynccontextmanager
+async def slot_map(cluster: RedisClusterProcesses) -> AsyncIterator[tuple[Streams, Callable[[str], int]]]:
+    """A started cluster's streams (the CPU counted that of its masters) and the master (index in
+    their ``masters``) serving a hash tag's slot."""
+    client = RedisCluster.from_url(cluster.url)  # its map of the slots (none move here)
+    try:
+        await client.initialize()
+        primaries = {node.port for node in client.get_primaries()}
+        masters = [node for node in cluster.nodes if node.port in primaries]
+        ports = [node.port for node in masters]
+
+        def owner(name: str) -> int:
+            node = client.get_node_from_key(name)  # (the slot of ``name`` is that of ``{name}``)
+            assert node is not None
+            return ports.index(node.port)
+
+        yield Streams(cluster.url, tuple(node.url for node in masters), cluster=True), owner
+    finally:
+        await client.aclose()
 
 
 def spread(owner: Callable[[str], int], candidates: Iterable[str], shards: int, per_shard: int) -> list[str]:
@@ -289,21 +310,42 @@ async def hot_tag(bench: Bench, places: Deployments, sizes: Sizes, run: int) -> 
 
 
 async def wait_cost(bench: Bench, places: Deployments, sizes: Sizes, run: int) -> None:
-    """``TOKENBUS_WAIT_REPLICAS`` 0 against 1 on a Redis with one replica."""
-    streams = places.replicated
+    """``TOKENBUS_WAIT_REPLICAS`` 0 against 1 on a Redis with one replica, and on a cluster whose
+    masters have one each (every master's pipeline ends with its own ``WAIT``: the jobs and their
+    tags spread over the masters, as in :func:`single_vs_cluster`)."""
+    await wait_pair(bench, "", places.replicated, sizes, run)
+    jobs = spread(places.replicated_owner, fresh_names("w"), MASTERS, sizes.per_shard)
+    tags = spread(places.replicated_owner, (f"t{i}" for i in range(10_000)), MASTERS, sizes.per_shard)
+    await wait_pair(bench, "cluster_", places.replicated_cluster, sizes, run, jobs=jobs, tags=tags[1:] + tags[:1])
+
+
+async def wait_pair(
+    bench: Bench,
+    where: str,
+    streams: Streams,
+    sizes: Sizes,
+    run: int,
+    *,
+    jobs: Sequence[str] = ("alone",),
+    tags: Sequence[str] = ("bench",),
+) -> None:
+    """``TOKENBUS_WAIT_REPLICAS`` 0 against 1 on ``streams``, alternating: the bus alone (chunks/s,
+    best of ``sizes.rounds``) and 20 paced jobs (p99). ``where`` goes in the figures' names."""
     rates: dict[int, list[float]] = {0: [], 1: []}
     for round_ in range(sizes.rounds):
         for replicas in alternate((0, 1), run + round_):
-            m = await bus_alone(bench, "custom", sizes.alone, streams=streams, wait_replicas=replicas)
+            m = await bus_alone(
+                bench, "custom", sizes.alone, streams=streams, jobs=jobs, tags=tags, wait_replicas=replicas
+            )
             rates[replicas].append(m["rate"])
     p99s: dict[int, float] = {}
     for replicas in alternate((0, 1), run):
-        bench.record(f"scaleout_wait{replicas}_bus_alone_custom_chunks_per_s", max(rates[replicas]))
+        bench.record(f"scaleout_{where}wait{replicas}_bus_alone_custom_chunks_per_s", max(rates[replicas]))
         (_, p99, _), _ = await paced_tokenbus(
             bench, PACED_JOBS, int(RATE * sizes.paced_s), RATE, streams=streams,
             overrides={"TOKENBUS_WAIT_REPLICAS": replicas},
         )  # fmt: skip
-        bench.record(f"latency_scaleout_wait{replicas}_{PACED_JOBS}jobs_p99_ms", p99)
+        bench.record(f"latency_scaleout_{where}wait{replicas}_{PACED_JOBS}jobs_p99_ms", p99)
         p99s[replicas] = p99
-    bench.record("ratio_wait1_vs_wait0_bus_alone_custom_chunks_per_s", max(rates[1]) / max(rates[0]))
-    bench.record(f"ratio_wait1_vs_wait0_{PACED_JOBS}jobs_p99", p99s[1] / p99s[0])
+    bench.record(f"ratio_{where}wait1_vs_wait0_bus_alone_custom_chunks_per_s", max(rates[1]) / max(rates[0]))
+    bench.record(f"ratio_{where}wait1_vs_wait0_{PACED_JOBS}jobs_p99", p99s[1] / p99s[0])

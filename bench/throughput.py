@@ -133,6 +133,7 @@ async def bus_alone(
             emitter.finish(Outcome())
         for emitter in emitters:
             await emitter.sink.flushed()
+            emitter.sink.check()  # nothing lost, nor (with wait_replicas) short of replicas: else no measure
         cpu1 = time.process_time()
         result = await consumer_result(consumer)
         rcpu1, commands_s = await streams.cpu(), await streams.command_seconds(("xadd", "xread"))
