@@ -14,7 +14,9 @@ import pytest
 
 from bench.__main__ import SCENARIOS
 from bench.latency import paced_ceiling
-from bench.scaleout import alternate, spread
+from bench.scaleout import alternate, fresh_names, slot_map, spread
+from tokenbus.redis_server import RedisClusterProcesses
+from tokenbus.schemas.keys import StreamKeys
 
 ROOT = Path(__file__).parent.parent
 
@@ -88,3 +90,16 @@ def test_alternate_puts_each_side_first_every_other_turn() -> None:
     assert alternate(("off", "on"), 0) == ["off", "on"]
     assert alternate(("off", "on"), 1) == ["on", "off"]
     assert alternate(("off", "on"), 2) == ["off", "on"]
+
+
+async def test_spread_job_ids_put_each_job_stream_on_the_master_its_owner_says(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    # a job stream's slot is that of its id as written (scaleout's WAIT and single-vs-cluster
+    # measures rely on it), and a cluster's streams count its masters only, not their replicas
+    async with slot_map(redis_cluster) as (streams, owner):
+        jobs = spread(owner, fresh_names("cluster-j"), 3, 2)
+        keys = StreamKeys("b1234567")
+        served = [redis_cluster.master_of(keys.job(job)).url for job in jobs]
+    assert len(redis_cluster.nodes) == 6
+    assert served == [streams.masters[k % 3] for k in range(6)]
