@@ -67,6 +67,10 @@ class ThreadedModelServer:
     def base_url(self) -> str:
         return self.server.base_url
 
+    def release(self) -> None:
+        """Let the streams held by a ``hold`` fault go on."""
+        self._loop.call_soon_threadsafe(self.server.released.set)
+
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -5,7 +5,8 @@ worker starts one on loopback when neither ``OPENAI_API_KEY`` nor ``OPENAI_BASE_
 It speaks just enough HTTP/1.1 (keep-alive, chunked server-sent events) for those clients:
 ``POST /v1/chat/completions`` (streaming or not, ``stream_options.include_usage``) and
 ``GET /v1/models``. Faults can be scripted for tests: a prompt containing a fault's ``match``
-text gets an HTTP 500, an in-stream error, a dropped connection or a stall after N tokens.
+text gets an HTTP 500, an in-stream error, a dropped connection, a stall after N tokens, or a
+hold after N tokens until the server's ``released`` event is set.
 """
 
 from __future__ import annotations
@@ -63,18 +64,20 @@ def script_for(prompt: str) -> str:
 
 @dataclass(frozen=True)
 class Fault:
-    """Misbehave for prompts containing ``match``: after ``after`` tokens, fail the way ``kind`` says."""
+    """Misbehave for prompts containing ``match``: after ``after`` tokens, fail the way ``kind`` says;
+    for the first ``times`` such requests only (None: every one)."""
 
     match: str
-    kind: Literal["status", "error", "disconnect", "stall"]
+    kind: Literal["status", "error", "disconnect", "stall", "hold"]
     after: int = 0
+    times: int | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
         """``match:kind[:after]``, e.g. ``explode:error:5``."""
         match, kind, *rest = spec.split(":")
-        if kind not in ("status", "error", "disconnect", "stall"):
-            raise ValueError(f"fault kind must be status, error, disconnect or stall, not {kind!r}")
+        if kind not in ("status", "error", "disconnect", "stall", "hold"):
+            raise ValueError(f"fault kind must be status, error, disconnect, stall or hold, not {kind!r}")
         return cls(match, kind, int(rest[0]) if rest else 0)  # type: ignore[arg-type]
 
 
@@ -97,9 +100,12 @@ class OfflineModelServer:
         self._port = port
         self._interval = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
         self._faults = tuple(faults)
+        self._faulted: dict[Fault, int] = {}  # requests each fault has applied to
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = asyncio.Event()
+        self.released = asyncio.Event()
+        """Set to let streams held by a ``hold`` fault go on."""
         self.streams_abandoned = 0
         """Streams the client closed before their end (an aborted job closes its HTTP stream)."""
         self.streams_finished = 0
@@ -190,7 +196,9 @@ class OfflineModelServer:
         prompt = next((str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), "")
         tokens = tokenize(script_for(prompt))
         model = str(request.get("model", "offline"))
-        fault = next((f for f in self._faults if f.match in prompt), None)
+        fault = next((f for f in self._faults if f.match in prompt and self._faulted.get(f, 0) != f.times), None)
+        if fault is not None:
+            self._faulted[fault] = self._faulted.get(fault, 0) + 1
         if fault is not None and fault.kind == "status":
             self._respond(
                 writer, 500, {"error": {"message": "offline model: scripted failure", "type": "server_error"}}
@@ -231,7 +239,11 @@ class OfflineModelServer:
             deadline = time.monotonic()
             for i, token in enumerate(tokens):
                 if fault is not None and i == fault.after:
-                    return await self._fail_stream(fault, reader, writer)
+                    if fault.kind != "hold":
+                        return await self._fail_stream(fault, reader, writer)
+                    await writer.drain()
+                    await self.released.wait()  # then on, at its pace from now
+                    deadline = time.monotonic()
                 if self._interval:
                     deadline += self._interval
                     await asyncio.sleep(max(0.0, deadline - time.monotonic()))
