@@ -99,6 +99,7 @@ class GroupConsumer:
         self.acked = 0
         self.dead = 0
         self.claimed = 0
+        self._slot_reads: _SlotReads | None = None  # run()'s reads on a cluster, while it runs
 
     async def ensure_groups(self) -> None:
         """Create the group on every stream (and the stream itself); an existing group is kept."""
@@ -124,7 +125,9 @@ class GroupConsumer:
         if isinstance(redis, Redis):
             reader = _blocking_client(redis, self._block_ms)
         else:
-            reader = _SlotReads(redis, self.streams, self.group, self.consumer, self._count, self._block_ms)
+            reader = self._slot_reads = _SlotReads(
+                redis, self.streams, self.group, self.consumer, self._count, self._block_ms
+            )
         try:
             await self._read(reader, handler, "0")
             next_claim = 0.0
@@ -151,6 +154,7 @@ class GroupConsumer:
                     await self._process(handler, stream, entry_id, fields)
         finally:
             if isinstance(reader, _SlotReads):
+                self._slot_reads = None
                 await reader.close()
             else:
                 await reader.aclose(close_connection_pool=True)
@@ -182,6 +186,8 @@ class GroupConsumer:
             )
             for item in pending:
                 entry_id = as_text(item["message_id"])
+                if self._slot_reads is not None:
+                    self._slot_reads.taken(stream, entry_id)
                 if item["times_delivered"] >= self._max_deliveries:
                     entries = await self._redis.xrange(stream, entry_id, entry_id)
                     reason = f"delivered {item['times_delivered']} times without success"
@@ -266,7 +272,7 @@ class GroupConsumer:
 
 
 class _GroupLane:
-    __slots__ = ("conn", "delay", "failures", "stale", "streams", "task")
+    __slots__ = ("conn", "delay", "failures", "stale", "started", "streams", "task")
 
     def __init__(self, streams: list[str]) -> None:
         self.streams = streams
@@ -275,6 +281,7 @@ class _GroupLane:
         self.failures = 0
         self.delay = 0.0
         self.stale = False
+        self.started = 0  # the number of its read in flight (_SlotReads._started then)
 
 
 Delivered = tuple[str, str, dict[bytes, bytes]]
@@ -286,7 +293,11 @@ class _SlotReads:
     slots: one read per slot. Blocking reads (``>``) wait on connections of their own to the nodes
     serving the slots, all at once, each going on until it brings entries; a slot that moved or
     lost its node is read again (after a pause) once the cluster says where it is served now.
-    Reads of the consumer's own pending entries (``0``) do not block: the client routes them."""
+    Reads of the consumer's own pending entries (``0``) do not block: the client routes them.
+
+    Reading on while the handler works, a slot's read may bring entries that wait (delivered to
+    this consumer, pending) longer than ``claim_idle_ms``: the consumer's next claim takes them
+    and handles them, so the read that brought them hands them out no more (:meth:`taken`)."""
 
     def __init__(
         self, redis: RedisCluster, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
@@ -296,6 +307,14 @@ class _SlotReads:
         self._group, self._consumer = group, consumer
         self._count, self._block_ms = count, block_ms
         self._read_timeout = blocking_read_timeout(redis, block_ms)
+        self._started = 0  # blocking reads started so far
+        self._taken: dict[tuple[str, str], int] = {}  # (stream, id) -> reads started when it was taken
+
+    def taken(self, stream: str, entry_id: str) -> None:
+        """The consumer claims (or dead-letters) ``entry_id``: a read started before may have
+        brought it, and must not hand it out again."""
+        if any(lane.task is not None for lane in self._lanes):
+            self._taken[(stream, entry_id)] = self._started
 
     async def read(self, position: str) -> list[Delivered]:
         if position != ">":
@@ -308,6 +327,7 @@ class _SlotReads:
         for lane in self._lanes:
             if lane.task is None:
                 lane.task = asyncio.create_task(self._blocking_read(lane))
+                lane.started, self._started = self._started, self._started + 1
         await asyncio.wait([lane.task for lane in self._lanes if lane.task], return_when=asyncio.FIRST_COMPLETED)
         return await self._collect(done_only=True)
 
@@ -322,7 +342,7 @@ class _SlotReads:
                 continue
             task, lane.task = lane.task, None
             try:
-                out += await task
+                delivered = await task
             except READ_AGAIN as e:
                 await _drop(lane)
                 lane.delay = min(2.0, 0.1 * 2**lane.failures)
@@ -332,6 +352,10 @@ class _SlotReads:
                 )
                 continue
             lane.failures, lane.delay = 0, 0.0
+            out += [d for d in delivered if self._taken.pop((d[0], d[1]), None) is None]
+        if self._taken:  # forget what no read in flight can bring any more (started after it was taken)
+            oldest = min((lane.started for lane in self._lanes if lane.task is not None), default=self._started)
+            self._taken = {key: started for key, started in self._taken.items() if started > oldest}
         return out
 
     async def _blocking_read(self, lane: _GroupLane) -> list[Delivered]:

@@ -13,13 +13,15 @@ import pickle
 import random
 import signal
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, TypedDict
 
 import orjson
 import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.utils import timestamp_ms
+from langgraph.graph import START, StateGraph
+from langgraph.types import StreamWriter
 from redis.asyncio import Redis
 
 from tests.conftest import make_settings
@@ -34,12 +36,17 @@ from tests.support import (
     wait_for,
     wait_until,
 )
+from tests.test_cluster_readers import spread
+from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.jobs import JobView, job_result
-from tokenbus.redis_server import RedisServerProcess
+from tokenbus.consumer.reader import stop_task
+from tokenbus.redis_server import RedisClusterProcesses, RedisServerProcess
 from tokenbus.schemas.entries import Entry, EntryType
 from tokenbus.schemas.job import JOB_FUNCTION, StreamMode
-from tokenbus.schemas.keys import wake_channel
+from tokenbus.schemas.keys import StreamKeys, wake_channel
+from tokenbus.worker.app import build_worker
 from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.redis_client import streams_from_settings
 from tokenbus.worker.settings import Settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -104,7 +111,7 @@ async def raw_enqueue(redis: Redis, queue: str, job_id: bytes, envelope: bytes |
 
 
 async def view_within(
-    redis: Redis, prefix: str, job_id: str, within: float, workers: Sequence[Process] = ()
+    redis: AnyRedis, prefix: str, job_id: str, within: float, workers: Sequence[Process] = ()
 ) -> JobView:
     """The job's result once it has ended (a follower), or fail after ``within`` seconds (showing
     what ``workers`` printed)."""
@@ -553,3 +560,117 @@ async def test_redis_out_of_memory_fails_the_job_once_and_the_worker_survives(
     finally:
         await stop_all(workers)
         await redis.aclose()
+
+
+class _TagsState(TypedDict, total=False):
+    tags: list[str]
+    n: int
+    done: bool
+
+
+async def _to_tags(state: _TagsState, writer: StreamWriter) -> _TagsState:
+    for i in range(state.get("n", 20)):
+        writer({"content": f"{i} ", "tags": state.get("tags", [])})
+    return {"done": True}
+
+
+to_tags = StateGraph(_TagsState).add_node("node", _to_tags).add_edge(START, "node").compile()
+"""Writes ``n`` custom chunks tagged with the request's ``tags``: where its streams live is the test's choice."""
+
+
+def _cluster_prefix(cluster: RedisClusterProcesses, prefix: str) -> tuple[str, list[str]]:
+    """A prefix whose own keys (running, finished, workers, dead letters) leave one master free,
+    and three tags on three masters, the first on that free master."""
+    for i in range(1000):
+        keys = StreamKeys(f"{prefix}{i}")
+        shared = {cluster.master_of(key).port for key in (keys.running, keys.finished, keys.workers, keys.dead_letter)}
+        tags = spread(cluster, keys.tag, 3)
+        free = [t for t in tags if cluster.master_of(keys.tag(t)).port not in shared]
+        if free:
+            return keys.prefix, [free[0], *(t for t in tags if t != free[0])]
+    raise AssertionError("no prefix leaves a master free of the deployment's own keys")
+
+
+@pytest.fixture
+async def full_master(redis_cluster: RedisClusterProcesses) -> AsyncIterator[Any]:
+    """Fills a master of the session's cluster (``maxmemory`` tiny, ``noeviction``) when called
+    with a key it serves; restores its settings after the test (the cluster is shared)."""
+    restore: list[tuple[Redis, dict[str, str]]] = []
+
+    async def fill(key: str) -> Redis:
+        node = redis_cluster.master_of(key)
+        client = Redis(host="127.0.0.1", port=node.port, socket_timeout=10)
+        before = await client.config_get("maxmemory*")
+        restore.append((client, {k: before[k] for k in ("maxmemory", "maxmemory-policy")}))
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", 1)  # below what any node uses: every write refused
+        return client
+
+    yield fill
+    for client, before in restore:
+        await client.config_set("maxmemory-policy", before["maxmemory-policy"])
+        await client.config_set("maxmemory", before["maxmemory"])
+        await client.aclose()
+
+
+async def test_one_cluster_master_out_of_memory_fails_only_the_jobs_writing_there(
+    redis_server: RedisServerProcess, redis_cluster: RedisClusterProcesses, model_server: ThreadedModelServer,
+    prefix: str, full_master: Any,
+) -> None:  # fmt: skip
+    """One master of the streams' cluster refuses writes (``OOM``), and stays full: a job writing a
+    tag stream there ends with an error naming the key and the refusal, in its job stream (on
+    another master), once; a job whose streams live elsewhere ends normally meanwhile; once the
+    master has room again, the same worker runs a job on that tag to its end."""
+    prefix, (full_tag, calm_tag, _) = _cluster_prefix(redis_cluster, prefix)
+    settings = make_settings(
+        redis_server.url, model_server.base_url, prefix,
+        TOKENBUS_STREAMS_URL=redis_cluster.url, TOKENBUS_STREAMS_CLUSTER="true",
+        TOKENBUS_GRAPHS={"to_tags": "tests.test_adversary:to_tags"},
+    )  # fmt: skip
+    keys = settings.keys
+    full_key = keys.tag(full_tag)
+    # arq's keys of a job id are the queue Redis's, shared by every test: ids of this test's own
+    bad, good = (
+        f"{prefix}-{n}" for n in spread(redis_cluster, lambda n: keys.job(f"{prefix}-{n}"), 2, taken=(full_key,))
+    )
+    assert full_tag != calm_tag and redis_cluster.master_of(keys.tag(calm_tag)) is not redis_cluster.master_of(full_key)
+
+    streams = streams_from_settings(settings)
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        node = await full_master(full_key)
+        async with await TokenbusClient.connect(settings) as client:
+            await client.enqueue("to_tags", {"tags": [calm_tag, full_tag]}, modes=["custom"], job_id=bad)
+            await client.enqueue("to_tags", {"tags": [calm_tag]}, modes=["custom"], job_id=good)
+            view = await view_within(streams, prefix, good, 30)
+            assert (view.status, view.text) == (EntryType.END, "".join(f"{i} " for i in range(20))), view
+            failed = await view_within(streams, prefix, bad, 30)
+            assert failed.status is EntryType.ERROR, failed
+            assert f"{full_key}: OOM" in failed.error, failed.error
+            assert "\n" not in failed.error and len(failed.error) < MAX_ERROR_CHARS, failed.error
+            # the job's terminal entry keeps being refused on the full master: the worker tries
+            # again for a while, then gives up; the job is over once arq counts it done
+            await wait_until(lambda: worker.jobs_complete + worker.jobs_failed >= 2, within=60, what="both jobs done")
+            assert not running.done()
+            job = await read_stream(streams, keys.job(bad))
+            # written again and again, it is one terminal entry: copies of one seq, which readers drop
+            assert len({(e.attempt, e.seq) for e in finals(job)}) == 1, [(e.type.value, e.seq) for e in finals(job)]
+            replay = await job_result(streams, bad, prefix=prefix)
+            assert (replay.status, replay.error, replay.complete, replay.chunks) == (
+                EntryType.ERROR,
+                failed.error,
+                True,
+                20,
+            ), replay
+            calm = [e for e in await read_stream(streams, keys.tag(calm_tag)) if e.job == bad]
+            assert {(e.type, e.seq) for e in finals(calm)} == {(EntryType.ERROR, finals(job)[0].seq)}
+
+            await node.config_set("maxmemory", 0)  # room again: the same worker writes there
+            again = await client.enqueue("to_tags", {"tags": [full_tag]}, modes=["custom"])
+            view = await view_within(streams, prefix, again, 30)
+            assert view.status is EntryType.END, view
+    finally:
+        await worker.close()
+        await stop_task(running)
+        await streams.aclose()

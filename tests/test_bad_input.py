@@ -8,6 +8,7 @@ import pytest
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
+from tests.conftest import STREAMS
 from tests.support import POEM, Process, read_stream, settings_env, text_of
 from tokenbus.redis_server import RedisServerProcess
 from tokenbus.schemas.entries import EntryType
@@ -15,6 +16,7 @@ from tokenbus.schemas.errors import InvalidJobRequest, InvalidTag
 from tokenbus.schemas.job import JOB_FUNCTION
 from tokenbus.worker.app import STARTUP_WAIT_S
 from tokenbus.worker.client import TokenbusClient
+from tokenbus.worker.redis_client import StreamsRedis
 from tokenbus.worker.settings import Settings
 
 
@@ -135,13 +137,15 @@ async def test_tags_can_never_leave_the_prefix(settings: Settings) -> None:
     assert keys.tag("poem") == f"{settings.prefix}:tag:{{poem}}"
 
 
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)  # on a cluster: refused by one master only
 async def test_a_key_redis_refuses_fails_the_job_naming_it(
-    settings: Settings, client: TokenbusClient, redis: Redis, run_burst_worker, caplog: pytest.LogCaptureFixture
-) -> None:
-    await redis.set(settings.keys.tag("poem"), "not a stream")  # someone else's key, or a bad migration
+    settings: Settings, client: TokenbusClient, streams: StreamsRedis, run_burst_worker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    await streams.set(settings.keys.tag("poem"), "not a stream")  # someone else's key, or a bad migration
     job_id = await client.enqueue("joke_poem", {"topic": "cats"}, modes=["custom"])
     await run_burst_worker()
-    job = await read_stream(redis, settings.keys.job(job_id))
+    job = await read_stream(streams, settings.keys.job(job_id))
     assert job[-1].type is EntryType.ERROR
     assert f"XADD {settings.keys.tag('poem')}: WRONGTYPE" in job[-1].error, job[-1].error
     # refused for good: the terminal entry is not sent again and again (it would be refused each
@@ -149,7 +153,7 @@ async def test_a_key_redis_refuses_fails_the_job_naming_it(
     assert [e.type for e in job].count(EntryType.ERROR) == 1
     refusals = [r for r in caplog.records if "Redis refused" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]
-    assert text_of(await read_stream(redis, settings.keys.tag("joke"))) != ""  # the other tag still got its chunks
+    assert text_of(await read_stream(streams, settings.keys.tag("joke"))) != ""  # the other tag still got its chunks
 
 
 async def test_config_cannot_set_langgraph_or_worker_keys(client: TokenbusClient) -> None:

@@ -207,6 +207,50 @@ async def test_groups_claim_and_dead_letter_across_nodes(
     assert len(await cluster_client.xrange(keys.dead_letter)) == 1
 
 
+CLAIM_IDLE_MS = 300
+
+
+async def test_a_group_claiming_what_its_own_reads_brought_meanwhile_handles_it_once(
+    redis_cluster: RedisClusterProcesses, cluster_client: RedisCluster, keys: StreamKeys
+) -> None:
+    """On a cluster a consumer reads every master at once, in the background, while its handler
+    works: an entry read from one master while the handler is busy with another's, for longer than
+    ``claim_idle_ms``, is pending and idle on this very consumer when it next claims stale entries.
+    Claimed, it is handled; the read that brought it must not hand it to the handler again."""
+    first, second = (keys.tag(t) for t in spread(redis_cluster, keys.tag, 2))
+    handled: Counter[tuple[str, int]] = Counter()
+    busy = asyncio.Event()
+
+    async def read_and_idle() -> bool:
+        pending = await cluster_client.xpending_range(second, "g", min="-", max="+", count=10, idle=CLAIM_IDLE_MS)
+        return bool(pending)
+
+    async def slow(e: Entry) -> None:
+        handled[(e.stream or "", e.seq)] += 1
+        if e.stream == first and e.seq == 0:
+            busy.set()
+            await wait_for(read_and_idle, what="the other master's entry, read meanwhile, to be idle")
+
+    consumer = GroupConsumer(
+        cluster_client, [first, second], "g", "c1", keys=keys, start="0", claim_idle_ms=CLAIM_IDLE_MS, block_ms=100
+    )
+    await consumer.ensure_groups()
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(slow, stop=stop))
+    try:
+        await write(cluster_client, first, token("a", 0, "a"))
+        await asyncio.wait_for(busy.wait(), 15)
+        await write(cluster_client, second, token("b", 0, "b"))
+        await wait_until(lambda: (second, 0) in handled, what="the entry read while the handler was busy")
+        await write(cluster_client, second, token("b", 1, "after"))  # behind the entry on its read: after any copy
+        await wait_until(lambda: (second, 1) in handled, what="the entry after it")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    assert consumer.claimed >= 1  # the test's point: the entry was claimed from this consumer's own reads
+    assert handled == {(first, 0): 1, (second, 0): 1, (second, 1): 1}
+
+
 async def test_the_hub_follows_streams_on_different_masters(
     redis_cluster: RedisClusterProcesses, cluster_client: RedisCluster, keys: StreamKeys
 ) -> None:
@@ -235,6 +279,90 @@ async def _items_until(follower: Any, n: int) -> list[tuple[str, str]]:
                 assert isinstance(item, Item) and item.entry is not None
                 seen.append((item.stream, item.entry.content))
     return seen
+
+
+PAUSE_MS = 3000
+"""How long one master answers nothing (``CLIENT PAUSE ... ALL``: it cannot be ended early, not even by
+``CLIENT UNPAUSE``, which it holds too): long enough for the other masters' entries to be written
+and read meanwhile on a busy machine, short of any timeout (its cluster bus still answers: no failover)."""
+
+
+async def test_readers_go_on_while_one_master_answers_nothing_for_a_moment(
+    redis_cluster: RedisClusterProcesses, cluster_client: RedisCluster, keys: StreamKeys
+) -> None:
+    """``subscribe`` (what ``tokenbus tail`` runs) and the gateway's hub, each following tags on
+    three masters, while one master holds every command for a moment: the others' entries are
+    passed on meanwhile; once it answers again, its entries too; nothing is lost or passed twice.
+    A consumer group of the three, claiming often, handles each entry once (it waits out the
+    pause: its claims and acks go to every master in turn)."""
+    tags = spread(redis_cluster, keys.tag, 3)
+    streams = [keys.tag(t) for t in tags]
+    paused, *others = streams
+    for i, stream in enumerate(streams):
+        await write(cluster_client, stream, *_tokens(f"j{i}", 0, 3))
+    got: list[Any] = []
+    reader = subscribe(cluster_client, tags=tags, prefix=keys.prefix, start="0", block_ms=200)
+    hub_got: list[tuple[str, str]] = []
+    handled: Counter[tuple[str, int]] = Counter()
+
+    async def handle(e: Entry) -> None:
+        handled[(e.stream or "", e.seq)] += 1
+
+    group = GroupConsumer(
+        cluster_client, streams, "g", "c1", keys=keys, start="0", claim_idle_ms=CLAIM_IDLE_MS, block_ms=200
+    )
+    stop = asyncio.Event()
+
+    async def read() -> None:
+        async for item in reader:
+            got.append(item)
+
+    async def follow(follower: Any) -> None:
+        while True:
+            hub_got.extend((i.stream, i.id) for i in await follower.next() if isinstance(i, Item))
+
+    def seen(items: list[Any], stream: str) -> list[tuple[str, int]]:
+        return per_stream(items).get(stream, [])
+
+    direct = Redis.from_url(redis_cluster.master_of(paused).url, socket_timeout=10)
+    async with StreamHub(cluster_client, block_ms=200) as hub, hub.follow(dict.fromkeys(streams, "0-0")) as follower:
+        tasks = [asyncio.create_task(read()), asyncio.create_task(follow(follower))]
+        consuming = asyncio.create_task(group.run(handle, stop=stop))
+        try:
+            await wait_until(
+                lambda: len(got) == 9 and len(hub_got) == 9 and len(handled) == 9, what="the entries written before"
+            )
+            await direct.execute_command("CLIENT", "PAUSE", PAUSE_MS, "ALL")
+            held = asyncio.create_task(write(cluster_client, paused, *_tokens("j0", 3, 6)))  # waits out the pause
+            for first in range(3, 12, 3):  # in rounds: the group's next claim waits on the paused master meanwhile
+                for i, stream in enumerate(others, start=1):
+                    await write(cluster_client, stream, *_tokens(f"j{i}", first, first + 3))
+                await wait_until(
+                    lambda n=first + 3: all(len(seen(got, s)) == n for s in others) and len(hub_got) == 9 + 2 * (n - 3),
+                    what="the other masters' entries, read while one master is paused",
+                )
+            assert not held.done(), f"the pause ({PAUSE_MS} ms) ended before the other masters' entries were read"
+            assert len(seen(got, paused)) == 3
+            await asyncio.wait_for(held, PAUSE_MS / 1000 + 20)
+            for i, stream in enumerate(streams):
+                await write(cluster_client, stream, *_tokens(f"j{i}", 12, 15))
+            await wait_until(
+                lambda: len(got) == len(hub_got) == len(handled) == 39, what="every entry, after the pause"
+            )
+            stop.set()
+            await asyncio.wait_for(consuming, 15)
+        finally:
+            stop.set()
+            for task in (*tasks, consuming):
+                await stop_task(task)
+            await reader.aclose()
+            await direct.aclose()
+    seqs = {paused: [*range(6), *range(12, 15)], **{stream: list(range(15)) for stream in others}}
+    assert per_stream(got) == {stream: [(f"j{i}", seq) for seq in seqs[stream]] for i, stream in enumerate(streams)}
+    held_ids = {s: [i.decode() for i, _ in await cluster_client.xrange(s)] for s in streams}
+    assert sorted(hub_got) == sorted((s, i) for s, ids in held_ids.items() for i in ids)
+    assert not [item for item in got if not isinstance(item, Entry)]  # no gap: nothing was trimmed or lost
+    assert handled == {(stream, seq): 1 for stream in streams for seq in seqs[stream]}
 
 
 async def test_the_sweepers_close_reaches_streams_on_every_master(

@@ -192,20 +192,38 @@ async def test_clients_of_one_entry_share_its_encoding_but_not_their_cursors(
     assert sent[0].data == sent[1].data == sent[2].data and sent[0].json["content"] == "roses"
 
 
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)  # on a Redis Cluster: another slot (lane) than poem
 async def test_a_key_that_is_not_a_stream_fails_its_followers_only(
-    gateway: str, follow: Any, redis: Redis, keys: StreamKeys
+    gateway: str, follow: Any, streams: StreamsRedis, keys: StreamKeys
 ) -> None:
     healthy = await follow(f"{gateway}/tags/poem/events")
     broken = await follow(f"{gateway}/tags/hostile/events")
-    await redis.set(keys.tag("hostile"), "not a stream")  # while it is followed
+    await streams.set(keys.tag("hostile"), "not a stream")  # while it is followed
     await broken.until(lambda f: f.ended, "the broken stream's end")
     assert broken.kinds() == ["gateway_error"] and "not a stream" in broken.data_events()[0].json["detail"]
-    await write(redis, keys.tag("poem"), token("j6", 1, "still here"))
+    await write(streams, keys.tag("poem"), token("j6", 1, "still here"))
     await healthy.until(lambda f: f.entries(), "the healthy follower's entry")
     assert healthy.entries()[0]["content"] == "still here"
     async with httpx2.AsyncClient() as http:  # followed from now on: refused at once
         response = await http.get(f"{gateway}/tags/hostile/events")
     assert response.status_code == 409 and response.json()["error"] == "not_a_stream"
+
+
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)  # on a Redis Cluster: the hub reads two slots
+async def test_entries_written_by_another_language_are_skipped_and_the_stream_goes_on(
+    gateway: str, follow: Any, streams: StreamsRedis, keys: StreamKeys
+) -> None:
+    follower = await follow(f"{gateway}/tags/joke/events?tag=poem")
+    broken = token("j9", 1, "broken JSON").encode()
+    broken[b"data"] = b'{"not json'  # type: ignore[index]
+    await streams.xadd(keys.tag("poem"), {"hello": "world"})  # not a tokenbus entry at all
+    await streams.xadd(keys.tag("poem"), broken)  # type: ignore[arg-type]
+    await streams.xadd(keys.tag("joke"), {"v": "9", "type": "token"})  # a contract this gateway does not read
+    await write(streams, keys.tag("poem"), token("j9", 2, "fine"))
+    await write(streams, keys.tag("joke"), token("j10", 1, "fine too", tag="joke"))
+    await follower.until(lambda f: len(f.entries()) == 2, "the two good entries")
+    assert sorted(e["content"] for e in follower.entries()) == ["fine", "fine too"]
+    assert set(follower.kinds()) == {"token"}, follower.kinds()
 
 
 async def test_an_idle_stream_gets_heartbeats(gateway: str, follow: Any) -> None:

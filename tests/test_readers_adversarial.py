@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from tests.conftest import STREAMS, RunWorker
 from tests.graphs import State, WordsModel
 from tests.support import Process, entry, read_stream, settings_env, wait_for
+from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.attempts import Restart
 from tokenbus.consumer.groups import GroupConsumer
 from tokenbus.consumer.jobs import job_result
@@ -52,7 +53,7 @@ def words(job: str, attempt: int, text: str, first_seq: int = 1) -> list[Entry]:
     ]
 
 
-async def write(redis: Redis, key: str, *entries: Entry | dict[str, str]) -> None:
+async def write(redis: AnyRedis, key: str, *entries: Entry | dict[str, str]) -> None:
     for e in entries:
         await redis.xadd(key, e.encode() if isinstance(e, Entry) else e)  # type: ignore[arg-type]
 
@@ -135,12 +136,15 @@ def _broken(job: str, seq: int, field: bytes) -> dict[bytes, bytes]:
     return fields  # type: ignore[return-value]
 
 
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)
 @pytest.mark.parametrize("fmt", ["jsonl", "text"])
-async def test_tail_skips_an_entry_with_broken_json_and_goes_on(fmt: str, settings: Settings, redis: Redis) -> None:
+async def test_tail_skips_an_entry_with_broken_json_and_goes_on(
+    fmt: str, settings: Settings, streams: StreamsRedis
+) -> None:
     key = settings.keys.job("j")
     good = words("j", 1, "one two three")
     await write(
-        redis, key, entry(EntryType.START, "j", 0), good[0], _broken("j", 2, b"data"), _broken("j", 3, b"meta"),
+        streams, key, entry(EntryType.START, "j", 0), good[0], _broken("j", 2, b"data"), _broken("j", 3, b"meta"),
         *words("j", 1, "two three", first_seq=4), entry(EntryType.END, "j", 6),
     )  # fmt: skip
     tail = await Process.start("tail", "--job", "j", "--from-start", "--format", fmt, env=settings_env(settings))
@@ -160,26 +164,30 @@ async def test_tail_skips_an_entry_with_broken_json_and_goes_on(fmt: str, settin
     assert len(skipped) == 2 and "data" in skipped[0] and "meta" in skipped[1], tail.output
 
 
-async def test_subscribe_parses_json_eagerly_when_asked(redis: Redis, settings: Settings) -> None:
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)
+async def test_subscribe_parses_json_eagerly_when_asked(streams: StreamsRedis, settings: Settings) -> None:
     key = settings.keys.job("j")
-    await write(redis, key, entry(EntryType.START, "j", 0), _broken("j", 1, b"meta"), entry(EntryType.END, "j", 2))
-    lazy = [i async for i in subscribe(redis, jobs=["j"], prefix=settings.prefix, start="0")]
+    await write(streams, key, entry(EntryType.START, "j", 0), _broken("j", 1, b"meta"), entry(EntryType.END, "j", 2))
+    lazy = [i async for i in subscribe(streams, jobs=["j"], prefix=settings.prefix, start="0")]
     assert [i.type for i in lazy] == ["start", "token", "end"]
     with pytest.raises(MalformedEntry, match="meta"):
         _ = lazy[1].meta  # type: ignore[union-attr]
-    eager = [i async for i in subscribe(redis, jobs=["j"], prefix=settings.prefix, start="0", parse_json=True)]
+    eager = [i async for i in subscribe(streams, jobs=["j"], prefix=settings.prefix, start="0", parse_json=True)]
     assert [i.type for i in eager] == ["start", "end"]
     with pytest.raises(MalformedEntry, match="meta"):
         async for _ in subscribe(
-            redis, jobs=["j"], prefix=settings.prefix, start="0", parse_json=True, on_malformed="raise"
+            streams, jobs=["j"], prefix=settings.prefix, start="0", parse_json=True, on_malformed="raise"
         ):
             pass
 
 
-async def test_a_group_dead_letters_an_entry_its_handler_cannot_parse_at_once(redis: Redis, settings: Settings) -> None:
+@pytest.mark.parametrize("settings", STREAMS, indirect=True)
+async def test_a_group_dead_letters_an_entry_its_handler_cannot_parse_at_once(
+    streams: StreamsRedis, settings: Settings
+) -> None:
     keys = settings.keys
     key = keys.tag("poem")
-    await write(redis, key, *words("j", 1, "one"), _broken("j", 2, b"data"), *words("j", 1, "three", first_seq=3))
+    await write(streams, key, *words("j", 1, "one"), _broken("j", 2, b"data"), *words("j", 1, "three", first_seq=3))
     deliveries: Counter[int] = Counter()
     seen: list[str] = []
 
@@ -189,7 +197,7 @@ async def test_a_group_dead_letters_an_entry_its_handler_cannot_parse_at_once(re
         seen.append(e.content)
 
     consumer = GroupConsumer(
-        redis, [key], "g", "c1", keys=keys, start="0", claim_idle_ms=50, max_deliveries=5, block_ms=50
+        streams, [key], "g", "c1", keys=keys, start="0", claim_idle_ms=50, max_deliveries=5, block_ms=50
     )
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(reads_the_payload, stop=stop))
@@ -199,7 +207,7 @@ async def test_a_group_dead_letters_an_entry_its_handler_cannot_parse_at_once(re
         stop.set()
         await task
     assert seen == ["one ", "three "] and consumer.dead == 1 and deliveries[2] == 1
-    [(_, dead)] = await redis.xrange(keys.dead_letter)
+    [(_, dead)] = await streams.xrange(keys.dead_letter)
     assert b"data" in dead[b"dead_reason"]
 
 

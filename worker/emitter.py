@@ -82,6 +82,7 @@ class JobEmitter:
         self._job_stream = (self.job_key, limits.job_maxlen)
         self.sink: Sink = publisher.sink(job_id)
         self.seq = 0
+        self._terminal_seq: int | None = None  # the terminal entry's, once queued (see finish)
         # Plain ints, read by the metrics endpoint at scrape time (worker/stats.py): counting a chunk
         # here costs an addition, where a prometheus-client Counter.inc() per token would cost a lock.
         self.tokens = 0
@@ -115,13 +116,21 @@ class JobEmitter:
 
     def finish(self, outcome: Outcome, data: Mapping[str, Any] | None = None) -> None:
         """Queue the attempt's terminal entry on every stream it wrote to, and the job stream's
-        expiry. The job stream's copy also carries the outcome's ``result``; the tag streams' do not."""
+        expiry. The job stream's copy also carries the outcome's ``result``; the tag streams' do not.
+
+        Queued again (some stream refused or lost it: ``job._write_terminal``), it keeps its
+        ``seq``: every stream gets it again, and those that took it already (on a Redis Cluster,
+        the nodes with room) hold a copy readers drop, not a second terminal entry."""
         summary = {"chunks": self.chunks, **(data or {})}
         ts, terminal = _now_ms(), terminal_fields(outcome.error, outcome.error_type, outcome.retry)
+        if self._terminal_seq is None:
+            self._terminal_seq = self.seq
+            self.seq += 1
+        seq = self._terminal_seq
 
         def fields(data_json: bytes) -> list[Any]:
             return chunk_fields(
-                outcome.type, self.job_id, self.attempt, self.seq, ts, _EMPTY_JSON_LIST, "", "", data_json,
+                outcome.type, self.job_id, self.attempt, seq, ts, _EMPTY_JSON_LIST, "", "", data_json,
                 _EMPTY_JSON_OBJECT,
             ) + terminal  # fmt: skip
 
@@ -134,7 +143,6 @@ class JobEmitter:
             self._publisher.xadd(self.sink, [self._job_stream], with_result)
             if tag_streams:
                 self._publisher.xadd(self.sink, tag_streams, plain)
-        self.seq += 1
         self._publisher.command(self.sink, ("EXPIRE", self.job_key, self._limits.job_ttl_s))
         if self._limits.tag_ttl_s is not None:
             for key in self.tag_streams:
