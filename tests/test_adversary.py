@@ -674,3 +674,48 @@ async def test_one_cluster_master_out_of_memory_fails_only_the_jobs_writing_ther
         await worker.close()
         await stop_task(running)
         await streams.aclose()
+
+
+async def test_a_job_whose_own_stream_master_is_full_is_closed_once_it_has_room(
+    redis_server: RedisServerProcess, redis_cluster: RedisClusterProcesses, model_server: ThreadedModelServer,
+    prefix: str, full_master: Any,
+) -> None:  # fmt: skip
+    """The master holding a job's own stream refuses every write (``OOM``): no entry of the job,
+    not even its end, gets in, and its worker gives up. A reader waiting on the job is not left
+    waiting forever: the job stays listed as running (its heartbeat stopped), and once the master
+    has room a sweeper writes its end."""
+    prefix, (full_tag, calm_tag, _) = _cluster_prefix(redis_cluster, prefix)
+    settings = make_settings(
+        redis_server.url, model_server.base_url, prefix,
+        TOKENBUS_STREAMS_URL=redis_cluster.url, TOKENBUS_STREAMS_CLUSTER="true", TOKENBUS_HEARTBEAT="0.5",
+        TOKENBUS_GRAPHS={"to_tags": "tests.test_adversary:to_tags"},
+    )  # fmt: skip
+    keys = settings.keys
+    full = redis_cluster.master_of(keys.tag(full_tag))  # none of the deployment's own keys live there
+    bad = next(j for i in range(10_000) if redis_cluster.master_of(keys.job(j := f"{prefix}-j{i}")) is full)
+    streams = streams_from_settings(settings)
+    worker = build_worker(settings, handle_signals=False, poll_delay_s=0.05)
+    running = asyncio.create_task(worker.async_run())
+    try:
+        node = await full_master(keys.job(bad))
+        async with await TokenbusClient.connect(settings) as client:
+            await client.enqueue("to_tags", {"tags": [calm_tag]}, modes=["custom"], job_id=bad)
+            waiting = asyncio.create_task(job_result(streams, bad, prefix=prefix, wait=True))
+            await wait_until(lambda: worker.jobs_complete + worker.jobs_failed >= 1, within=60, what="the job done")
+            assert await streams.xlen(keys.job(bad)) == 0  # nothing of it got in
+            assert await streams.zscore(keys.running, bad) is not None, "its end is unwritten: it must stay listed"
+            assert not waiting.done()
+
+            await node.config_set("maxmemory", 0)  # room again: a sweeper (this worker's) writes its end
+            view = await asyncio.wait_for(waiting, 60)
+            assert view.status is EntryType.ERROR and view.attempt == 1, view
+            assert "stopped without ending it" in view.error, view.error
+            await wait_for(lambda: _unlisted(streams, keys.running, bad), what="the job off the running list")
+    finally:
+        await worker.close()
+        await stop_task(running)
+        await streams.aclose()
+
+
+async def _unlisted(redis: Any, key: str, job_id: str) -> bool:
+    return await redis.zscore(key, job_id) is None

@@ -141,7 +141,9 @@ async def _write_terminal(
     A terminal entry lost, or refused for now (``OOM`` at ``maxmemory``, say: :func:`may_pass`), is
     written again, with backoff, for about 15 s more; one refused for good (``WRONGTYPE``: a tag's
     key holds something else) is not, as it would only be refused again. The sweeper closes the
-    attempt if even this fails (the worker dies, or Redis never returns).
+    attempt if even this fails (the worker dies, or Redis never returns, or stays full): the job
+    leaves ``<prefix>:running`` only once its terminal entry is written where it can be, so a job
+    whose end no stream took stays there, its heartbeat stopped, until a sweeper writes it.
     """
     sink = emitter.sink
     backoff = iter(TERMINAL_BACKOFF_S)
@@ -153,7 +155,6 @@ async def _write_terminal(
         if resources.publisher.wait_replicas:
             summary["unacknowledged"] = sink.unacked
         emitter.finish(outcome, summary)
-        resources.publisher.command(sink, ("ZREM", resources.keys.running, emitter.job_id))
         await sink.flushed()
         # written where it can be: nothing lost, nothing refused that a later try might get in
         done = sink.lost == lost_before and sink.transient == transient_before
@@ -161,6 +162,8 @@ async def _write_terminal(
             break
         await asyncio.sleep(delay)  # the terminal entry itself was lost or refused for now: try again
     resources.sweeper.running.discard(emitter.job_id)
+    if done and not sink.fenced:  # (a fenced attempt's job is another worker's to list)
+        resources.publisher.command(sink, ("ZREM", resources.keys.running, emitter.job_id))
     if done and not outcome.retry and not sink.fenced:
         resources.ended.add(emitter.job_id)
         emitter.record_finished()

@@ -220,9 +220,11 @@ class Sweeper(Background):
                 if not await self._redis.set(lock, b"1", nx=True, ex=60):
                     continue
                 why = f"max {self._max_tries} tries reached, or expired"
+                # unstarted: listed as running, it started, but its stream may hold nothing (every
+                # write of it refused, its worker gave up): its readers still need an end
                 entry = await close_attempt(
                     self._redis, self._keys, self._limits, job_id, retry=False,
-                    reason=WORKER_LOST.format(attempt="{attempt}", why=why),
+                    reason=WORKER_LOST.format(attempt="{attempt}", why=why), unstarted=True,
                 )  # fmt: skip
             await self._redis.zrem(self._keys.running, job_id)
             if entry is not None:
