@@ -288,3 +288,21 @@ def worker_record(settings: Settings, worker_id: str, *, graphs: tuple[str, ...]
         id=worker_id, host="elsewhere", pid=1, queue=settings.queue_name, graphs=graphs, max_jobs=1, running=0,
         started_ms=now - seen_ago_ms, seen_ms=now - seen_ago_ms, heartbeat_ms=5000,
     ).to_json()  # fmt: skip
+
+
+def spread(
+    cluster: RedisClusterProcesses, key_of: Callable[[str], str], n: int, *, taken: tuple[str, ...] = ()
+) -> list[str]:
+    """``n`` names whose keys (``key_of(name)``) are served by ``n`` different masters, none of
+    them the master of a key in ``taken``."""
+    names: dict[int, str] = {}
+    busy = {cluster.master_of(key).port for key in taken}
+    i = 0
+    while len(names) < n:
+        name = f"n{i}"
+        port = cluster.master_of(key_of(name)).port
+        if port not in busy:
+            names.setdefault(port, name)
+        i += 1
+        assert i < 1000, "the cluster's masters serve too few slots"
+    return list(names.values())

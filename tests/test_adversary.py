@@ -33,11 +33,11 @@ from tests.support import (
     ThreadedModelServer,
     follow_job,
     read_stream,
+    spread,
     start_worker,
     wait_for,
     wait_until,
 )
-from tests.test_cluster_readers import spread
 from tokenbus.consumer._redis_cluster import AnyRedis
 from tokenbus.consumer.jobs import JobView, job_result
 from tokenbus.consumer.reader import stop_task

@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from tests.support import cut_replication, entry, redis_cli, replica_of, token, wait_for, wait_until, write
+from tests.support import cut_replication, entry, redis_cli, replica_of, spread, token, wait_for, wait_until, write
 from tests.test_subscribe import collect
 from tokenbus.consumer.dead import redrive
 from tokenbus.consumer.groups import GroupConsumer
@@ -45,24 +45,6 @@ async def cluster_client(redis_cluster: RedisClusterProcesses) -> AsyncIterator[
 @pytest.fixture
 def keys(prefix: str) -> StreamKeys:
     return StreamKeys(prefix)
-
-
-def spread(
-    cluster: RedisClusterProcesses, key_of: Callable[[str], str], n: int, *, taken: tuple[str, ...] = ()
-) -> list[str]:
-    """``n`` names whose keys (``key_of(name)``) are served by ``n`` different masters, none of
-    them the master of a key in ``taken``."""
-    names: dict[int, str] = {}
-    busy = {cluster.master_of(key).port for key in taken}
-    i = 0
-    while len(names) < n:
-        name = f"n{i}"
-        port = cluster.master_of(key_of(name)).port
-        if port not in busy:
-            names.setdefault(port, name)
-        i += 1
-        assert i < 1000, "the cluster's masters serve too few slots"
-    return list(names.values())
 
 
 def per_stream(items: list[Any]) -> dict[str, list[tuple[str, int]]]:
