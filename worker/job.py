@@ -164,6 +164,7 @@ async def _write_terminal(
     resources.sweeper.running.discard(emitter.job_id)
     if done and not sink.fenced:  # (a fenced attempt's job is another worker's to list)
         resources.publisher.command(sink, ("ZREM", resources.keys.running, emitter.job_id))
+        await sink.flushed()  # before arq may queue the job again (retry): the next attempt lists it anew
     if done and not outcome.retry and not sink.fenced:
         resources.ended.add(emitter.job_id)
         emitter.record_finished()
