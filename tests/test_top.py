@@ -114,20 +114,40 @@ class Tmux:
         self.socket = directory / "tmux.sock"
         self.status = directory / "status"
         self.stderr = directory / "stderr"
+        self._started = False
 
     async def tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
+        out, err, status = await self._run(*args, env=env)
+        assert status == 0, f"tmux {' '.join(args)}: {err}"
+        return out
+
+    async def _run(self, *args: str, env: dict[str, str] | None = None) -> tuple[str, str, int | None]:
         proc = await asyncio.create_subprocess_exec(
-            "tmux", "-S", str(self.socket), *args, env=env,
+            "tmux", "-S", str(self.socket), "-f", "/dev/null", *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await proc.communicate()
-        assert proc.returncode == 0, f"tmux {' '.join(args)}: {err.decode()}"
-        return out.decode()
+        return out.decode(), err.decode(), proc.returncode
+
+    async def _start(self, env: dict[str, str]) -> None:
+        """The tmux server (its environment, which its sessions get, is ``env``), with a session
+        that only keeps it up: ``top`` then runs in a session of its own on a server already
+        running. (A new server that tmux reported gone at its first session, 'server exited
+        unexpectedly', once in a full run: that is tried again, never ``top``.)"""
+        for _ in range(3):
+            _, err, status = await self._run("new-session", "-d", "-s", "keep", "sleep 3600", env=env)
+            if status == 0 or "server exited unexpectedly" not in err:
+                break
+        assert status == 0, f"tmux new-session (the server's own): {err}"
 
     async def top(self, settings: Settings, *args: str) -> None:
         """``tokenbus top`` in a 160x50 terminal; its exit status and stderr go to files."""
+        env = settings_env(settings)
+        if not self._started:
+            await self._start(env)
+            self._started = True
         command = f"{TOKENBUS} top {' '.join(args)} 2>{self.stderr}; echo $? >{self.status}"
-        await self.tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "50", command, env=settings_env(settings))
+        await self.tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "50", command, env=env)
 
     async def screen(self) -> str:
         return await self.tmux("capture-pane", "-p", "-t", "top")
@@ -147,7 +167,7 @@ class Tmux:
     async def close(self) -> None:
         proc = await asyncio.create_subprocess_exec(
             "tmux", "-S", str(self.socket), "kill-server", stderr=asyncio.subprocess.DEVNULL
-        )
+        )  # (the keep-alive session goes with it)
         await proc.wait()
 
 
