@@ -2,9 +2,7 @@
 against off, the ceiling of one hot tag stream, and the cost of ``WAIT``. Every comparison is
 measured in the same run, its sides alternating, and recorded with its ratio.
 
-The lead's command (about 7.5 minutes on a quiet 2-vCPU machine, estimated from the quick run's
-phases scaled to the full sizes, not timed: 6 before the WAIT-on-a-cluster part, which adds about
-25 s a run; ``--quick`` took 55 s with the machine busy with other work, load average 2 to 5)::
+The lead's command (how long it takes: BENCHMARKS.md)::
 
     ./dev bench --only scaleout --runs 3
 
